@@ -1,0 +1,107 @@
+// `qlora train --config FILE [--set section.key=value ...]`: the whole job. Wires the stages together:
+// config -> tokenizer + data -> model (quantized for qlora) -> adapters -> train loop (checkpoints,
+// metrics) -> exports (PEFT adapter, merged model). Everything it writes goes under output.dir.
+#include <fmt/format.h>
+
+#include <fstream>
+
+#include "datasets/dataset.h"
+#include "datasets/tokenizer.h"
+#include "trainer/checkpoint/checkpoint.h"
+#include "trainer/cli/commands.h"
+#include "trainer/cli/run_context.h"
+#include "trainer/core/error.h"
+#include "trainer/core/fs.h"
+#include "trainer/lora/lora.h"
+#include "trainer/model/loader.h"
+#include "trainer/train/trainer.h"
+
+namespace qlora::cli {
+
+namespace {
+
+void log(const std::string& m) { fmt::print(stderr, "{}\n", m); }
+
+int run_train(const std::string& config_path, const std::vector<std::string>& overrides) {
+  Config cfg = load_config(config_path, overrides);
+  RunContext ctx = resolve_run_context(cfg);
+  fs::path run_dir = cfg.output.dir;
+  fs::create_directories(run_dir);
+  write_file_atomic(run_dir / "config.yaml", to_yaml(cfg));
+  log(fmt::format("qlora train: method {}, device {}, dtype {}, output {}", to_string(cfg.method), ctx.device.str(),
+                  model::dtype_name(ctx.dtype), run_dir.string()));
+  at::manual_seed(static_cast<uint64_t>(cfg.train.seed));
+
+  data::Tokenizer tok = data::Tokenizer::load(tokenizer_path(cfg));
+  data::DataSplits splits = data::load_datasets(cfg.data, tok);
+  log(data::describe(splits.train.stats(), "train"));
+  if (splits.eval) log(data::describe(splits.eval->stats(), "eval"));
+
+  auto model = model::load_llama(cfg.model.path, model::load_options_for(cfg, ctx.device, ctx.dtype));
+  QLORA_REQUIRE(tok.vocab_size() <= model->arch().vocab_size,
+                "tokenizer {} has {} pieces but the model's vocab_size is {}", tokenizer_path(cfg), tok.vocab_size(),
+                model->arch().vocab_size);
+  train::NamedTensors trainable;
+  if (cfg.method == Method::Full) {
+    for (auto& p : model->named_parameters()) trainable.emplace_back(p.key(), p.value());
+  } else {
+    trainable = lora::apply_lora(*model, cfg.lora, static_cast<uint64_t>(cfg.train.seed));
+  }
+  auto summary = lora::trainable_summary(*model);
+  log(fmt::format("trainable parameters: {} of {} ({:.4f}%); weights on {}: {:.1f} MiB", summary.trainable,
+                  summary.total, summary.percent, ctx.device.str(), model::model_bytes(*model) / 1048576.0));
+
+  const int32_t pad = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
+  train::Trainer trainer(cfg, model, trainable, splits.train, splits.eval ? &*splits.eval : nullptr, pad);
+  if (cfg.checkpoint.resume == "auto") {
+    if (auto from = ckpt::load_latest(run_dir, trainer, cfg, log)) {
+      log(fmt::format("resumed from {} (step {})", from->string(), trainer.state().step));
+    }
+  } else if (auto from = ckpt::resolve_resume(run_dir, cfg)) {
+    ckpt::load_checkpoint(*from, trainer, cfg);
+    log(fmt::format("resumed from {} (step {})", from->string(), trainer.state().step));
+  }
+
+  std::ofstream metrics(run_dir / "metrics.jsonl", std::ios::app);
+  train::Hooks hooks;
+  hooks.on_message = log;
+  hooks.on_metrics = [&](const nlohmann::json& j) { metrics << j.dump() << "\n" << std::flush; };
+  hooks.on_checkpoint = [&](int64_t) {
+    fs::path p = ckpt::save_checkpoint(run_dir, trainer, cfg);
+    log(fmt::format("checkpoint {}", p.string()));
+  };
+  trainer.run(hooks);
+
+  if (cfg.method == Method::Full) {
+    write_dir_atomic(run_dir / "model", /*overwrite=*/true, [&](const fs::path& d) {
+      model::save_llama(*model, d, ctx.dtype == at::kFloat ? at::kFloat : at::kBFloat16);
+      copy_tokenizer(cfg, d);
+    });
+    log(fmt::format("model: {}", (run_dir / "model").string()));
+  } else if (cfg.output.export_adapter) {
+    lora::save_peft_adapter(*model, cfg.lora, run_dir / "adapter", cfg.model.path, /*overwrite=*/true);
+    log(fmt::format("adapter: {}", (run_dir / "adapter").string()));
+  }
+  if (cfg.output.export_merged && cfg.method != Method::Full) {
+    lora::merge_lora(*model);
+    write_dir_atomic(run_dir / "merged", /*overwrite=*/true, [&](const fs::path& d) {
+      model::save_llama(*model, d, model::parse_dtype_name(to_string(cfg.output.merged_dtype), "output.merged_dtype"));
+      copy_tokenizer(cfg, d);
+    });
+    log(fmt::format("merged model: {}", (run_dir / "merged").string()));
+  }
+  return 0;
+}
+
+}  // namespace
+
+Runner add_train(CLI::App& app) {
+  auto* cmd = app.add_subcommand("train", "Fine-tune a model as a YAML config describes");
+  auto config = std::make_shared<std::string>();
+  auto sets = std::make_shared<std::vector<std::string>>();
+  cmd->add_option("-c,--config", *config, "YAML config (see configs/)")->required();
+  cmd->add_option("--set", *sets, "Override a config value: --set train.lr=1e-4 (repeatable)");
+  return [config, sets] { return run_train(*config, *sets); };
+}
+
+}  // namespace qlora::cli

@@ -1,0 +1,17 @@
+// The CLI's subcommands. Each registers itself on the CLI11 app and runs when selected; main() is the
+// only place that catches errors (qlora::Error -> "error: ..." and exit code 1).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace qlora::cli {
+
+// A subcommand: add(app) declares it and its options, returns the function that runs it.
+using Runner = std::function<int()>;
+
+Runner add_train(CLI::App& app);
+Runner add_inspect(CLI::App& app);
+
+}  // namespace qlora::cli

@@ -1,0 +1,45 @@
+#include "trainer/cli/run_context.h"
+
+#include "trainer/core/error.h"
+
+namespace qlora::cli {
+
+namespace fs = std::filesystem;
+
+RunContext resolve_run_context(Device device, DType dtype) {
+  const bool gpu = at::hasCUDA() && at::getNumGPUs() > 0;
+  RunContext c;
+  if (device == Device::CUDA) {
+    QLORA_REQUIRE(gpu, "model.device is cuda but no CUDA GPU is usable here (set model.device: cpu or auto)");
+    c.device = at::Device(at::kCUDA, 0);
+  } else if (device == Device::Auto && gpu) {
+    c.device = at::Device(at::kCUDA, 0);
+  }
+  switch (dtype) {
+    case DType::Auto: c.dtype = c.device.is_cuda() ? at::kBFloat16 : at::kFloat; break;
+    case DType::BFloat16: c.dtype = at::kBFloat16; break;
+    case DType::Float16: c.dtype = at::kHalf; break;
+    case DType::Float32: c.dtype = at::kFloat; break;
+  }
+  return c;
+}
+
+RunContext resolve_run_context(const Config& cfg) { return resolve_run_context(cfg.model.device, cfg.model.dtype); }
+
+std::string tokenizer_path(const std::string& model_dir, const std::string& explicit_path) {
+  if (!explicit_path.empty()) return explicit_path;
+  return (fs::path(model_dir) / "tokenizer.model").string();
+}
+
+std::string tokenizer_path(const Config& cfg) { return tokenizer_path(cfg.model.path, cfg.model.tokenizer); }
+
+void copy_tokenizer(const Config& cfg, const fs::path& dest) {
+  fs::path tok = tokenizer_path(cfg);
+  if (fs::exists(tok)) fs::copy_file(tok, dest / "tokenizer.model", fs::copy_options::overwrite_existing);
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}) {
+    fs::path p = fs::path(cfg.model.path) / name;
+    if (fs::exists(p)) fs::copy_file(p, dest / name, fs::copy_options::overwrite_existing);
+  }
+}
+
+}  // namespace qlora::cli

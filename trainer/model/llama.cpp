@@ -1,0 +1,321 @@
+#include "trainer/model/llama.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+
+#include "trainer/core/error.h"
+
+namespace qlora::model {
+
+// ---------------------------------------------------------------------------------------------------
+// RoPE: HF's initialisation per rope type, in float32 (transformers.modeling_rope_utils).
+
+at::Tensor rope_inv_freq(const LlamaArch& arch, int64_t seq_len, at::Device device) {
+  const auto& r = arch.rope;
+  const int64_t dim = arch.head_dim;
+  auto exponents = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong).device(device)).to(at::kFloat) / dim;
+  at::Tensor inv_freq;
+  if (r.type == RopeType::Dynamic) {
+    // NTK-aware scaling for sequences longer than max_position_embeddings. HF computes the new base
+    // as a float32 tensor (its seq_len is a tensor there); do the same so the tables match bit for bit.
+    auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+    at::Tensor s = at::maximum(at::scalar_tensor(seq_len, opts), at::scalar_tensor(arch.max_position_embeddings, opts));
+    at::Tensor base = r.theta * at::pow((r.factor * s / arch.max_position_embeddings) - (r.factor - 1),
+                                        static_cast<double>(dim) / (dim - 2));
+    inv_freq = 1.0 / at::pow(base, exponents);
+  } else {
+    inv_freq = 1.0 / at::pow(r.theta, exponents);
+  }
+  if (r.type == RopeType::Linear) {
+    inv_freq = inv_freq / r.factor;
+  } else if (r.type == RopeType::Llama3) {
+    double old_ctx = static_cast<double>(r.original_max_position_embeddings);
+    double low_wavelen = old_ctx / r.low_freq_factor;
+    double high_wavelen = old_ctx / r.high_freq_factor;
+    at::Tensor wavelen = 2 * M_PI / inv_freq;
+    at::Tensor scaled = at::where(wavelen > low_wavelen, inv_freq / r.factor, inv_freq);
+    at::Tensor smooth = (old_ctx / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+    at::Tensor smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled;
+    at::Tensor medium = at::logical_not(wavelen < high_wavelen) * at::logical_not(wavelen > low_wavelen);
+    inv_freq = at::where(medium, smoothed, scaled);
+  }
+  return inv_freq;
+}
+
+Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype) {
+  at::NoGradGuard no_grad;
+  int64_t seq_len = arch.rope.type == RopeType::Dynamic ? position_ids.max().item<int64_t>() + 1 : 0;
+  at::Tensor inv_freq = rope_inv_freq(arch, seq_len, position_ids.device());  // [D/2]
+  const int64_t b = position_ids.size(0);
+  // HF: (inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)
+  at::Tensor inv = inv_freq.view({1, -1, 1}).expand({b, -1, 1});
+  at::Tensor pos = position_ids.unsqueeze(1).to(at::kFloat);
+  at::Tensor freqs = at::matmul(inv, pos).transpose(1, 2);  // [B, T, D/2]
+  at::Tensor emb = at::cat({freqs, freqs}, -1);              // [B, T, D]
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+namespace {
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+// x [B, n, T, D]; cos/sin [B, T, D]
+at::Tensor apply_rope(const at::Tensor& x, const Rope& rope) {
+  at::Tensor c = rope.cos.unsqueeze(1), s = rope.sin.unsqueeze(1);
+  return x * c + rotate_half(x) * s;
+}
+
+// [B, nkv, S, D] -> [B, nkv * rep, S, D]; head h reads kv head h / rep (HF's repeat_kv).
+at::Tensor repeat_kv(const at::Tensor& x, int64_t rep) {
+  if (rep == 1) return x;
+  auto sz = x.sizes();
+  return x.unsqueeze(2).expand({sz[0], sz[1], rep, sz[2], sz[3]}).reshape({sz[0], sz[1] * rep, sz[2], sz[3]});
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+
+RMSNormImpl::RMSNormImpl(at::Tensor w, double eps_, bool trainable) : eps(eps_) {
+  weight = register_parameter("weight", std::move(w), trainable);
+}
+
+at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+  at::Tensor h = x.to(at::kFloat);
+  at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * at::rsqrt(variance + eps);
+  return weight * h.to(x.scalar_type());
+}
+
+AttentionImpl::AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
+                             std::shared_ptr<Linear> v, std::shared_ptr<Linear> o)
+    : num_heads(arch.num_heads), num_kv_heads(arch.num_kv_heads), head_dim(arch.head_dim) {
+  q_proj = register_module("q_proj", std::move(q));
+  k_proj = register_module("k_proj", std::move(k));
+  v_proj = register_module("v_proj", std::move(v));
+  o_proj = register_module("o_proj", std::move(o));
+}
+
+at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
+                                  at::Tensor* cache_v) {
+  const int64_t b = x.size(0), t = x.size(1);
+  at::Tensor q = q_proj->forward(x).view({b, t, num_heads, head_dim}).transpose(1, 2);
+  at::Tensor k = k_proj->forward(x).view({b, t, num_kv_heads, head_dim}).transpose(1, 2);
+  at::Tensor v = v_proj->forward(x).view({b, t, num_kv_heads, head_dim}).transpose(1, 2);
+  q = apply_rope(q, rope);
+  k = apply_rope(k, rope);
+  if (cache_k) {
+    if (cache_k->defined()) {
+      k = at::cat({*cache_k, k}, 2);
+      v = at::cat({*cache_v, v}, 2);
+    }
+    *cache_k = k;
+    *cache_v = v;
+  }
+  const int64_t rep = num_heads / num_kv_heads;
+  k = repeat_kv(k, rep);
+  v = repeat_kv(v, rep);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  at::Tensor out;
+  if (mask.defined()) {
+    out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scale);
+  } else {
+    // No padding and no past: plain causal, which lets SDPA pick flash attention on the GPU.
+    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/t > 1, scale);
+  }
+  out = out.transpose(1, 2).reshape({b, t, num_heads * head_dim});
+  return o_proj->forward(out);
+}
+
+MLPImpl::MLPImpl(std::shared_ptr<Linear> gate, std::shared_ptr<Linear> up, std::shared_ptr<Linear> down) {
+  gate_proj = register_module("gate_proj", std::move(gate));
+  up_proj = register_module("up_proj", std::move(up));
+  down_proj = register_module("down_proj", std::move(down));
+}
+
+at::Tensor MLPImpl::forward(const at::Tensor& x) {
+  return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
+}
+
+DecoderLayerImpl::DecoderLayerImpl(Attention attn, MLP mlp_, RMSNorm input_norm, RMSNorm post_norm)
+    : self_attn(register_module("self_attn", std::move(attn))),
+      mlp(register_module("mlp", std::move(mlp_))),
+      input_layernorm(register_module("input_layernorm", std::move(input_norm))),
+      post_attention_layernorm(register_module("post_attention_layernorm", std::move(post_norm))) {}
+
+at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
+                                     at::Tensor* cache_k, at::Tensor* cache_v) {
+  at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), rope, mask, cache_k, cache_v);
+  return h + mlp->forward(post_attention_layernorm->forward(h));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gradient checkpointing: the layer runs without autograd in forward and is recomputed in backward.
+// Parameter gradients accumulate through the nested backward (PyTorch's reentrant checkpoint design),
+// so the Function itself returns only the input gradient. The RNG state of the layer's device is
+// replayed so dropout draws the same masks in the recomputation.
+
+namespace {
+
+struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor x,
+                                                DecoderLayerImpl* layer, const Rope& rope, const at::Tensor& mask) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    ctx->saved_data["cos"] = rope.cos;
+    ctx->saved_data["sin"] = rope.sin;
+    ctx->saved_data["mask"] = mask;
+    ctx->saved_data["rng"] = at::globalContext().defaultGenerator(x.device()).get_state();
+    at::NoGradGuard no_grad;
+    return {layer->forward(x, rope, mask)};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    at::Tensor x = ctx->get_saved_variables()[0];
+    auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    Rope rope{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()};
+    at::Tensor mask = ctx->saved_data["mask"].toOptional<at::Tensor>().value_or(at::Tensor());
+    at::Generator gen = at::globalContext().defaultGenerator(x.device());
+    at::Tensor rng_now = gen.get_state();
+    gen.set_state(ctx->saved_data["rng"].toTensor());
+    at::Tensor xd = x.detach().requires_grad_(true);
+    {
+      at::AutoGradMode enable(true);
+      at::Tensor out = layer->forward(xd, rope, mask);
+      torch::autograd::backward({out}, {grad_out[0]});
+    }
+    gen.set_state(rng_now);
+    return {xd.grad(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(LlamaArch arch, at::Tensor embed, std::vector<DecoderLayer> layers_in,
+                                           RMSNorm norm_in, at::Tensor head, bool trainable_embeddings)
+    : arch_(std::move(arch)) {
+  // HF nesting: "model.embed_tokens", "model.layers.N", "model.norm", "lm_head".
+  // (torch::nn names may not contain dots, so each level is a module.)
+  auto inner = register_module("model", std::make_shared<torch::nn::Module>());
+  auto embed_mod = inner->register_module("embed_tokens", std::make_shared<torch::nn::Module>());
+  embed_tokens = embed_mod->register_parameter("weight", std::move(embed), trainable_embeddings);
+  layers = inner->register_module("layers", torch::nn::ModuleList());
+  for (auto& l : layers_in) layers->push_back(l);
+  layer_list = std::move(layers_in);
+  norm = inner->register_module("norm", std::move(norm_in));
+  if (arch_.tie_word_embeddings) {
+    lm_head = embed_tokens;
+  } else {
+    TORCH_CHECK(head.defined(), "untied model needs lm_head");
+    auto head_mod = register_module("lm_head", std::make_shared<torch::nn::Module>());
+    lm_head = head_mod->register_parameter("weight", std::move(head), trainable_embeddings);
+  }
+}
+
+at::Tensor build_attention_mask(const at::Tensor& attention_mask, const at::Tensor& position_ids, int64_t batch,
+                                int64_t t, int64_t past, at::Device device) {
+  const int64_t s = past + t;
+  bool padded = attention_mask.defined() && !attention_mask.to(at::kBool).all().item<bool>();
+  // Packed rows: a position id of 0 after the first token starts a new example.
+  at::Tensor segments;
+  if (position_ids.defined() && past == 0 && t > 1 &&
+      (position_ids.slice(1, 1) == 0).any().item<bool>()) {
+    segments = (position_ids.to(device) == 0).cumsum(-1);  // [B, T]
+  }
+  if (!padded && !segments.defined() && (past == 0 || t == 1)) return {};  // plain causal
+  auto opts = at::TensorOptions().device(device);
+  // Query i (absolute position past + i) sees keys j <= past + i.
+  at::Tensor qpos = at::arange(past, s, opts.dtype(at::kLong)).view({t, 1});
+  at::Tensor kpos = at::arange(0, s, opts.dtype(at::kLong)).view({1, s});
+  at::Tensor mask = (kpos <= qpos).view({1, 1, t, s}).expand({batch, 1, t, s});
+  if (padded) {
+    TORCH_CHECK(attention_mask.size(0) == batch && attention_mask.size(1) == s,
+                "attention_mask must be [B, past + T]");
+    at::Tensor keys = attention_mask.to(device, at::kBool).view({batch, 1, 1, s});
+    // A query whose every key is padding (a fully padded row) would make softmax NaN: let it see
+    // itself. Its output is never used (its labels are masked), but NaNs would poison the batch.
+    at::Tensor self = (kpos == qpos).view({1, 1, t, s});
+    mask = at::logical_and(mask, at::logical_or(keys, self));
+  }
+  if (segments.defined()) {
+    mask = at::logical_and(mask, (segments.unsqueeze(2) == segments.unsqueeze(1)).unsqueeze(1));
+  }
+  return mask.contiguous();
+}
+
+at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                                               const at::Tensor& position_ids, KVCache* cache) {
+  TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [B, T]");
+  const int64_t b = input_ids.size(0), t = input_ids.size(1);
+  const int64_t past = cache ? cache->length() : 0;
+  at::Tensor pos = position_ids;
+  if (!pos.defined()) {
+    pos = at::arange(past, past + t, at::TensorOptions().dtype(at::kLong).device(device())).unsqueeze(0).expand({b, t});
+  }
+  at::Tensor x = at::embedding(embed_tokens, input_ids.to(device()));
+  Rope rope = rope_tables(arch_, pos.to(device()), x.scalar_type());
+  at::Tensor mask = build_attention_mask(attention_mask, position_ids, b, t, past, device());
+  if (cache && cache->k.empty()) {
+    cache->k.resize(layer_list.size());
+    cache->v.resize(layer_list.size());
+  }
+  const bool recompute = checkpointing_ && at::GradMode::is_enabled() && !cache;
+  if (recompute && !x.requires_grad()) {
+    // The reentrant checkpoint only runs its backward when its input needs a gradient.
+    x = x.detach().requires_grad_(true);
+  }
+  for (size_t i = 0; i < layer_list.size(); ++i) {
+    if (recompute) {
+      x = CheckpointedLayer::apply(x, layer_list[i].get(), rope, mask)[0];
+    } else if (cache) {
+      x = layer_list[i]->forward(x, rope, mask, &cache->k[i], &cache->v[i]);
+    } else {
+      x = layer_list[i]->forward(x, rope, mask);
+    }
+  }
+  return norm->forward(x);
+}
+
+at::Tensor LlamaForCausalLMImpl::lm_logits(const at::Tensor& hidden) const { return at::matmul(hidden, lm_head.t()); }
+
+at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                                         const at::Tensor& position_ids, KVCache* cache) {
+  return lm_logits(hidden_states(input_ids, attention_mask, position_ids, cache));
+}
+
+std::vector<ProjectionSlot> LlamaForCausalLMImpl::projections() {
+  std::vector<ProjectionSlot> out;
+  for (size_t i = 0; i < layer_list.size(); ++i) {
+    auto layer = layer_list[i];
+    auto attn = layer->self_attn;
+    auto mlp = layer->mlp;
+    auto add = [&](const char* kind, const char* parent, std::shared_ptr<torch::nn::Module> holder,
+                   std::shared_ptr<Linear>* field) {
+      out.push_back(ProjectionSlot{
+          fmt::format("model.layers.{}.{}.{}", i, parent, kind), kind, static_cast<int64_t>(i),
+          [field] { return *field; },
+          [holder, field, kind = std::string(kind)](std::shared_ptr<Linear> m) {
+            holder->replace_module(kind, m);
+            *field = std::move(m);
+          }});
+    };
+    add("q_proj", "self_attn", attn.ptr(), &attn->q_proj);
+    add("k_proj", "self_attn", attn.ptr(), &attn->k_proj);
+    add("v_proj", "self_attn", attn.ptr(), &attn->v_proj);
+    add("o_proj", "self_attn", attn.ptr(), &attn->o_proj);
+    add("gate_proj", "mlp", mlp.ptr(), &mlp->gate_proj);
+    add("up_proj", "mlp", mlp.ptr(), &mlp->up_proj);
+    add("down_proj", "mlp", mlp.ptr(), &mlp->down_proj);
+  }
+  return out;
+}
+
+}  // namespace qlora::model

@@ -1,0 +1,133 @@
+// The Llama decoder in LibTorch, numerically the model of Hugging Face's LlamaForCausalLM:
+//   RMSNorm computed in float32 then cast back; RoPE in HF's rotate_half convention with cos/sin
+//   computed in float32; grouped-query attention through at::scaled_dot_product_attention; SwiGLU MLP;
+//   lm_head tied to the embeddings or not.
+// Module and parameter names are HF's ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight"),
+// so named_parameters() is a Hugging Face state dict.
+//
+// Shapes: B batch, T new tokens, S = past + T keys, H hidden, V vocab, nh / nkv heads, D head_dim.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "trainer/model/hf_config.h"
+#include "trainer/model/linear.h"
+
+namespace qlora::model {
+
+// Keys and values of every layer for incremental decoding.
+struct KVCache {
+  std::vector<at::Tensor> k, v;  // per layer: [B, nkv, S, D]
+  int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(2); }
+};
+
+// cos/sin tables for a batch: [B, T, D] each, in the compute dtype.
+struct Rope {
+  at::Tensor cos, sin;
+};
+
+// inv_freq [D/2] float32, HF's rope initialisation for `type`; seq_len matters only for dynamic NTK.
+at::Tensor rope_inv_freq(const LlamaArch& arch, int64_t seq_len, at::Device device);
+// cos/sin for position_ids [B, T] (int64), cast to dtype.
+Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype);
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(at::Tensor weight, double eps, bool trainable);
+  at::Tensor forward(const at::Tensor& x);  // x [..., H]
+  at::Tensor weight;                        // [H]
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
+                std::shared_ptr<Linear> v, std::shared_ptr<Linear> o);
+  // x [B, T, H]; mask: bool [B, 1, T, S] (true = attend) or undefined for plain causal;
+  // cache slots (k, v) are extended in place when given.
+  at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
+                     at::Tensor* cache_v);
+  std::shared_ptr<Linear> q_proj, k_proj, v_proj, o_proj;
+  int64_t num_heads, num_kv_heads, head_dim;
+};
+TORCH_MODULE(Attention);
+
+class MLPImpl : public torch::nn::Module {
+ public:
+  MLPImpl(std::shared_ptr<Linear> gate, std::shared_ptr<Linear> up, std::shared_ptr<Linear> down);
+  at::Tensor forward(const at::Tensor& x);  // down(silu(gate(x)) * up(x))
+  std::shared_ptr<Linear> gate_proj, up_proj, down_proj;
+};
+TORCH_MODULE(MLP);
+
+class DecoderLayerImpl : public torch::nn::Module {
+ public:
+  DecoderLayerImpl(Attention attn, MLP mlp, RMSNorm input_norm, RMSNorm post_norm);
+  at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k = nullptr,
+                     at::Tensor* cache_v = nullptr);
+  Attention self_attn;
+  MLP mlp;
+  RMSNorm input_layernorm, post_attention_layernorm;
+};
+TORCH_MODULE(DecoderLayer);
+
+// The seven projections by HF name, for the stages that wrap or export them.
+struct ProjectionSlot {
+  std::string name;  // "model.layers.3.mlp.down_proj"
+  std::string kind;  // "down_proj"
+  int64_t layer;
+  std::function<std::shared_ptr<Linear>()> get;
+  std::function<void(std::shared_ptr<Linear>)> set;
+};
+
+class LlamaForCausalLMImpl : public torch::nn::Module {
+ public:
+  LlamaForCausalLMImpl(LlamaArch arch, at::Tensor embed, std::vector<DecoderLayer> layers, RMSNorm norm,
+                       at::Tensor lm_head /* undefined when tied */, bool trainable_embeddings);
+
+  // input_ids [B, T] int64; attention_mask [B, S] bool/int (1 = real token; undefined = all real);
+  // position_ids [B, T] (undefined = past..past+T-1). Returns logits [B, T, V] in the compute dtype.
+  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& attention_mask = {},
+                     const at::Tensor& position_ids = {}, KVCache* cache = nullptr);
+  // The final normed hidden states [B, T, H] (what lm_head reads); used by chunked losses.
+  at::Tensor hidden_states(const at::Tensor& input_ids, const at::Tensor& attention_mask = {},
+                           const at::Tensor& position_ids = {}, KVCache* cache = nullptr);
+  // hidden [.., H] -> logits [.., V]
+  at::Tensor lm_logits(const at::Tensor& hidden) const;
+
+  std::vector<ProjectionSlot> projections();
+  const LlamaArch& arch() const { return arch_; }
+  at::Device device() const { return embed_tokens.device(); }
+  at::ScalarType dtype() const { return embed_tokens.scalar_type(); }
+
+  // Per-layer activation recomputation in backward (gradient checkpointing).
+  void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
+  bool gradient_checkpointing() const { return checkpointing_; }
+
+  at::Tensor embed_tokens;  // [V, H]
+  torch::nn::ModuleList layers;
+  std::vector<DecoderLayer> layer_list;
+  RMSNorm norm;
+  at::Tensor lm_head;       // [V, H]; aliases embed_tokens when tied
+
+ private:
+  LlamaArch arch_;
+  bool checkpointing_ = false;
+};
+TORCH_MODULE(LlamaForCausalLM);
+
+// Builds the bool attention mask [B, 1, T, S] (causal within the new tokens, all past keys visible,
+// padded keys hidden; with packed rows, whose position_ids restart at 0 for every example, each example
+// sees only itself) or an undefined tensor when plain causal attention is exact.
+at::Tensor build_attention_mask(const at::Tensor& attention_mask, const at::Tensor& position_ids, int64_t batch,
+                                int64_t t, int64_t past, at::Device device);
+
+}  // namespace qlora::model

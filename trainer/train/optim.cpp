@@ -1,0 +1,117 @@
+#include "trainer/train/optim.h"
+
+#include <cmath>
+
+#include "trainer/core/error.h"
+
+namespace qlora::train {
+
+AdamW::AdamW(NamedTensors params, AdamWOptions opts) : params_(std::move(params)), opts_(opts) {
+  at::NoGradGuard no_grad;
+  for (auto& [name, p] : params_) {
+    master_.push_back(p.scalar_type() == at::kFloat ? at::Tensor() : p.detach().to(at::kFloat));
+    exp_avg_.push_back(at::zeros_like(p, p.options().dtype(at::kFloat)));
+    exp_avg_sq_.push_back(at::zeros_like(p, p.options().dtype(at::kFloat)));
+  }
+}
+
+void AdamW::zero_grad() {
+  for (auto& [name, p] : params_) {
+    if (p.grad().defined()) p.mutable_grad() = at::Tensor();
+  }
+}
+
+void AdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  ++step_;
+  // torch.optim.adamw._single_tensor_adamw, step by step (same ops, same order, same rounding).
+  const double bias_correction1 = 1 - std::pow(opts_.beta1, static_cast<double>(step_));
+  const double bias_correction2 = 1 - std::pow(opts_.beta2, static_cast<double>(step_));
+  const double step_size = lr / bias_correction1;
+  const double bias_correction2_sqrt = std::sqrt(bias_correction2);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor& p = params_[i].second;
+    if (!p.grad().defined()) continue;
+    at::Tensor w = master_[i].defined() ? master_[i] : p;
+    at::Tensor g = p.grad().to(at::kFloat);
+    w.mul_(1 - lr * opts_.weight_decay);
+    exp_avg_[i].lerp_(g, 1 - opts_.beta1);
+    exp_avg_sq_[i].mul_(opts_.beta2).addcmul_(g, g, 1 - opts_.beta2);
+    at::Tensor denom = (exp_avg_sq_[i].sqrt() / bias_correction2_sqrt).add_(opts_.eps);
+    w.addcdiv_(exp_avg_[i], denom, -step_size);
+    if (master_[i].defined()) p.copy_(w);
+  }
+}
+
+NamedTensors AdamW::state() const {
+  NamedTensors out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string& n = params_[i].first;
+    out.emplace_back(n + ".exp_avg", exp_avg_[i]);
+    out.emplace_back(n + ".exp_avg_sq", exp_avg_sq_[i]);
+    if (master_[i].defined()) out.emplace_back(n + ".master", master_[i]);
+  }
+  return out;
+}
+
+void AdamW::load_state(const NamedTensors& state, int64_t step) {
+  at::NoGradGuard no_grad;
+  auto find = [&](const std::string& key) -> const at::Tensor& {
+    for (auto& [k, v] : state)
+      if (k == key) return v;
+    fail("optimizer state lacks '{}'", key);
+  };
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string& n = params_[i].first;
+    auto load = [&](at::Tensor& dst, const std::string& key) {
+      const at::Tensor& src = find(key);
+      QLORA_REQUIRE(src.sizes() == dst.sizes(), "optimizer state '{}' has shape {}, expected {}", key,
+                    fmt::format("{}", fmt::join(src.sizes(), ", ")), fmt::format("{}", fmt::join(dst.sizes(), ", ")));
+      dst.copy_(src);
+    };
+    load(exp_avg_[i], n + ".exp_avg");
+    load(exp_avg_sq_[i], n + ".exp_avg_sq");
+    if (master_[i].defined()) {
+      load(master_[i], n + ".master");
+      params_[i].second.copy_(master_[i]);
+    }
+  }
+  step_ = step;
+}
+
+double lr_multiplier(Schedule s, int64_t step, int64_t warmup, int64_t total) {
+  if (step < warmup) return static_cast<double>(step) / std::max<int64_t>(1, warmup);
+  switch (s) {
+    case Schedule::Constant:
+      return 1.0;
+    case Schedule::Linear:
+      return std::max(0.0, static_cast<double>(total - step) / std::max<int64_t>(1, total - warmup));
+    case Schedule::Cosine: {
+      double progress = static_cast<double>(step - warmup) / std::max<int64_t>(1, total - warmup);
+      return std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * 0.5 * 2.0 * progress)));
+    }
+  }
+  return 1.0;
+}
+
+int64_t warmup_steps(const TrainConfig& t, int64_t total) {
+  if (t.warmup_steps > 0) return t.warmup_steps;
+  return static_cast<int64_t>(std::ceil(total * t.warmup_ratio));
+}
+
+double clip_grad_norm(const NamedTensors& params, double max_norm) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> norms;
+  for (auto& [n, p] : params)
+    if (p.grad().defined()) norms.push_back(at::linalg_vector_norm(p.grad(), 2).to(at::kFloat));
+  if (norms.empty()) return 0.0;
+  at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
+  if (max_norm > 0) {
+    at::Tensor coef = at::clamp(max_norm / (total + 1e-6), c10::nullopt, 1.0);
+    for (auto& [n, p] : params)
+      if (p.grad().defined()) p.mutable_grad().mul_(coef.to(p.grad().scalar_type()));
+  }
+  return total.item<double>();
+}
+
+}  // namespace qlora::train

@@ -1,0 +1,204 @@
+#include "trainer/train/trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+
+#include "trainer/core/error.h"
+
+namespace qlora::train {
+
+std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
+                                                  const at::Tensor& labels) {
+  // Shift: hidden at t predicts labels at t + 1. Only positions with a label get logits at all, so the
+  // [N, V] float32 logits cover the answer tokens, not the whole (mostly prompt) batch.
+  at::Tensor target = labels.slice(1, 1).to(hidden.device());           // [B, T-1]
+  at::Tensor h = hidden.slice(1, 0, hidden.size(1) - 1);                // [B, T-1, H]
+  at::Tensor keep = target.ne(-100);
+  at::Tensor idx = keep.reshape(-1).nonzero().squeeze(1);
+  const int64_t n = idx.numel();
+  if (n == 0) return {hidden.sum() * 0.0, 0};
+  at::Tensor hs = h.reshape({-1, h.size(-1)}).index_select(0, idx);   // [N, H]
+  at::Tensor ts = target.reshape(-1).index_select(0, idx);             // [N]
+  at::Tensor logits = model.lm_logits(hs).to(at::kFloat);               // [N, V]
+  at::Tensor loss = at::cross_entropy_loss(logits, ts, {}, at::Reduction::Sum);
+  return {loss, n};
+}
+
+std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const data::Batch& b) {
+  at::NoGradGuard no_grad;
+  const auto dev = model.device();
+  at::Tensor hidden = model.hidden_states(b.input_ids.to(dev), b.attention_mask.to(dev), b.position_ids.to(dev));
+  auto [sum, n] = causal_lm_loss_sum(model, hidden, b.labels);
+  return {sum.item<double>(), n};
+}
+
+int64_t total_steps(const TrainConfig& t, int64_t batches_per_epoch) {
+  if (t.max_steps > 0) return t.max_steps;
+  return t.epochs * ((batches_per_epoch + t.grad_accum - 1) / t.grad_accum);
+}
+
+namespace {
+data::BatcherOptions batcher_options(const Config& cfg, int32_t pad) {
+  data::BatcherOptions o;
+  o.micro_batch_size = cfg.train.micro_batch_size;
+  o.shuffle = cfg.data.shuffle;
+  o.seed = cfg.data.seed;
+  o.pad_value = pad;
+  return o;
+}
+
+AdamWOptions adamw_options(const TrainConfig& t) {
+  return AdamWOptions{t.lr, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay};
+}
+}  // namespace
+
+Trainer::Trainer(const Config& cfg, model::LlamaForCausalLM model, NamedTensors trainable, const data::Dataset& train,
+                 const data::Dataset* eval, int32_t pad_value)
+    : cfg_(cfg),
+      model_(std::move(model)),
+      trainable_(std::move(trainable)),
+      train_(train),
+      eval_(eval),
+      pad_value_(pad_value),
+      batcher_(train, batcher_options(cfg, pad_value)),
+      opt_(trainable_, adamw_options(cfg.train)) {
+  QLORA_REQUIRE(!trainable_.empty(), "nothing to train: no trainable parameters (check lora.target_modules)");
+  state_.total_steps = total_steps(cfg.train, batcher_.batches_per_epoch());
+  warmup_ = warmup_steps(cfg.train, state_.total_steps);
+  model_->set_gradient_checkpointing(cfg.model.gradient_checkpointing);
+}
+
+double Trainer::current_lr() const {
+  return cfg_.train.lr * lr_multiplier(cfg_.train.schedule, state_.step, warmup_, state_.total_steps);
+}
+
+double Trainer::train_step() {
+  model_->train();
+  const auto dev = model_->device();
+  // Gather the step's micro-batches first: the loss is the mean over every label token of the step,
+  // so each micro-batch's sum is divided by the step's total count (exact under accumulation).
+  std::vector<data::Batch> micro;
+  int64_t count = 0;
+  for (int64_t i = 0; i < cfg_.train.grad_accum; ++i) {
+    micro.push_back(batcher_.next());
+    count += micro.back().tokens;
+  }
+  double loss_sum = 0;
+  bool finite = true;
+  for (auto& b : micro) {
+    at::Tensor hidden =
+        model_->hidden_states(b.input_ids.to(dev), b.attention_mask.to(dev), b.position_ids.to(dev));
+    auto [sum, n] = causal_lm_loss_sum(*model_, hidden, b.labels);
+    if (n == 0) continue;
+    double s = sum.item<double>();
+    if (!std::isfinite(s)) {
+      finite = false;
+      break;
+    }
+    loss_sum += s;
+    (sum / static_cast<double>(count)).backward();
+    state_.tokens_seen += b.input_ids.numel();
+  }
+  const double lr = current_lr();
+  if (finite) {
+    double norm = clip_grad_norm(trainable_, cfg_.train.max_grad_norm);
+    finite = std::isfinite(norm);
+  }
+  if (!finite) {
+    opt_.zero_grad();
+    ++state_.consecutive_nonfinite;
+    ++state_.skipped_steps;
+    ++state_.step;  // the schedule and the data move on, as if the step had happened
+    state_.cursor = batcher_.state();
+    return std::nan("");
+  }
+  opt_.step(lr);
+  opt_.zero_grad();
+  state_.consecutive_nonfinite = 0;
+  ++state_.step;
+  state_.cursor = batcher_.state();
+  return count > 0 ? loss_sum / count : 0.0;
+}
+
+double Trainer::evaluate(const data::Dataset& data) {
+  model_->eval();
+  data::BatcherOptions o = batcher_options(cfg_, pad_value_);
+  o.shuffle = false;
+  data::Batcher b(data, o);
+  double sum = 0;
+  int64_t n = 0;
+  for (int64_t i = 0; i < b.batches_per_epoch(); ++i) {
+    auto [s, c] = batch_loss(*model_, b.next());
+    sum += s;
+    n += c;
+  }
+  model_->train();
+  return n > 0 ? sum / n : std::nan("");
+}
+
+void Trainer::restore(const TrainerState& s, const NamedTensors& optimizer_state) {
+  state_ = s;
+  batcher_.restore(s.cursor);
+  opt_.load_state(optimizer_state, s.step - s.skipped_steps);
+}
+
+void Trainer::run(const Hooks& hooks) {
+  auto say = [&](const std::string& m) {
+    if (hooks.on_message) hooks.on_message(m);
+  };
+  const bool tty = ::isatty(STDERR_FILENO);
+  using clock = std::chrono::steady_clock;
+  auto t0 = clock::now();
+  const double tokens0 = state_.tokens_seen;
+  const int64_t step0 = state_.step;
+  auto do_eval = [&]() {
+    if (!eval_ || eval_->size() == 0) return;
+    double l = evaluate(*eval_);
+    if (hooks.on_metrics)
+      hooks.on_metrics({{"step", state_.step}, {"eval_loss", l}, {"eval_perplexity", std::exp(l)}});
+    say(fmt::format("step {}: eval loss {:.4f}, perplexity {:.2f}", state_.step, l, std::exp(l)));
+  };
+  while (state_.step < state_.total_steps) {
+    const double lr = current_lr();
+    double loss = train_step();
+    const double secs = std::chrono::duration<double>(clock::now() - t0).count();
+    const double tps = (state_.tokens_seen - tokens0) / std::max(secs, 1e-9);
+    const int64_t done = state_.step - step0;
+    const double eta = done > 0 ? secs / done * (state_.total_steps - state_.step) : 0;
+    if (std::isnan(loss)) {
+      say(fmt::format("warning: step {}: non-finite loss, step skipped ({} in a row)", state_.step,
+                      state_.consecutive_nonfinite));
+      QLORA_REQUIRE(state_.consecutive_nonfinite < cfg_.train.max_nonfinite_steps,
+                    "training diverged: {} non-finite losses in a row (train.max_nonfinite_steps); "
+                    "try a lower train.lr or train.max_grad_norm",
+                    state_.consecutive_nonfinite);
+    } else if (state_.step % cfg_.train.log_every == 0 || state_.step == state_.total_steps) {
+      if (hooks.on_metrics)
+        hooks.on_metrics({{"step", state_.step}, {"loss", loss}, {"lr", lr}, {"tokens_per_s", tps},
+                          {"epoch", state_.cursor.epoch}});
+      std::string line = fmt::format("step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  eta {:.0f}s", state_.step,
+                                     state_.total_steps, loss, lr, tps, eta);
+      if (tty) {
+        int width = 30, filled = static_cast<int>(width * state_.step / std::max<int64_t>(1, state_.total_steps));
+        fmt::print(stderr, "\r[{}{}] {}", std::string(filled, '#'), std::string(width - filled, '.'), line);
+        if (state_.step == state_.total_steps) fmt::print(stderr, "\n");
+      } else {
+        say(line);
+      }
+    }
+    if (cfg_.train.eval_every > 0 && state_.step % cfg_.train.eval_every == 0 && state_.step < state_.total_steps) {
+      if (tty) fmt::print(stderr, "\n");
+      do_eval();
+    }
+    if (hooks.on_checkpoint && cfg_.checkpoint.every > 0 && state_.step % cfg_.checkpoint.every == 0 &&
+        state_.step < state_.total_steps) {
+      hooks.on_checkpoint(state_.step);
+    }
+  }
+  do_eval();
+  if (hooks.on_checkpoint) hooks.on_checkpoint(state_.step);
+}
+
+}  // namespace qlora::train

@@ -1,0 +1,83 @@
+// The training loop: micro-batches with gradient accumulation, a token-level causal-LM loss, global-norm
+// clipping, AdamW on float32 masters, the lr schedule, periodic evaluation, and skipping of non-finite
+// steps. It knows nothing about files: progress, metrics and checkpoints go out through Hooks, which the
+// CLI supplies; everything a checkpoint must hold to resume exactly is in TrainerState + the AdamW state
+// + the trainable weights, all reachable from here.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <functional>
+#include <optional>
+
+#include "datasets/batcher.h"
+#include "trainer/config/config.h"
+#include "trainer/model/llama.h"
+#include "trainer/train/optim.h"
+
+namespace qlora::train {
+
+// Sum over the label tokens of -log p(label), logits computed from `hidden` [B, T, H] only at positions
+// whose shifted label carries loss (labels [B, T], -100 = none; logits[:, t] predicts labels[:, t + 1]),
+// in float32. Returns {sum (0-dim float32, differentiable), count}.
+std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
+                                                  const at::Tensor& labels);
+
+// Mean token loss of a batch (no gradient), e.g. for evaluation: {sum, count}.
+std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const data::Batch& batch);
+
+struct TrainerState {
+  int64_t step = 0;                  // optimizer steps completed
+  int64_t total_steps = 0;
+  int64_t consecutive_nonfinite = 0;
+  int64_t skipped_steps = 0;
+  double tokens_seen = 0;
+  data::Batcher::State cursor;
+};
+
+struct Hooks {
+  std::function<void(const nlohmann::json&)> on_metrics;  // {"step", "loss", "lr", ...} per log / eval
+  std::function<void(int64_t step)> on_checkpoint;         // every checkpoint.every steps and at the end
+  std::function<void(const std::string&)> on_message;      // human-readable progress / warnings
+};
+
+class Trainer {
+ public:
+  // `trainable` are the parameters the optimizer updates (LoRA adapters, or every weight for method full).
+  Trainer(const Config& cfg, model::LlamaForCausalLM model, NamedTensors trainable, const data::Dataset& train,
+          const data::Dataset* eval, int32_t pad_value);
+
+  // Trains until total_steps. Throws qlora::Error after max_nonfinite_steps non-finite losses in a row.
+  void run(const Hooks& hooks);
+  // Mean loss over the eval set (or `data`), without gradients.
+  double evaluate(const data::Dataset& data);
+
+  // One optimizer step over grad_accum micro-batches; returns the mean token loss (NaN if skipped).
+  double train_step();
+
+  // Resume state.
+  const TrainerState& state() const { return state_; }
+  void restore(const TrainerState& s, const NamedTensors& optimizer_state);
+  AdamW& optimizer() { return opt_; }
+  const NamedTensors& trainable() const { return trainable_; }
+  model::LlamaForCausalLM& model() { return model_; }
+  double current_lr() const;
+
+ private:
+  const Config& cfg_;
+  model::LlamaForCausalLM model_;
+  NamedTensors trainable_;
+  const data::Dataset& train_;
+  const data::Dataset* eval_;
+  int32_t pad_value_;
+  data::Batcher batcher_;
+  AdamW opt_;
+  TrainerState state_;
+  int64_t warmup_ = 0;
+};
+
+// Steps for the whole run: max_steps if > 0, else epochs x ceil(batches per epoch / grad_accum).
+int64_t total_steps(const TrainConfig& t, int64_t batches_per_epoch);
+
+}  // namespace qlora::train
