@@ -5,6 +5,14 @@
 // values are errors naming the file, line and key (with the nearest valid key). `--set a.b=c`
 // overrides apply after the file and before validate(). The resolved config (every field, defaults
 // included) is written next to every output, and its hash guards checkpoint resumption.
+//
+// Paths (model.path, model.tokenizer, data.train_file, data.eval_file, output.dir, checkpoint.resume)
+// are kept exactly as written and, when relative, resolve against the current working directory at
+// use, like every CLI tool; never against the YAML file's directory. Their existence is checked where
+// they are used, not here, so a config can be validated on a machine without the model.
+//
+// Sections a method does not use are accepted and still range-checked, then ignored: `full` ignores
+// lora.* and quant.* (and output.export_adapter); `lora` ignores quant.*.
 #pragma once
 
 #include <cstdint>
@@ -39,12 +47,16 @@ struct ModelConfig {
   DType dtype = DType::Auto;        // compute dtype; auto = bfloat16 on CUDA, float32 on CPU
   Device device = Device::Auto;     // auto = cuda when available
   bool gradient_checkpointing = true;  // recompute each decoder layer in backward
+
+  friend bool operator==(const ModelConfig&, const ModelConfig&) = default;
 };
 
 struct QuantConfig {
   QuantType type = QuantType::NF4;
   int64_t block_size = 64;          // power of two in [32, 4096] (bitsandbytes' range)
   bool double_quant = true;         // 8-bit-quantize the absmax scales (block 256)
+
+  friend bool operator==(const QuantConfig&, const QuantConfig&) = default;
 };
 
 struct LoraConfig {
@@ -54,6 +66,8 @@ struct LoraConfig {
   bool rslora = false;              // scaling alpha/sqrt(r) instead of alpha/r
   std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj",
                                              "gate_proj", "up_proj", "down_proj"};
+
+  friend bool operator==(const LoraConfig&, const LoraConfig&) = default;
 };
 
 struct DataConfig {
@@ -68,6 +82,8 @@ struct DataConfig {
   bool shuffle = true;
   int64_t seed = 42;
   bool skip_bad_records = false;    // count and skip malformed lines instead of failing
+
+  friend bool operator==(const DataConfig&, const DataConfig&) = default;
 };
 
 struct TrainConfig {
@@ -88,6 +104,8 @@ struct TrainConfig {
   int64_t log_every = 1;            // steps
   int64_t eval_every = 0;           // steps; 0 = only at the end (if there is eval data)
   int64_t max_nonfinite_steps = 5;  // abort after this many non-finite losses in a row
+
+  friend bool operator==(const TrainConfig&, const TrainConfig&) = default;
 };
 
 struct CheckpointConfig {
@@ -95,6 +113,8 @@ struct CheckpointConfig {
   int64_t keep_last = 3;
   std::string resume = "none";      // none | auto | <checkpoint directory>
   bool force_resume = false;        // resume even if the config differs (the keys are listed)
+
+  friend bool operator==(const CheckpointConfig&, const CheckpointConfig&) = default;
 };
 
 struct OutputConfig {
@@ -102,6 +122,8 @@ struct OutputConfig {
   bool export_adapter = true;       // PEFT adapter at the end
   bool export_merged = false;       // merged Hugging Face checkpoint at the end
   DType merged_dtype = DType::BFloat16;
+
+  friend bool operator==(const OutputConfig&, const OutputConfig&) = default;
 };
 
 struct Config {
@@ -113,10 +135,14 @@ struct Config {
   TrainConfig train;
   CheckpointConfig checkpoint;
   OutputConfig output;
+
+  friend bool operator==(const Config&, const Config&) = default;
 };
 
 // Loads `path`, applies `overrides` ("section.key=value", YAML-typed values), validates.
-// Relative paths inside the file are resolved against the file's directory.
+// Relative paths inside the file are left as written (they resolve against the working directory).
+// An override's value is parsed as a YAML scalar or flow sequence (`lora.target_modules=[q_proj,v_proj]`);
+// for string fields the text after '=' is taken verbatim unless it starts with a quote.
 Config load_config(const std::filesystem::path& path, const std::vector<std::string>& overrides = {});
 // The same from YAML text; `origin` names it in errors.
 Config parse_config(const std::string& yaml, const std::string& origin,
@@ -133,6 +159,14 @@ bool is_resume_neutral(const std::string& key);
 std::string config_hash(const Config& cfg);
 // "section.key" names (resume-neutral ones excluded) whose values differ between a and b.
 std::vector<std::string> config_diff(const Config& a, const Config& b);
+
+// Every key ("method", "section.key"), in file order.
+std::vector<std::string> config_keys();
+// The canonical text of one key's value, as to_yaml writes it (strings unquoted, lists "[a, b]");
+// for messages such as "train.lr: 0.0002 -> 0.0001". Throws qlora::Error for an unknown key.
+std::string config_value(const Config& cfg, const std::string& key);
+// Writes to_yaml(cfg) to `file` atomically (the resolved config next to an output).
+void save_config(const Config& cfg, const std::filesystem::path& file);
 
 // Enum <-> YAML spelling ("qlora", "nf4", "bfloat16", "cuda", "messages", "cosine", ...).
 std::string to_string(Method v);
