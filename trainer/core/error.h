@@ -3,8 +3,10 @@
 #pragma once
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <stdexcept>
+#include <vector>
 #include <string>
 
 namespace qlora {
