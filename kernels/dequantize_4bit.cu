@@ -1,0 +1,91 @@
+// Op: dequantize a 4-bit weight (NF4 / FP4, plain or double-quantized scales) to float32, bfloat16 or
+// float16 on the GPU. Kernels live in dequantize_4bit.cuh (the lab times every variant); this op launches
+// the promoted variant v2 (16-byte loads, 32 outputs per thread) for the aligned bulk and v1 for the tail.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels/dequantize_4bit.cuh"
+#include "kernels/ops.h"
+
+namespace qlora::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, fmt4::Code C>
+static void launch_dequant(const dequant::Args& a, T* out, bool aligned, cudaStream_t stream) {
+  const int64_t chunks = aligned ? a.n / 32 : 0;
+  if (chunks > 0) {
+    dequant::dequant_v2<T, C><<<ceil_div(chunks, kThreads), kThreads, 0, stream>>>(a, chunks, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t first = chunks * 32;
+  if (first < a.n) {
+    dequant::dequant_v1<T, C><<<ceil_div(a.n - first, kThreads), kThreads, 0, stream>>>(a, first, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void check_cuda(const at::Tensor& t, at::ScalarType dt, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.defined(), "dequantize_4bit_cuda: ", name, " is undefined");
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "dequantize_4bit_cuda: ", name, " must be on ", ref.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dt, "dequantize_4bit_cuda: ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "dequantize_4bit_cuda: ", name, " must be contiguous");
+}
+
+}  // namespace
+
+at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& nested_absmax,
+                                const at::Tensor& nested_code, float offset, fmt4::Code code, int64_t blocksize,
+                                int64_t n, at::ScalarType out) {
+  TORCH_CHECK(packed.defined() && packed.is_cuda(), "dequantize_4bit_cuda: packed must be a CUDA tensor");
+  check_cuda(packed, at::kByte, "packed", packed);
+  TORCH_CHECK(fmt4::valid_blocksize(blocksize), "dequantize_4bit_cuda: unsupported block size ", blocksize,
+              " (expected a power of two in [32, 4096])");
+  TORCH_CHECK(code == fmt4::Code::NF4 || code == fmt4::Code::FP4, "dequantize_4bit_cuda: unknown code");
+  TORCH_CHECK(n > 0 && packed.numel() == (n + 1) / 2, "dequantize_4bit_cuda: packed has ", packed.numel(),
+              " bytes, expected ", (n + 1) / 2, " for n = ", n);
+  TORCH_CHECK(out == at::kFloat || out == at::kBFloat16 || out == at::kHalf,
+              "dequantize_4bit_cuda: output dtype must be float32, bfloat16 or float16, got ", out);
+  const int64_t blocks = ceil_div(n, blocksize);
+  const bool dq = nested_absmax.defined();
+  check_cuda(absmax, dq ? at::kByte : at::kFloat, "absmax", packed);
+  TORCH_CHECK(absmax.numel() == blocks, "dequantize_4bit_cuda: absmax has ", absmax.numel(), " entries, expected ",
+              blocks);
+  if (dq) {
+    check_cuda(nested_absmax, at::kFloat, "nested_absmax", packed);
+    check_cuda(nested_code, at::kFloat, "nested_code", packed);
+    TORCH_CHECK(nested_absmax.numel() == ceil_div(blocks, fmt4::kNestedBlock),
+                "dequantize_4bit_cuda: nested_absmax has the wrong size");
+    TORCH_CHECK(nested_code.numel() == fmt4::kDynamicCodes, "dequantize_4bit_cuda: nested_code must have 256 entries");
+  }
+
+  const c10::cuda::CUDAGuard guard(packed.device());
+  auto y = at::empty({n}, packed.options().dtype(out));
+  dequant::Args a{packed.const_data_ptr<uint8_t>(),
+                  dq ? nullptr : absmax.const_data_ptr<float>(),
+                  dq ? absmax.const_data_ptr<uint8_t>() : nullptr,
+                  dq ? nested_absmax.const_data_ptr<float>() : nullptr,
+                  dq ? nested_code.const_data_ptr<float>() : nullptr,
+                  offset,
+                  __builtin_ctzll(static_cast<unsigned long long>(blocksize)),
+                  n};
+  // The 16-byte path needs 16-byte aligned input and output (true for fresh allocations, not for views).
+  const bool aligned = reinterpret_cast<uintptr_t>(a.packed) % 16 == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto go = [&](auto* o) {
+    using T = std::remove_pointer_t<decltype(o)>;
+    if (code == fmt4::Code::NF4) launch_dequant<T, fmt4::Code::NF4>(a, o, aligned, stream);
+    else launch_dequant<T, fmt4::Code::FP4>(a, o, aligned, stream);
+  };
+  if (out == at::kFloat) go(y.data_ptr<float>());
+  else if (out == at::kBFloat16) go(reinterpret_cast<__nv_bfloat16*>(y.data_ptr()));
+  else go(reinterpret_cast<__half*>(y.data_ptr()));
+  return y;
+}
+
+}  // namespace qlora::kernels

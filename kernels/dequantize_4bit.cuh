@@ -1,0 +1,118 @@
+// Device code of the 4-bit dequantize op: the kernel variants, shared by the op (dequantize_4bit.cu, which
+// launches the promoted one) and the kernel lab (dev/dequant_bench.cu, which checks and times them all).
+//
+// out[i] = code[nibble_i] * scale[i / blocksize] in float32, rounded once to T (bf16 / fp16 / fp32);
+// with double quantization scale[b] = nested_code[q[b]] * nested_absmax[b / 256] + offset (two float32
+// roundings, as the CPU reference). Indices are int64 (a 70B layer's weights exceed 2^31 nibbles).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kernels/format_4bit.h"
+
+namespace qlora::kernels::dequant {
+
+// Raw pointers of one launch. Exactly one of absmax / qabsmax is set.
+struct Args {
+  const uint8_t* packed;   // [(n+1)/2]
+  const float* absmax;     // [blocks] (plain scales) or nullptr
+  const uint8_t* qabsmax;  // [blocks] (double-quantized scales) or nullptr
+  const float* nested;     // [ceil(blocks/256)]
+  const float* ncode;      // [256]
+  float offset;
+  int log2_block;          // blocksize = 1 << log2_block
+  int64_t n;
+};
+
+__device__ __forceinline__ float scale_of(const Args& a, int64_t b) {
+  if (a.qabsmax)
+    return fmt4::add_rn(fmt4::mul_rn(__ldg(a.ncode + __ldg(a.qabsmax + b)), __ldg(a.nested + (b >> 8))), a.offset);
+  return __ldg(a.absmax + b);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+template <fmt4::Code C>
+__device__ __forceinline__ void load_table(float* table) {
+  if (threadIdx.x < fmt4::kCodes) table[threadIdx.x] = fmt4::code_value(C, threadIdx.x);
+  __syncthreads();
+}
+
+// Eight values (16 or 32 bytes) to out with 16-byte stores; out must be 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void store8(T* out, const float (&f)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    reinterpret_cast<float4*>(out)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(out)[1] = make_float4(f[4], f[5], f[6], f[7]);
+  } else {
+    union { uint4 u; T h[8]; } p;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) p.h[j] = from_float<T>(f[j]);
+    *reinterpret_cast<uint4*>(out) = p.u;
+  }
+}
+
+// Decodes one 32-bit word of packed codes (bytes in memory order) into eight scaled floats.
+__device__ __forceinline__ void decode_word(uint32_t w, const float* table, float s, float (&f)[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t byte = (w >> (8 * j)) & 0xFF;
+    f[2 * j] = fmt4::mul_rn(table[byte >> 4], s);
+    f[2 * j + 1] = fmt4::mul_rn(table[byte & 0xF], s);
+  }
+}
+
+// v1: one thread per element, byte loads. The simple baseline; also the op's path for the tail (n % 32)
+// and for unaligned pointers. Elements [first, n).
+template <typename T, fmt4::Code C>
+static __global__ void dequant_v1(Args a, int64_t first, T* __restrict__ out) {
+  __shared__ float table[fmt4::kCodes];
+  load_table<C>(table);
+  const int64_t i = first + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= a.n) return;
+  const uint8_t byte = __ldg(a.packed + (i >> 1));
+  const int nib = (i & 1) ? fmt4::lo_nibble(byte) : fmt4::hi_nibble(byte);
+  out[i] = from_float<T>(fmt4::mul_rn(table[nib], scale_of(a, i >> a.log2_block)));
+}
+
+// v2: one 16-byte load per thread (32 codes, all in one quantization block since blocksize >= 32 is a
+// power of two), one scale, 32 outputs written with 16-byte stores. Covers elements [0, 32 * chunks).
+template <typename T, fmt4::Code C>
+static __global__ void dequant_v2(Args a, int64_t chunks, T* __restrict__ out) {
+  __shared__ float table[fmt4::kCodes];
+  load_table<C>(table);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= chunks) return;
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.packed) + t);
+  const float s = scale_of(a, (t * 32) >> a.log2_block);
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  T* o = out + t * 32;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    float f[8];
+    decode_word(words[w], table, s, f);
+    store8<T>(o + 8 * w, f);
+  }
+}
+
+// v3: one 4-byte load per thread (8 codes), one 16-byte store for 2-byte T: fully coalesced stores at the
+// price of narrower loads. Covers elements [0, 8 * words).
+template <typename T, fmt4::Code C>
+static __global__ void dequant_v3(Args a, int64_t words, T* __restrict__ out) {
+  __shared__ float table[fmt4::kCodes];
+  load_table<C>(table);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= words) return;
+  const uint32_t w = __ldg(reinterpret_cast<const uint32_t*>(a.packed) + t);
+  float f[8];
+  decode_word(w, table, scale_of(a, (t * 8) >> a.log2_block), f);
+  store8<T>(out + t * 8, f);
+}
+
+}  // namespace qlora::kernels::dequant
