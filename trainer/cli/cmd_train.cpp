@@ -13,6 +13,7 @@
 #include "trainer/core/error.h"
 #include "trainer/core/fs.h"
 #include "trainer/lora/lora.h"
+#include "trainer/lora/peft.h"
 #include "trainer/model/loader.h"
 #include "trainer/train/trainer.h"
 
@@ -45,7 +46,8 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
   if (cfg.method == Method::Full) {
     for (auto& p : model->named_parameters()) trainable.emplace_back(p.key(), p.value());
   } else {
-    trainable = lora::apply_lora(*model, cfg.lora, static_cast<uint64_t>(cfg.train.seed));
+    lora::apply_lora(*model, cfg.lora, static_cast<uint64_t>(cfg.train.seed));
+    trainable = lora::lora_named_parameters(*model);
   }
   auto summary = lora::trainable_summary(*model);
   log(fmt::format("trainable parameters: {} of {} ({:.4f}%); weights on {}: {:.1f} MiB", summary.trainable,

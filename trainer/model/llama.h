@@ -73,9 +73,9 @@ class DecoderLayerImpl : public torch::nn::Module {
   DecoderLayerImpl(Attention attn, MLP mlp, RMSNorm input_norm, RMSNorm post_norm);
   at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k = nullptr,
                      at::Tensor* cache_v = nullptr);
-  Attention self_attn;
-  MLP mlp;
-  RMSNorm input_layernorm, post_attention_layernorm;
+  Attention self_attn = nullptr;
+  MLP mlp = nullptr;
+  RMSNorm input_layernorm = nullptr, post_attention_layernorm = nullptr;
 };
 TORCH_MODULE(DecoderLayer);
 
@@ -113,9 +113,9 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   bool gradient_checkpointing() const { return checkpointing_; }
 
   at::Tensor embed_tokens;  // [V, H]
-  torch::nn::ModuleList layers;
+  torch::nn::ModuleList layers = nullptr;
   std::vector<DecoderLayer> layer_list;
-  RMSNorm norm;
+  RMSNorm norm = nullptr;
   at::Tensor lm_head;       // [V, H]; aliases embed_tokens when tied
 
  private:
