@@ -13,5 +13,6 @@ using Runner = std::function<int()>;
 
 Runner add_train(CLI::App& app);
 Runner add_inspect(CLI::App& app);
+Runner add_bench(CLI::App& app);
 
 }  // namespace qlora::cli

@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   };
   reg(qlora::cli::add_train);
   reg(qlora::cli::add_inspect);
+  reg(qlora::cli::add_bench);
 
   std::vector<const char*> cargs;
   for (auto& a : args) cargs.push_back(a.c_str());

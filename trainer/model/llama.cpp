@@ -162,9 +162,16 @@ at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const Rope& rope, cons
 
 namespace {
 
+// The mask travels inside a struct: a bare at::Tensor argument would count as an autograd input, and an
+// undefined one (plain causal attention) is rejected as such.
+struct MaskArg {
+  at::Tensor mask;  // bool [B, 1, T, S] or undefined
+};
+
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor x,
-                                                DecoderLayerImpl* layer, const Rope& rope, const at::Tensor& mask) {
+                                                DecoderLayerImpl* layer, const Rope& rope, const MaskArg& m) {
+    const at::Tensor& mask = m.mask;
     ctx->save_for_backward({x});
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["cos"] = rope.cos;
@@ -274,7 +281,7 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
   }
   for (size_t i = 0; i < layer_list.size(); ++i) {
     if (recompute) {
-      x = CheckpointedLayer::apply(x, layer_list[i].get(), rope, mask)[0];
+      x = CheckpointedLayer::apply(x, layer_list[i].get(), rope, MaskArg{mask})[0];
     } else if (cache) {
       x = layer_list[i]->forward(x, rope, mask, &cache->k[i], &cache->v[i]);
     } else {

@@ -119,14 +119,16 @@ LlamaForCausalLM load_llama(const std::filesystem::path& model_dir, const LoadOp
   return model;
 }
 
-LlamaForCausalLM init_llama(const LlamaArch& arch, const LoadOptions& o, uint64_t seed) {
-  at::Generator gen = at::globalContext().defaultGenerator(at::kCPU).clone();
+LlamaForCausalLM init_llama(const LlamaArch& arch, const LoadOptions& o, uint64_t seed, bool draw_on_device) {
+  const at::Device draw_device = draw_on_device ? o.device : at::Device(at::kCPU);
+  at::Generator gen = at::globalContext().defaultGenerator(draw_device).clone();
   gen.set_current_seed(seed);
   WeightSource src;
-  // Drawn on the CPU in float32 so a seed gives the same model on every device.
+  // float32 draws (on the CPU unless draw_on_device), cast to the compute dtype by build().
   src.dense = [&](const std::string&, std::vector<int64_t> shape, bool is_norm) {
-    if (is_norm) return at::ones(shape, at::kFloat);
-    return at::normal(0.0, 0.02, shape, gen, at::TensorOptions().dtype(at::kFloat));
+    const auto opts = at::TensorOptions().dtype(at::kFloat).device(draw_device);
+    if (is_norm) return at::ones(shape, opts);
+    return at::normal(0.0, 0.02, shape, gen, opts);
   };
   src.prequantized = [](const std::string&) { return std::nullopt; };
   return build(arch, o, src);

@@ -32,8 +32,12 @@ LoadOptions load_options_for(const Config& cfg, at::Device device, at::ScalarTyp
 LlamaForCausalLM load_llama(const std::filesystem::path& model_dir, const LoadOptions& opts);
 
 // A model with HF's random initialisation (normal(0, 0.02) weights, unit norms), seeded; used for
-// pretraining from scratch (the demo) and for benchmarks of a named shape.
-LlamaForCausalLM init_llama(const LlamaArch& arch, const LoadOptions& opts, uint64_t seed);
+// pretraining from scratch (the demo) and for benchmarks of a named shape. By default the weights are
+// drawn on the CPU so a seed gives the same model on every device; draw_on_device draws them on
+// opts.device instead (a 7B shape in seconds rather than minutes; what `qlora bench` uses), streaming
+// like load_llama: each projection is drawn, quantized and freed before the next.
+LlamaForCausalLM init_llama(const LlamaArch& arch, const LoadOptions& opts, uint64_t seed,
+                            bool draw_on_device = false);
 
 // Writes config.json + safetensors (sharded above max_shard_bytes, with an index) in `dtype`, with
 // every projection's effective (dequantized, LoRA-merged where wrapped) weight. Writes into `dir`,

@@ -1,0 +1,376 @@
+// `qlora bench`: speed and memory of the training step and of the 4-bit kernels, on synthetic data.
+//
+//   qlora bench [--shape llama2-7b] [--r 16] [--seq 2048] [--batch 1] [--checkpointing on|off] ...
+//       A model of a named shape with random weights drawn on the device, NF4 (+ double quantization)
+//       base, LoRA on all seven projections, random tokens with every position trained. Prints tokens/s,
+//       the step split into forward / backward / optimizer, peak memory and MFU (formula below).
+//   qlora bench --kernels
+//       The 4-bit kernels against the hardware: dequantization of every projection of a Llama-2-7B-shaped
+//       model against the device-to-device copy bandwidth measured in the same run; the frozen 4-bit
+//       linear's forward + backward against a bf16 linear (cuBLAS) at 2048 and 8192 tokens; memory after
+//       loading the 7B shape against the theoretical size.
+//
+// Timing: warm-up iterations first, then the median of the timed ones; every phase ends in a device
+// synchronisation so the split is honest (the sync costs a few microseconds per phase).
+// Optional --json FILE writes every figure for scripts (scripts/gpu.sh collects them).
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+
+#include "trainer/cli/commands.h"
+#include "trainer/cli/run_context.h"
+#include "trainer/core/error.h"
+#include "trainer/core/fs.h"
+#include "trainer/lora/lora.h"
+#include "trainer/model/loader.h"
+#include "trainer/quant/quant.h"
+#include "trainer/train/optim.h"
+#include "trainer/train/trainer.h"
+
+#ifdef QLORA_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+namespace qlora::cli {
+
+namespace {
+
+// Llama shapes by name (HF config.json values of the public checkpoints).
+model::LlamaArch named_arch(const std::string& name) {
+  model::LlamaArch a;
+  a.rms_norm_eps = 1e-5;
+  a.max_position_embeddings = 4096;
+  a.vocab_size = 32000;
+  if (name == "llama2-7b") {
+    a.hidden_size = 4096, a.intermediate_size = 11008, a.num_layers = 32, a.num_heads = 32, a.num_kv_heads = 32;
+  } else if (name == "llama2-13b") {
+    a.hidden_size = 5120, a.intermediate_size = 13824, a.num_layers = 40, a.num_heads = 40, a.num_kv_heads = 40;
+  } else if (name == "llama3-8b") {
+    a.hidden_size = 4096, a.intermediate_size = 14336, a.num_layers = 32, a.num_heads = 32, a.num_kv_heads = 8;
+    a.vocab_size = 128256, a.max_position_embeddings = 8192, a.rope.theta = 500000.0;
+  } else if (name == "tiny") {
+    a.hidden_size = 256, a.intermediate_size = 688, a.num_layers = 4, a.num_heads = 8, a.num_kv_heads = 4;
+    a.vocab_size = 1024, a.max_position_embeddings = 1024;
+  } else {
+    fail("--shape: unknown shape '{}' (expected llama2-7b, llama2-13b, llama3-8b or tiny)", name);
+  }
+  a.head_dim = a.hidden_size / a.num_heads;
+  a.dtype = "bfloat16";
+  return a;
+}
+
+void sync(const at::Device& d) {
+#ifdef QLORA_WITH_CUDA
+  if (d.is_cuda()) c10::cuda::device_synchronize();
+#endif
+}
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+int64_t allocated_bytes(const at::Device& d, bool peak) {
+#ifdef QLORA_WITH_CUDA
+  if (d.is_cuda()) {
+    auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(d.index());
+    const auto& a = s.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    return peak ? a.peak : a.current;
+  }
+#endif
+  return 0;
+}
+
+void reset_peak(const at::Device& d) {
+#ifdef QLORA_WITH_CUDA
+  if (d.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(d.index());
+#endif
+}
+
+// Model FLOPs per trained token (the MFU numerator; recomputation is not counted, as usual for MFU):
+//   4 x projection params   frozen base: forward 2N + input gradient 2N (no weight gradient)
+//   4 x V x H               lm_head, frozen likewise
+//   12 x L x H x T          attention scores and values, forward + backward (PaLM's convention; no
+//                           causal discount)
+//   6 x LoRA params         trainable: forward, input gradient and weight gradient
+double flops_per_token(const model::LlamaArch& a, int64_t lora_params, int64_t seq) {
+  const double proj = static_cast<double>(a.num_layers) * a.projection_params_per_layer();
+  return 4.0 * proj + 4.0 * a.vocab_size * a.hidden_size + 12.0 * a.num_layers * a.hidden_size * seq +
+         6.0 * static_cast<double>(lora_params);
+}
+
+// Dense bf16 peak of the device, for MFU (the H100/H200 SXM datasheet figure).
+double peak_flops(const at::Device& d) { return d.is_cuda() ? 989e12 : 0.0; }
+
+struct StepOptions {
+  std::string shape = "llama2-7b";
+  int64_t r = 16;
+  int64_t seq = 2048;
+  int64_t batch = 1;
+  bool checkpointing = true;
+  int64_t warmup = 3;
+  int64_t steps = 10;
+  std::string device = "auto";
+  std::string json;
+};
+
+nlohmann::json bench_step(const StepOptions& so) {
+  RunContext ctx = resolve_run_context(so.device == "cpu" ? Device::CPU : so.device == "cuda" ? Device::CUDA : Device::Auto,
+                                       DType::Auto);
+  model::LlamaArch arch = named_arch(so.shape);
+  QLORA_REQUIRE(so.seq >= 2 && so.seq <= arch.max_position_embeddings, "--seq: must be in [2, {}], got {}",
+                arch.max_position_embeddings, so.seq);
+  model::LoadOptions lo;
+  lo.device = ctx.device;
+  lo.dtype = ctx.dtype;
+  lo.quantize = true;
+  lo.double_quant = true;
+  const double t_load = now_ms();
+  auto model = model::init_llama(arch, lo, /*seed=*/1234, /*draw_on_device=*/true);
+  sync(ctx.device);
+  const double load_ms = now_ms() - t_load;
+  const int64_t model_bytes = allocated_bytes(ctx.device, false);
+
+  LoraConfig lc;
+  lc.r = so.r;
+  lc.alpha = 2.0 * so.r;
+  lc.dropout = 0.0;
+  lora::apply_lora(*model, lc, 1234);
+  train::NamedTensors params = lora::lora_named_parameters(*model);
+  int64_t lora_params = 0;
+  for (auto& [n, p] : params) lora_params += p.numel();
+  train::AdamW opt(params, train::AdamWOptions{1e-4, 0.9, 0.999, 1e-8, 0.0});
+  model->set_gradient_checkpointing(so.checkpointing);
+  model->train();
+
+  auto gen = at::globalContext().defaultGenerator(ctx.device).clone();
+  gen.set_current_seed(42);
+  reset_peak(ctx.device);
+  std::vector<double> fwd, bwd, optim, total;
+  for (int64_t i = 0; i < so.warmup + so.steps; ++i) {
+    at::Tensor ids = at::randint(0, arch.vocab_size, {so.batch, so.seq}, gen,
+                                 at::TensorOptions().dtype(at::kLong).device(ctx.device));
+    sync(ctx.device);
+    const double t0 = now_ms();
+    at::Tensor hidden = model->hidden_states(ids);
+    auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
+    at::Tensor loss = sum / static_cast<double>(n);
+    sync(ctx.device);
+    const double t1 = now_ms();
+    loss.backward();
+    sync(ctx.device);
+    const double t2 = now_ms();
+    train::clip_grad_norm(params, 1.0);
+    opt.step(1e-4);
+    opt.zero_grad();
+    sync(ctx.device);
+    const double t3 = now_ms();
+    if (i >= so.warmup) {
+      fwd.push_back(t1 - t0), bwd.push_back(t2 - t1), optim.push_back(t3 - t2), total.push_back(t3 - t0);
+    }
+  }
+  const double step_ms = median(total);
+  const double tokens = static_cast<double>(so.batch * so.seq);
+  const double tps = tokens / (step_ms / 1e3);
+  const double fpt = flops_per_token(arch, lora_params, so.seq);
+  const double pk = peak_flops(ctx.device);
+  nlohmann::json j = {{"shape", so.shape},
+                      {"r", so.r},
+                      {"seq", so.seq},
+                      {"batch", so.batch},
+                      {"checkpointing", so.checkpointing},
+                      {"device", ctx.device.str()},
+                      {"lora_params", lora_params},
+                      {"load_ms", load_ms},
+                      {"model_bytes", model_bytes},
+                      {"step_ms", step_ms},
+                      {"forward_ms", median(fwd)},
+                      {"backward_ms", median(bwd)},
+                      {"optimizer_ms", median(optim)},
+                      {"tokens_per_s", tps},
+                      {"peak_bytes", allocated_bytes(ctx.device, true)},
+                      {"flops_per_token", fpt},
+                      {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
+  fmt::print("qlora bench  {} r={} seq={} batch={} checkpointing={} on {}\n", so.shape, so.r, so.seq, so.batch,
+             so.checkpointing ? "on" : "off", ctx.device.str());
+  fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
+             load_ms / 1e3, lora_params);
+  fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {})\n", step_ms,
+             median(fwd), median(bwd), median(optim), so.steps);
+  fmt::print("  tokens/s {:.0f}   peak memory {:.2f} GiB   MFU {:.1f}% (of {:.0f} TFLOP/s bf16)\n", tps,
+             allocated_bytes(ctx.device, true) / 1073741824.0, 100.0 * j["mfu"].get<double>(), pk / 1e12);
+  return j;
+}
+
+#ifdef QLORA_WITH_CUDA
+// Median milliseconds of fn() over `iters` runs after `warmup`, timed with CUDA events per run.
+template <typename F>
+double time_cuda(F&& fn, int warmup, int iters) {
+  for (int i = 0; i < warmup; ++i) fn();
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
+    a.record();
+    fn();
+    b.record();
+    b.synchronize();
+    ms.push_back(a.elapsed_time(b));
+  }
+  return median(ms);
+}
+
+nlohmann::json bench_kernels() {
+  QLORA_REQUIRE(at::hasCUDA(), "bench --kernels needs a CUDA GPU");
+  const at::Device dev(at::kCUDA, 0);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(dev);
+  nlohmann::json j;
+
+  // 1. Copy bandwidth: 2 GiB device to device, bytes read + written.
+  {
+    auto src = at::randint(0, 255, {int64_t{2} << 30}, at::TensorOptions().dtype(at::kByte).device(dev));
+    auto dst = at::empty_like(src);
+    const double ms = time_cuda([&] { dst.copy_(src); }, 3, 20);
+    j["copy_gbps"] = 2.0 * src.numel() / (ms / 1e3) / 1e9;
+  }
+  fmt::print("device-to-device copy: {:.0f} GB/s (read + write)\n", j["copy_gbps"].get<double>());
+
+  // 2. Dequantization of every projection of a 7B-shaped model (224 weights, 3.4 GB of 4-bit storage:
+  //    far beyond L2, so the sweep measures memory, not cache).
+  model::LlamaArch arch = named_arch("llama2-7b");
+  for (bool dq : {false, true}) {
+    std::vector<quant::Quantized4bit> ws;
+    double bytes = 0;
+    at::manual_seed(7);
+    for (int64_t l = 0; l < arch.num_layers; ++l) {
+      for (const char* kind : model::kProjectionKinds) {
+        auto [out, in] = model::projection_shape(arch, kind);
+        auto w = at::randn({out, in}, bf16).mul_(0.02);
+        ws.push_back(quant::quantize_4bit(w, QuantType::NF4, 64, dq));
+        const auto& q = ws.back();
+        const double n = static_cast<double>(out * in);
+        // Bytes the kernel must move: packed nibbles + per-block scales (+ nested scales) + bf16 output.
+        bytes += n / 2 + q.absmax.numel() * q.absmax.element_size() +
+                 (dq ? q.nested_absmax.numel() * 4.0 : 0.0) + 2.0 * n;
+      }
+    }
+    const double ms = time_cuda([&] {
+      for (const auto& q : ws) (void)quant::dequantize_4bit(q, at::kBFloat16);
+    }, 2, 7);
+    const double gbps = bytes / (ms / 1e3) / 1e9;
+    const std::string key = dq ? "dequant_dq" : "dequant";
+    j[key] = {{"ms", ms}, {"gbps", gbps}, {"of_copy", gbps / j["copy_gbps"].get<double>()}};
+    fmt::print("dequant 7B projections nf4{} -> bf16: {:.2f} ms, {:.0f} GB/s = {:.1f}% of copy\n",
+               dq ? "+dq" : "", ms, gbps, 100.0 * gbps / j["copy_gbps"].get<double>());
+  }
+  c10::cuda::CUDACachingAllocator::emptyCache();
+
+  // 3. Frozen 4-bit linear vs bf16 linear, forward + backward (input gradient), per shape and token count.
+  //    "frozen" bf16: W without gradient (2 GEMMs, what LoRA on a bf16 base runs); "trainable": nn.Linear
+  //    with its weight gradient (3 GEMMs), for reference.
+  j["linear"] = nlohmann::json::array();
+  fmt::print("\n{:>7} {:>13} {:>11} {:>13} {:>16} {:>12}\n", "tokens", "in -> out", "4-bit ms", "bf16 ms",
+             "bf16 (dW) ms", "4-bit/bf16");
+  for (int64_t tokens : {2048, 8192}) {
+    for (auto [in, out] : std::vector<std::pair<int64_t, int64_t>>{{4096, 4096}, {4096, 11008}, {11008, 4096}}) {
+      auto w = at::randn({out, in}, bf16).mul_(0.02);
+      auto q = quant::quantize_4bit(w, QuantType::NF4, 64, true);
+      auto x = at::randn({tokens, in}, bf16).requires_grad_(true);
+      auto g = at::randn({tokens, out}, bf16);
+      auto ours = [&] {
+        auto y = quant::linear_4bit(x, q);
+        y.backward(g);
+        x.mutable_grad() = at::Tensor();
+      };
+      auto dense = [&](const at::Tensor& wt) {
+        auto y = at::linear(x, wt);
+        y.backward(g);
+        x.mutable_grad() = at::Tensor();
+        if (wt.requires_grad()) wt.mutable_grad() = at::Tensor();
+      };
+      const double t4 = time_cuda(ours, 3, 20);
+      const double tf = time_cuda([&] { dense(w); }, 3, 20);
+      auto wt = w.clone().requires_grad_(true);
+      const double tt = time_cuda([&] { dense(wt); }, 3, 20);
+      j["linear"].push_back({{"tokens", tokens}, {"in", in}, {"out", out}, {"ms_4bit", t4}, {"ms_bf16", tf},
+                             {"ms_bf16_dw", tt}, {"ratio", t4 / tf}});
+      fmt::print("{:>7} {:>13} {:>11.3f} {:>13.3f} {:>16.3f} {:>12.3f}\n", tokens, fmt::format("{} -> {}", in, out),
+                 t4, tf, tt, t4 / tf);
+    }
+  }
+  c10::cuda::CUDACachingAllocator::emptyCache();
+
+  // 4. Memory after loading the 7B shape (streamed: drawn, quantized and freed projection by projection).
+  for (bool dq : {false, true}) {
+    const int64_t before = allocated_bytes(dev, false);
+    reset_peak(dev);
+    model::LoadOptions lo;
+    lo.device = dev;
+    lo.dtype = at::kBFloat16;
+    lo.quantize = true;
+    lo.double_quant = dq;
+    auto m = model::init_llama(arch, lo, 1, /*draw_on_device=*/true);
+    sync(dev);
+    const double got = static_cast<double>(allocated_bytes(dev, false) - before);
+    const double peak = static_cast<double>(allocated_bytes(dev, true) - before);
+    const double proj = static_cast<double>(arch.num_layers) * arch.projection_params_per_layer();
+    // Theory: 4 bits + one float32 scale per 64 (4.5 bits), or one uint8 scale per 64 plus a float32 per
+    // 256 x 64 (4 + 8/64 + 32/16384 = 4.127 bits); everything else in bf16.
+    const double bits = dq ? 4.0 + 8.0 / 64 + 32.0 / (64 * 256) : 4.5;
+    const double theory = proj * bits / 8 + 2.0 * (arch.total_params() - proj);
+    const std::string key = dq ? "load_7b_dq" : "load_7b";
+    j[key] = {{"bytes", got}, {"theory", theory}, {"ratio", got / theory}, {"peak", peak}};
+    fmt::print("\nload 7B nf4{}: {:.3f} GiB on the device, theory {:.3f} GiB (ratio {:.4f}); peak while loading "
+               "{:.3f} GiB\n", dq ? "+dq" : "", got / 1073741824.0, theory / 1073741824.0, got / theory,
+               peak / 1073741824.0);
+  }
+  return j;
+}
+#endif
+
+}  // namespace
+
+Runner add_bench(CLI::App& app) {
+  auto* cmd = app.add_subcommand("bench", "Measure training-step speed and memory, or the 4-bit kernels (--kernels)");
+  auto so = std::make_shared<StepOptions>();
+  auto kernels = std::make_shared<bool>(false);
+  auto ckpt = std::make_shared<std::string>("on");
+  cmd->add_option("--shape", so->shape, "llama2-7b | llama2-13b | llama3-8b | tiny")->capture_default_str();
+  cmd->add_option("--r", so->r, "LoRA rank (all seven projections, alpha = 2r)")->capture_default_str();
+  cmd->add_option("--seq", so->seq, "Sequence length")->capture_default_str();
+  cmd->add_option("--batch", so->batch, "Sequences per step")->capture_default_str();
+  cmd->add_option("--checkpointing", *ckpt, "Gradient checkpointing: on | off")
+      ->check(CLI::IsMember({"on", "off"}))
+      ->capture_default_str();
+  cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
+  cmd->add_option("--steps", so->steps, "Timed steps (the median is reported)")->capture_default_str();
+  cmd->add_option("--device", so->device, "auto | cuda | cpu")->check(CLI::IsMember({"auto", "cuda", "cpu"}))
+      ->capture_default_str();
+  cmd->add_flag("--kernels", *kernels, "Benchmark the 4-bit kernels instead (GPU)");
+  cmd->add_option("--json", so->json, "Also write the figures as JSON to this file");
+  return [so, kernels, ckpt]() {
+    so->checkpointing = *ckpt == "on";
+    nlohmann::json j;
+    if (*kernels) {
+#ifdef QLORA_WITH_CUDA
+      j = bench_kernels();
+#else
+      fail("bench --kernels: this build has no CUDA kernels");
+#endif
+    } else {
+      j = bench_step(*so);
+    }
+    if (!so->json.empty()) write_file_atomic(so->json, j.dump(2) + "\n");
+    return 0;
+  };
+}
+
+}  // namespace qlora::cli
