@@ -1,0 +1,126 @@
+"""The Python stack on the same job as `qlora bench`: transformers + PEFT, LoRA on all seven projections,
+a base in bf16 (`--base bf16`) or bitsandbytes NF4 with double quantization (`--base bnb4`, QLoRA as
+people run it), random weights created on the GPU, random tokens with every position trained, AdamW on
+the adapters. Prints the same figures as `qlora bench` (median step split into forward / backward /
+optimizer, tokens/s, peak allocated memory) and writes them as JSON with --json.
+
+Used by scripts/gpu.sh; run it on a CUDA machine: python3 scripts/bench_hf.py --shape llama2-7b --r 16
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=1024, max_position_embeddings=1024),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def to_bnb4(model):
+    """Replaces every projection by a bitsandbytes Linear4bit (NF4, double quant, block 64, bf16 compute),
+    quantizing on the GPU one weight at a time, as transformers' load_in_4bit does."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGETS:
+                lin = getattr(parent, name, None)
+                if lin is None:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", blocksize=64)._quantize("cuda")
+                setattr(parent, name, q)
+                del lin
+    torch.cuda.empty_cache()
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", default="llama2-7b", choices=SHAPES)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--checkpointing", default="on", choices=["on", "off"])
+    ap.add_argument("--base", default="bf16", choices=["bf16", "bnb4"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    shape = dict(SHAPES[a.shape])
+    shape["max_position_embeddings"] = max(shape["max_position_embeddings"], a.seq)
+    cfg = LlamaConfig(**shape, rms_norm_eps=1e-5, attn_implementation="sdpa", use_cache=False)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    if a.base == "bnb4":
+        model = to_bnb4(model)
+    if a.checkpointing == "on":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # float32 adapters, as PEFT keeps them under autocast training
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    model.train()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+    fwd, bwd, optim, total = [], [], [], []
+    g = torch.Generator(device="cuda").manual_seed(42)
+    for i in range(a.warmup + a.steps):
+        ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda", generator=g)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        loss.backward()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        if i >= a.warmup:
+            fwd.append(t1 - t0), bwd.append(t2 - t1), optim.append(t3 - t2), total.append(t3 - t0)
+    step = statistics.median(total)
+    out = {
+        "stack": f"transformers+peft ({a.base})", "shape": a.shape, "r": a.r, "seq": a.seq, "batch": a.batch,
+        "checkpointing": a.checkpointing == "on", "step_ms": step * 1e3,
+        "forward_ms": statistics.median(fwd) * 1e3, "backward_ms": statistics.median(bwd) * 1e3,
+        "optimizer_ms": statistics.median(optim) * 1e3, "tokens_per_s": a.batch * a.seq / step,
+        "peak_bytes": torch.cuda.max_memory_allocated(),
+    }
+    print(f"transformers+peft {a.base} {a.shape} r={a.r} seq={a.seq} checkpointing={a.checkpointing}: "
+          f"step {out['step_ms']:.1f} ms, {out['tokens_per_s']:.0f} tokens/s, "
+          f"peak {out['peak_bytes'] / 2**30:.2f} GiB")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

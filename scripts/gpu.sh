@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU machine's one call: build for sm_90a, run the GPU tests, run the benchmarks, print a table last.
+#
+#   scripts/gpu.sh [tests|quick|full]     (default quick)
+#     tests  build + GPU tests only
+#     quick  + kernel benchmark + our training step (7B, r 16, checkpointing on/off) + transformers/PEFT bf16
+#     full   + r 64, the bitsandbytes 4-bit Python stack, and the longest trainable sequence at batch 1
+#
+# Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
+# Headers the machine lacks (CLI11) and bitsandbytes (pure Python + its CUDA library) travel in .deps/,
+# filled on the development machine by `scripts/gpu.sh --prepare`. Logs and JSON land in $OUT (the
+# device tool's output folder) or /tmp/qlora-gpu.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+  # On the development machine: copy what the GPU machine lacks into .deps (ignored by git, carried).
+  source scripts/setup.sh
+  mkdir -p .deps/include .deps/py
+  cp -r /usr/include/CLI .deps/include/
+  bnb="$("$QLORA_PYTHON" -c 'import bitsandbytes,os;print(os.path.dirname(bitsandbytes.__file__))' 2>/dev/null)"
+  rm -rf .deps/py/bitsandbytes
+  cp -r "$bnb" .deps/py/
+  # Only the CUDA 13.0 library and the CPU one are needed there (the wheel carries one per toolkit).
+  find .deps/py/bitsandbytes \( -name 'libbitsandbytes_cuda1[1-2]*' -o -name 'libbitsandbytes_cuda132*' \
+    -o -name 'libbitsandbytes_rocm*' -o -name __pycache__ \) -prune -exec rm -rf {} +
+  du -sh .deps
+  exit 0
+fi
+
+MODE="${1:-quick}"
+OUT="${OUT:-/tmp/qlora-gpu}"
+mkdir -p "$OUT"
+# NVLink multicast stays off on shared machines (the device README says why).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+[ -d .deps/py ] && export PYTHONPATH="$PWD/.deps/py:${PYTHONPATH:-}"
+PY="$(command -v python3)"
+BUILD=build-gpu
+SECONDS=0
+status=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+
+echo "== build ($BUILD, sm_90a)"
+if ! cmake -S . -B "$BUILD" -G Ninja -DQLORA_PYTHON="$PY" -DQLORA_SANITIZE=OFF -DQLORA_WITH_CUDA=ON \
+      -DCMAKE_BUILD_TYPE=Release >"$OUT/cmake.log" 2>&1; then
+  tail -40 "$OUT/cmake.log"; exit 1
+fi
+if ! ninja -C "$BUILD" -k 0 -j "$(nproc)" >"$OUT/build.log" 2>&1; then
+  # Keep going with what built (a broken test target should not cost the benchmarks), but say so.
+  status=1
+  grep -E "error|FAILED" -A3 "$OUT/build.log" | head -60
+  [ -x "$BUILD/trainer/cli/qlora" ] || exit 1
+fi
+echo "built in ${SECONDS}s"
+
+echo "== GPU tests"
+ctest --test-dir "$BUILD" -L gpu --output-on-failure -j 4 >"$OUT/ctest.log" 2>&1 || status=1
+grep -E "tests passed|Failed|Passed|\*\*\*" "$OUT/ctest.log" | tail -30
+# Which GPU tests ran rather than skipped (gtest prints SKIPPED only without a GPU).
+grep -hE "^\[  (SKIPPED|FAILED) \]" "$OUT/ctest.log" | sort | uniq | head -20
+[ "$MODE" = tests ] && exit $status
+
+Q="$BUILD/trainer/cli/qlora"
+echo "== kernels"
+"$Q" bench --kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+
+ours() {  # ours NAME ARGS...
+  local name=$1; shift
+  "$Q" bench --shape llama2-7b "$@" --json "$OUT/ours_$name.json" 2>&1 | tail -4 || true
+}
+theirs() {  # theirs NAME ARGS...
+  local name=$1; shift
+  "$PY" scripts/bench_hf.py --shape llama2-7b "$@" --json "$OUT/hf_$name.json" 2>&1 | grep -vE "Warning|warn" | tail -3 || true
+}
+echo "== training step, llama2-7b, seq 2048, batch 1"
+ours r16_ckpt --r 16 --checkpointing on
+ours r16_nockpt --r 16 --checkpointing off
+theirs bf16_r16_ckpt --r 16 --checkpointing on --base bf16
+if [ "$MODE" = full ]; then
+  theirs bf16_r16_nockpt --r 16 --checkpointing off --base bf16
+  ours r64_ckpt --r 64 --checkpointing on
+  ours r64_nockpt --r 64 --checkpointing off
+  theirs bf16_r64_ckpt --r 64 --checkpointing on --base bf16
+  theirs bf16_r64_nockpt --r 64 --checkpointing off --base bf16
+  if "$PY" -c 'import bitsandbytes' 2>/dev/null; then
+    theirs bnb4_r16_ckpt --r 16 --checkpointing on --base bnb4
+    theirs bnb4_r16_nockpt --r 16 --checkpointing off --base bnb4
+  fi
+  echo "== longest sequence at batch 1 (checkpointing on)"
+  for s in 8192 16384 32768; do
+    if "$Q" bench --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/ours_seq$s.json" >/dev/null 2>&1; then
+      echo "ours seq $s: ok"; else echo "ours seq $s: failed"; break; fi
+  done
+  for s in 8192 16384 32768; do
+    if "$PY" scripts/bench_hf.py --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/hf_seq$s.json" >/dev/null 2>&1; then
+      echo "hf seq $s: ok"; else echo "hf seq $s: failed"; break; fi
+  done
+fi
+
+echo "== summary ($(head -1 "$OUT/gpu.txt"), ${SECONDS}s)"
+"$PY" scripts/gpu_table.py "$OUT"
+exit $status
