@@ -68,7 +68,7 @@ fs::path save_checkpoint(const fs::path& run_dir, train::Trainer& trainer, const
   });
   auto all = list_checkpoints(run_dir);
   const int64_t keep = std::max<int64_t>(1, cfg.checkpoint.keep_last);
-  for (size_t i = 0; i + keep < all.size(); ++i) fs::remove_all(all[i]);
+  for (size_t i = 0; i + keep < all.size(); ++i) remove_tree(all[i]);  // not fs::remove_all: see core/fs.h
   return dest;
 }
 

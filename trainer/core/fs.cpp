@@ -4,6 +4,7 @@
 
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "trainer/core/error.h"
 
@@ -35,19 +36,44 @@ std::string read_file(const fs::path& path) {
   return ss.str();
 }
 
+void remove_tree(const fs::path& path, std::error_code& ec) noexcept {
+  ec.clear();
+  const auto st = fs::symlink_status(path, ec);
+  if (ec) {
+    if (st.type() == fs::file_type::not_found) ec.clear();
+    return;
+  }
+  if (st.type() == fs::file_type::directory) {
+    std::vector<fs::path> children;
+    for (fs::directory_iterator it(path, ec), end; !ec && it != end; it.increment(ec)) children.push_back(it->path());
+    if (ec) return;
+    for (const auto& c : children) {
+      remove_tree(c, ec);
+      if (ec) return;
+    }
+  }
+  fs::remove(path, ec);
+}
+
+void remove_tree(const fs::path& path) {
+  std::error_code ec;
+  remove_tree(path, ec);
+  QLORA_REQUIRE(!ec, "cannot remove {}: {}", path.string(), ec.message());
+}
+
 void write_dir_atomic(const fs::path& dest, bool overwrite, const std::function<void(const fs::path&)>& fill) {
   QLORA_REQUIRE(overwrite || !fs::exists(dest), "{} already exists (pass --overwrite to replace it)",
                 dest.string());
   fs::path parent = dest.has_parent_path() ? dest.parent_path() : fs::path(".");
   fs::create_directories(parent);
   fs::path tmp = parent / fmt::format(".{}.tmp-{}", dest.filename().string(), ::getpid());
-  fs::remove_all(tmp);
+  remove_tree(tmp);
   fs::create_directories(tmp);
   try {
     fill(tmp);
   } catch (...) {
     std::error_code ec;
-    fs::remove_all(tmp, ec);
+    remove_tree(tmp, ec);
     throw;
   }
   if (fs::exists(dest)) {
@@ -55,7 +81,7 @@ void write_dir_atomic(const fs::path& dest, bool overwrite, const std::function<
     fs::path old = parent / fmt::format(".{}.old-{}", dest.filename().string(), ::getpid());
     fs::rename(dest, old);
     fs::rename(tmp, dest);
-    fs::remove_all(old);
+    remove_tree(old);
   } else {
     fs::rename(tmp, dest);
   }
