@@ -15,7 +15,12 @@ Writes under $QLORA_TEST_DATA/lora/:
                                   parameters ("model.layers.0.self_attn.q_proj.lora_A.weight")
       kaiming_a [4, 48] float32   nn.init.kaiming_uniform_(a=sqrt(5)) drawn from a generator seeded
                                   with 1234 (what PEFT does to lora_A), to check our init bit for bit
+  counts.json       PEFT's get_nb_trainable_parameters() for the model with `adapter` (trainable, all)
+                    and the line print_trainable_parameters() prints
 """
+import contextlib
+import io
+import json
 import math
 import os
 
@@ -82,6 +87,12 @@ def main():
     base = LlamaForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
     peft_model.train()  # dropout is 0: train mode only enables autograd bookkeeping
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    line = io.StringIO()
+    with contextlib.redirect_stdout(line):
+        peft_model.print_trainable_parameters()
+    with open(os.path.join(OUT, "counts.json"), "w") as f:
+        json.dump({"trainable": trainable, "all": total, "printed": line.getvalue().strip()}, f, indent=1)
     out = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     ref["loss"] = out.loss.detach().float().reshape(())
