@@ -62,15 +62,17 @@ QLORA_HD constexpr float nf4_value(int i) {
 }
 
 // FP4 (E2M1, bias 2): bit 3 is the sign; magnitudes of codes 0..7 over 12, rounded to float32 once
-// (bnb builds its table the same way: torch float32 division by the max).
+// (bnb builds its table the same way: torch float32 division by the max). Code 8 is +0.0, not -0.0: bnb
+// writes it as the Python int `-0`, which is 0; 0.0f - m gives +0.0 for m = 0 and -m otherwise, so the
+// quant_map and every dequantized zero match bnb's bits.
 QLORA_HD constexpr float fp4_value(int i) {
   constexpr float mag[8] = {0.0f, 0.0625f, 8.0f, 12.0f, 4.0f, 6.0f, 2.0f, 3.0f};
-  return (i & 8) ? -(mag[i & 7] / 12.0f) : mag[i & 7] / 12.0f;
+  return (i & 8) ? 0.0f - mag[i & 7] / 12.0f : mag[i & 7] / 12.0f;
 }
 
 QLORA_HD constexpr float code_value(Code c, int i) { return c == Code::NF4 ? nf4_value(i) : fp4_value(i); }
 
-// Codes in ascending value order (a stable sort: +0 (code 0) before -0 (code 8), as torch.argsort gives).
+// Codes in ascending value order (a stable sort: code 0 before code 8, both zero, as torch.argsort gives).
 // FP4's order is packed into one 64-bit constant, nibble r = code of rank r, so device code needs no
 // table in memory for it.
 constexpr uint64_t kFp4Order = 0x3254761809EFCDABull;  // ranks 0..15: 11,10,13,12,15,14,9,0,8,1,6,7,4,5,2,3
@@ -99,6 +101,7 @@ static_assert(detail::sorted_ok(Code::NF4) && detail::sorted_ok(Code::FP4), "sor
 static_assert(detail::permutation_ok(Code::NF4) && detail::permutation_ok(Code::FP4), "order is a permutation");
 static_assert(nf4_value(7) == 0.0f && nf4_value(0) == -1.0f && nf4_value(15) == 1.0f, "NF4 table");
 static_assert(fp4_value(3) == 1.0f && fp4_value(11) == -1.0f, "FP4 max code is 0b011");
+static_assert(__builtin_bit_cast(uint32_t, fp4_value(8)) == 0u, "FP4 code 8 is +0.0, as bnb's table");
 static_assert(sorted_code(Code::FP4, 0) == 11 && sorted_code(Code::FP4, 7) == 0 &&
                   sorted_code(Code::FP4, 8) == 8 && sorted_code(Code::FP4, 15) == 3, "FP4 order");
 static_assert(midpoint(Code::FP4, 14) > 0.83f && midpoint(Code::FP4, 14) < 0.84f, "FP4 top threshold");
