@@ -3,7 +3,12 @@
 Output: $QLORA_TEST_DATA/quant_bnb/{manifest.json, data.bin}. manifest.json lists cases; every tensor is
 {"offset", "nbytes", "dtype", "shape"} into data.bin (little-endian, C order). Each case holds the input,
 bnb's packed state dict entries (QuantState.as_dict(packed=True)) under prefix "layer.", and bnb's
-dequantization in the input dtype and in float32.
+dequantization in the input dtype and in float32, twice:
+  "dequant" / "dequant_f32": the public F.dequantize_4bit. On the CPU it runs bnb's AVX512 C++ kernel, which
+      in 0.50.2 assumes blocks never straddle rows and returns wrong values when shape[-1] % blocksize != 0
+      (e.g. [64, 32] at block size 64); "cpu_kernel_agrees" says whether it equals the next one.
+  "dequant_ref" / "dequant_ref_f32": bnb's portable torch implementation (_dequantize_4bit_compute, the
+      flat-index semantics of its CUDA kernel and of shared/INTEROP.md), on the same state.
 """
 import json
 import os
@@ -11,6 +16,9 @@ import sys
 
 import torch
 import bitsandbytes.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bnb_ref import generic_dequant  # noqa: E402
 
 out_dir = os.path.join(os.environ["QLORA_TEST_DATA"], "quant_bnb")
 os.makedirs(out_dir, exist_ok=True)
@@ -63,13 +71,17 @@ for name, x in inputs:
                     entries["layer.weight." + k] = put(v)
                 deq = F.dequantize_4bit(packed, state)
                 assert deq.dtype == x.dtype
+                ref = generic_dequant(packed, state, x.dtype)
                 state.dtype = torch.float32
                 deq32 = F.dequantize_4bit(packed, state)
+                ref32 = generic_dequant(packed, state, torch.float32)
                 cases.append({
                     "name": f"{name}/{qt}/bs{bs}/{'dq' if dq else 'plain'}",
                     "quant_type": qt, "blocksize": bs, "double_quant": dq,
                     "input": put(x), "entries": entries,
                     "dequant": put(deq), "dequant_f32": put(deq32),
+                    "dequant_ref": put(ref), "dequant_ref_f32": put(ref32),
+                    "cpu_kernel_agrees": bool(torch.equal(deq, ref) and torch.equal(deq32, ref32)),
                 })
 
 manifest = {

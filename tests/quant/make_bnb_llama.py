@@ -1,0 +1,114 @@
+"""Tiny random Llama checkpoints quantized and serialized by transformers + bitsandbytes 0.50.2 (CPU), and
+the logits transformers computes on the dequantized model.
+
+For each variant in VARIANTS this writes
+  $QLORA_TEST_DATA/quant_bnb_llama/<name>/           save_pretrained of the 4-bit model: config.json with
+      "quantization_config", model.safetensors with the bnb keys of shared/INTEROP.md section 1
+  $QLORA_TEST_DATA/quant_bnb_llama/<name>.ref.safetensors
+      input_ids [B, T] int64, attention_mask [B, T] int64 (row 1 right-padded),
+      logits_f32 [B, T, V] float32: transformers' float32 LlamaForCausalLM whose projection weights are
+      bnb's own dequantization (F.dequantize_4bit to float32) of the saved 4-bit state
+  $QLORA_TEST_DATA/quant_bnb_llama/variants.json     the variant names
+The C++ test (test_quant_bnb_llama) loads the 4-bit checkpoint with our loader (no re-quantization) and
+compares logits. Weights are drawn fresh every run.
+"""
+import json
+import os
+import sys
+
+import torch
+import bitsandbytes.functional as F
+from bitsandbytes.functional import QuantState
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+OUT = os.path.join(os.environ["QLORA_TEST_DATA"], "quant_bnb_llama")
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+VARIANTS = {
+    # The QLoRA recipe's storage: NF4 + double quantization, float32 checkpoint.
+    "nf4_dq_f32": dict(quant_type="nf4", double_quant=True, dtype=torch.float32),
+    # FP4 without double quantization, bfloat16 checkpoint (quant_state "dtype": "bfloat16").
+    "fp4_plain_bf16": dict(quant_type="fp4", double_quant=False, dtype=torch.bfloat16),
+}
+
+
+def make(name, spec, seed):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, rms_norm_eps=1e-5, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger than default so the logits are not all near zero (a weak test)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+            else:
+                p.uniform_(0.5, 1.5)
+    dense = os.path.join(OUT, name + ".dense")
+    model.to(spec["dtype"]).save_pretrained(dense)
+
+    # transformers quantizes while loading and serializes the bnb state on save.
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec["quant_type"],
+                                 bnb_4bit_use_double_quant=spec["double_quant"],
+                                 bnb_4bit_compute_dtype=torch.float32)
+    q = LlamaForCausalLM.from_pretrained(dense, quantization_config=bnb_cfg, device_map="cpu", dtype=spec["dtype"])
+    path = os.path.join(OUT, name)
+    q.save_pretrained(path)
+    qc = json.load(open(os.path.join(path, "config.json")))["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"], qc
+
+    # The reference: a float32 model with the dense tensors of the 4-bit file (norms, embeddings, lm_head)
+    # and every projection replaced by bnb's dequantization of the state it saved.
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    ref_model = LlamaForCausalLM(cfg).eval()
+    state = {}
+    for k, v in sd.items():
+        if any(f".{p}.weight" in k for p in PROJ):
+            continue
+        state[k] = v.float()
+    for i in range(cfg.num_hidden_layers):
+        for p in PROJ:
+            pre = f"model.layers.{i}.{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}.weight"
+            qs = QuantState.from_dict({k[len(pre) + 1:]: v for k, v in sd.items() if k.startswith(pre + ".")},
+                                      device=torch.device("cpu"))
+            qs.dtype = torch.float32
+            state[pre] = F.dequantize_4bit(sd[pre], qs)
+    missing, unexpected = ref_model.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+
+    b, t = 2, 19
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, t - 5:] = 0  # right padding, as the trainer batches
+    with torch.no_grad():
+        logits = ref_model(input_ids=ids, attention_mask=mask).logits.float().contiguous()
+        if spec["dtype"] == torch.float32:
+            # Sanity check that the dequantized model is what transformers' 4-bit model means. bnb 0.50.2's
+            # CPU Linear4bit forward (AVX512) repacks the weight, rounds the scales to bfloat16 and computes
+            # in bfloat16 (u = 2^-8 = 3.9e-3), so it agrees only to bf16 accuracy: a few u per layer over
+            # 2 layers, ~1e-2, bounded at 5e-2 (a wrong weight gives O(1)). (It also needs in % 64 == 0, hence the sizes.)
+            q4 = q(input_ids=ids, attention_mask=mask).logits.float()
+            err = ((q4 - logits)[mask.bool()].norm() / logits[mask.bool()].norm()).item()
+            assert err < 5e-2, f"transformers 4-bit vs dequantized model: relative error {err}"
+            print(f"{name}: transformers 4-bit (bf16 CPU path) vs dequantized float32: {err:.2e}", file=sys.stderr)
+    save_file({"input_ids": ids, "attention_mask": mask, "logits_f32": logits},
+              os.path.join(OUT, name + ".ref.safetensors"))
+    print(f"{name}: {sorted(os.listdir(path))}", file=sys.stderr)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    seed = int.from_bytes(os.urandom(4), "little")
+    for i, (name, spec) in enumerate(VARIANTS.items()):
+        make(name, spec, seed + 101 * i)
+    with open(os.path.join(OUT, "variants.json"), "w") as f:
+        json.dump(sorted(VARIANTS), f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
