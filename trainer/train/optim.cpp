@@ -107,7 +107,9 @@ double clip_grad_norm(const NamedTensors& params, double max_norm) {
   if (norms.empty()) return 0.0;
   at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
   if (max_norm > 0) {
-    at::Tensor coef = at::clamp(max_norm / (total + 1e-6), c10::nullopt, 1.0);
+    // torch writes max_norm / (total + 1e-6), which Python evaluates as Tensor.__rtruediv__, i.e.
+    // reciprocal(total + 1e-6) * max_norm: one ulp away from a true division for most max_norm != 1.
+    at::Tensor coef = at::clamp((total + 1e-6).reciprocal() * max_norm, c10::nullopt, 1.0);
     for (auto& [n, p] : params)
       if (p.grad().defined()) p.mutable_grad().mul_(coef.to(p.grad().scalar_type()));
   }
