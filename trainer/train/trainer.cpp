@@ -4,6 +4,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <csignal>
+#include <cstdlib>
 
 #include "trainer/core/error.h"
 
@@ -33,6 +35,20 @@ std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const 
   auto [sum, n] = causal_lm_loss_sum(model, hidden, b.labels);
   return {sum.item<double>(), n};
 }
+
+namespace {
+// Test hook (tests/train/test_resume.py): with QLORA_TEST_KILL_AT_STEP=N in the environment the process
+// sends itself SIGKILL in the middle of optimizer step N (1-based: after that step's backward passes,
+// before its update), a crash no handler can tidy up, at a point no outside timer could hit reliably.
+// Unset in normal use; read once.
+int64_t kill_at_step() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QLORA_TEST_KILL_AT_STEP");
+    return e ? std::atoll(e) : int64_t{-1};
+  }();
+  return v;
+}
+}  // namespace
 
 int64_t total_steps(const TrainConfig& t, int64_t batches_per_epoch) {
   if (t.max_steps > 0) return t.max_steps;
@@ -101,6 +117,7 @@ double Trainer::train_step() {
     (sum / static_cast<double>(count)).backward();
     state_.tokens_seen += b.input_ids.numel();
   }
+  if (state_.step + 1 == kill_at_step()) std::raise(SIGKILL);
   const double lr = current_lr();
   if (finite) {
     double norm = clip_grad_norm(trainable_, cfg_.train.max_grad_norm);
