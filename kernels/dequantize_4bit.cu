@@ -1,6 +1,7 @@
 // Op: dequantize a 4-bit weight (NF4 / FP4, plain or double-quantized scales) to float32, bfloat16 or
-// float16 on the GPU. Kernels live in dequantize_4bit.cuh (the lab times every variant); this op launches
-// the promoted variant v2 (16-byte loads, 32 outputs per thread) for the aligned bulk and v1 for the tail.
+// float16 on the GPU. Kernels live in dequantize_4bit.cuh (the lab, kernels/dev/dequant_bench.cu, checks
+// and times every variant); this op launches the promoted variant v4 (coalesced 4-byte loads and 16-byte
+// stores, four words in flight per thread) for the aligned bulk and v1 for the tail.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,12 +18,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T, fmt4::Code C>
 static void launch_dequant(const dequant::Args& a, T* out, bool aligned, cudaStream_t stream) {
-  const int64_t chunks = aligned ? a.n / 32 : 0;
-  if (chunks > 0) {
-    dequant::dequant_v2<T, C><<<ceil_div(chunks, kThreads), kThreads, 0, stream>>>(a, chunks, out);
+  const int64_t words = aligned ? a.n / 8 : 0;  // 4-byte words of 8 codes
+  if (words > 0) {
+    dequant::dequant_v4<T, C><<<ceil_div(words, kThreads * dequant::kIlp), kThreads, 0, stream>>>(a, words, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int64_t first = chunks * 32;
+  const int64_t first = words * 8;
   if (first < a.n) {
     dequant::dequant_v1<T, C><<<ceil_div(a.n - first, kThreads), kThreads, 0, stream>>>(a, first, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -74,8 +75,9 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
                   offset,
                   __builtin_ctzll(static_cast<unsigned long long>(blocksize)),
                   n};
-  // The 16-byte path needs 16-byte aligned input and output (true for fresh allocations, not for views).
-  const bool aligned = reinterpret_cast<uintptr_t>(a.packed) % 16 == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0;
+  // The vector path needs 4-byte aligned codes and a 16-byte aligned output (true for fresh allocations,
+  // not for every view).
+  const bool aligned = reinterpret_cast<uintptr_t>(a.packed) % 4 == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto go = [&](auto* o) {
     using T = std::remove_pointer_t<decltype(o)>;
