@@ -62,6 +62,8 @@ grep -hE "^\[  (SKIPPED|FAILED) \]" "$OUT/ctest.log" | sort | uniq | head -20
 [ "$MODE" = tests ] && exit $status
 
 Q="$BUILD/trainer/cli/qlora"
+echo "== kernel lab (every dequant variant, checked and timed)"
+"$BUILD/kernels/dev/qlora_dequant_bench" 2>&1 | tee "$OUT/lab.txt" | tail -12 || status=1
 echo "== kernels"
 "$Q" bench --kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
 
@@ -87,6 +89,7 @@ if [ "$MODE" = full ]; then
     theirs bnb4_r16_ckpt --r 16 --checkpointing on --base bnb4
     theirs bnb4_r16_nockpt --r 16 --checkpointing off --base bnb4
   fi
+  "$PY" scripts/gpu_table.py "$OUT"
   echo "== longest sequence at batch 1 (checkpointing on)"
   for s in 8192 16384 32768; do
     if "$Q" bench --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/ours_seq$s.json" >/dev/null 2>&1; then
@@ -99,5 +102,8 @@ if [ "$MODE" = full ]; then
 fi
 
 echo "== summary ($(head -1 "$OUT/gpu.txt"), ${SECONDS}s)"
-"$PY" scripts/gpu_table.py "$OUT"
+"$PY" scripts/gpu_table.py "$OUT" | tee "$OUT/table.txt"
+# The device tool returns at most 8 files: everything goes back as one archive plus the table.
+(cd "$OUT" && tar czf /tmp/qlora-results.tgz --exclude results.tgz . && find . -type f ! -name table.txt -delete \
+  && mv /tmp/qlora-results.tgz results.tgz)
 exit $status
