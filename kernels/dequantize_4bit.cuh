@@ -146,4 +146,38 @@ static __global__ void dequant_v4(Args a, int64_t words, T* __restrict__ out) {
   }
 }
 
+// v5: v4 with the double-quantization map (256 floats) staged in shared memory, so a double-quantized
+// scale is one global byte load and one shared-memory lookup instead of two dependent global loads.
+template <typename T, fmt4::Code C>
+static __global__ void dequant_v5(Args a, int64_t words, T* __restrict__ out) {
+  __shared__ float table[fmt4::kCodes];
+  __shared__ float ncode[fmt4::kDynamicCodes];
+  if (a.qabsmax) {
+    for (int i = threadIdx.x; i < fmt4::kDynamicCodes; i += blockDim.x) ncode[i] = __ldg(a.ncode + i);
+  }
+  load_table<C>(table);  // ends in __syncthreads(), which covers ncode too
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x * kIlp + threadIdx.x;
+  uint32_t w[kIlp];
+  float s[kIlp];
+#pragma unroll
+  for (int k = 0; k < kIlp; ++k) {
+    const int64_t t = base + static_cast<int64_t>(k) * blockDim.x;
+    if (t < words) {
+      w[k] = __ldg(reinterpret_cast<const uint32_t*>(a.packed) + t);
+      const int64_t b = (t * 8) >> a.log2_block;
+      s[k] = a.qabsmax ? fmt4::add_rn(fmt4::mul_rn(ncode[__ldg(a.qabsmax + b)], __ldg(a.nested + (b >> 8))), a.offset)
+                       : __ldg(a.absmax + b);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kIlp; ++k) {
+    const int64_t t = base + static_cast<int64_t>(k) * blockDim.x;
+    if (t < words) {
+      float f[8];
+      decode_word(w[k], table, s[k], f);
+      store8<T>(out + t * 8, f);
+    }
+  }
+}
+
 }  // namespace qlora::kernels::dequant
