@@ -27,6 +27,9 @@ int main(int argc, char** argv) {
   reg(qlora::cli::add_train);
   reg(qlora::cli::add_inspect);
   reg(qlora::cli::add_bench);
+  reg(qlora::cli::add_export);
+  reg(qlora::cli::add_generate);
+  reg(qlora::cli::add_eval);
 
   std::vector<const char*> cargs;
   for (auto& a : args) cargs.push_back(a.c_str());
