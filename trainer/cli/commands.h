@@ -14,6 +14,7 @@ using Runner = std::function<int()>;
 Runner add_train(CLI::App& app);
 Runner add_inspect(CLI::App& app);
 Runner add_bench(CLI::App& app);
+Runner add_quantize(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_export(CLI::App& app);
 Runner add_generate(CLI::App& app);

@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   reg(qlora::cli::add_train);
   reg(qlora::cli::add_inspect);
   reg(qlora::cli::add_bench);
+  reg(qlora::cli::add_quantize);
   reg(qlora::cli::add_export);
   reg(qlora::cli::add_generate);
   reg(qlora::cli::add_eval);
