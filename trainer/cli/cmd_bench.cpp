@@ -114,6 +114,7 @@ double peak_flops(const at::Device& d) { return d.is_cuda() ? 989e12 : 0.0; }
 struct StepOptions {
   std::string shape = "llama2-7b";
   int64_t r = 16;
+  std::string base = "nf4";  // nf4 (QLoRA) | bf16 (LoRA on a bf16 base): the difference is the 4-bit cost
   int64_t seq = 2048;
   int64_t batch = 1;
   bool checkpointing = true;
@@ -133,7 +134,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::LoadOptions lo;
   lo.device = ctx.device;
   lo.dtype = ctx.dtype;
-  lo.quantize = true;
+  lo.quantize = so.base == "nf4";
   lo.double_quant = true;
   const double t_load = now_ms();
   auto model = model::init_llama(arch, lo, /*seed=*/1234, /*draw_on_device=*/true);
@@ -156,7 +157,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   auto gen = at::globalContext().defaultGenerator(ctx.device).clone();
   gen.set_current_seed(42);
   reset_peak(ctx.device);
-  std::vector<double> fwd, bwd, optim, total;
+  std::vector<double> fwd, fwd_host, bwd, optim, total;
   for (int64_t i = 0; i < so.warmup + so.steps; ++i) {
     at::Tensor ids = at::randint(0, arch.vocab_size, {so.batch, so.seq}, gen,
                                  at::TensorOptions().dtype(at::kLong).device(ctx.device));
@@ -165,6 +166,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     at::Tensor hidden = model->hidden_states(ids);
     auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
     at::Tensor loss = sum / static_cast<double>(n);
+    const double t1_host = now_ms();  // the CPU has issued the forward; the GPU may still be running it
     sync(ctx.device);
     const double t1 = now_ms();
     loss.backward();
@@ -177,6 +179,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     const double t3 = now_ms();
     if (i >= so.warmup) {
       fwd.push_back(t1 - t0), bwd.push_back(t2 - t1), optim.push_back(t3 - t2), total.push_back(t3 - t0);
+      fwd_host.push_back(t1_host - t0);
     }
   }
   const double step_ms = median(total);
@@ -185,6 +188,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   const double fpt = flops_per_token(arch, lora_params, so.seq);
   const double pk = peak_flops(ctx.device);
   nlohmann::json j = {{"shape", so.shape},
+                      {"base", so.base},
                       {"r", so.r},
                       {"seq", so.seq},
                       {"batch", so.batch},
@@ -195,18 +199,20 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"model_bytes", model_bytes},
                       {"step_ms", step_ms},
                       {"forward_ms", median(fwd)},
+                      {"forward_host_ms", median(fwd_host)},
                       {"backward_ms", median(bwd)},
                       {"optimizer_ms", median(optim)},
                       {"tokens_per_s", tps},
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
-  fmt::print("qlora bench  {} r={} seq={} batch={} checkpointing={} on {}\n", so.shape, so.r, so.seq, so.batch,
-             so.checkpointing ? "on" : "off", ctx.device.str());
+  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} on {}\n", so.shape, so.base, so.r,
+             so.seq, so.batch, so.checkpointing ? "on" : "off", ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
-  fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {})\n", step_ms,
-             median(fwd), median(bwd), median(optim), so.steps);
+  fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
+             "took {:.1f} ms to issue the forward (close to the forward's time: bound by launches)\n", step_ms,
+             median(fwd), median(bwd), median(optim), so.steps, median(fwd_host));
   fmt::print("  tokens/s {:.0f}   peak memory {:.2f} GiB   MFU {:.1f}% (of {:.0f} TFLOP/s bf16)\n", tps,
              allocated_bytes(ctx.device, true) / 1073741824.0, 100.0 * j["mfu"].get<double>(), pk / 1e12);
   return j;
@@ -346,6 +352,9 @@ Runner add_bench(CLI::App& app) {
   auto ckpt = std::make_shared<std::string>("on");
   cmd->add_option("--shape", so->shape, "llama2-7b | llama2-13b | llama3-8b | tiny")->capture_default_str();
   cmd->add_option("--r", so->r, "LoRA rank (all seven projections, alpha = 2r)")->capture_default_str();
+  cmd->add_option("--base", so->base, "Frozen base: nf4 (QLoRA) or bf16 (LoRA)")
+      ->check(CLI::IsMember({"nf4", "bf16"}))
+      ->capture_default_str();
   cmd->add_option("--seq", so->seq, "Sequence length")->capture_default_str();
   cmd->add_option("--batch", so->batch, "Sequences per step")->capture_default_str();
   cmd->add_option("--checkpointing", *ckpt, "Gradient checkpointing: on | off")

@@ -67,6 +67,14 @@ at::Tensor LoraLinear::forward(const at::Tensor& x) {
   const auto dt = y.scalar_type();
   at::Tensor h = x.to(dt);
   if (opts_.dropout > 0.0 && is_training()) h = at::dropout(h, opts_.dropout, /*train=*/true);
+  if (y.is_cuda()) {
+    // One GEMM adds the branch into the base output: y + (h A^T)(s B)^T, with the scaling folded into
+    // the [out, r] matrix instead of a pass over [..., out]. Rounds differently from PEFT's
+    // `y + B(A(h)) * s` (within bf16 tolerance); the CPU path below keeps PEFT's order exactly.
+    at::Tensor ha = at::linear(h, a_.to(dt));                                       // [..., r]
+    at::Tensor out = at::addmm(y.reshape({-1, y.size(-1)}), ha.reshape({-1, ha.size(-1)}), (b_ * scaling_).to(dt).t());
+    return out.view(y.sizes());
+  }
   at::Tensor delta = at::linear(at::linear(h, a_.to(dt)), b_.to(dt));  // [..., r] -> [..., out]
   return y + delta * scaling_;
 }

@@ -21,9 +21,32 @@ void AdamW::zero_grad() {
   }
 }
 
+// On CUDA, when every parameter is float32 (LoRA adapters are), the whole update is torch's fused AdamW
+// kernel (torch.optim.AdamW(fused=True)): one launch instead of about ten per tensor, which for the 448
+// adapter tensors of a 7B model took 45 ms a step. It computes the same update in a different operation
+// order, so it agrees with the single-tensor path to rounding, not to the bit; the CPU keeps the
+// op-for-op path that the parity tests compare with torch bit for bit.
+bool AdamW::fused_step(double lr) {
+  std::vector<at::Tensor> ps, gs, m, v;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i].second;
+    if (!p.grad().defined()) continue;
+    if (!p.is_cuda() || master_[i].defined() || p.grad().scalar_type() != at::kFloat) return false;
+    ps.push_back(p), gs.push_back(p.grad()), m.push_back(exp_avg_[i]), v.push_back(exp_avg_sq_[i]);
+  }
+  if (ps.empty()) return true;
+  // The kernel reads one step count per parameter; they are all this optimizer's step.
+  at::Tensor t = at::full({}, static_cast<double>(step_), ps[0].options());
+  std::vector<at::Tensor> steps(ps.size(), t);
+  at::_fused_adamw_(ps, gs, m, v, /*max_exp_avg_sqs=*/{}, steps, lr, opts_.beta1, opts_.beta2, opts_.weight_decay,
+                    opts_.eps, /*amsgrad=*/false, /*maximize=*/false);
+  return true;
+}
+
 void AdamW::step(double lr) {
   at::NoGradGuard no_grad;
   ++step_;
+  if (fused_step(lr)) return;
   // torch.optim.adamw._single_tensor_adamw, step by step (same ops, same order, same rounding).
   const double bias_correction1 = 1 - std::pow(opts_.beta1, static_cast<double>(step_));
   const double bias_correction2 = 1 - std::pow(opts_.beta2, static_cast<double>(step_));
@@ -101,10 +124,20 @@ int64_t warmup_steps(const TrainConfig& t, int64_t total) {
 
 double clip_grad_norm(const NamedTensors& params, double max_norm) {
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> norms;
+  std::vector<at::Tensor> grads;
   for (auto& [n, p] : params)
-    if (p.grad().defined()) norms.push_back(at::linalg_vector_norm(p.grad(), 2).to(at::kFloat));
-  if (norms.empty()) return 0.0;
+    if (p.grad().defined()) grads.push_back(p.grad());
+  if (grads.empty()) return 0.0;
+  bool all_cuda_f32 = true;
+  for (auto& g : grads) all_cuda_f32 = all_cuda_f32 && g.is_cuda() && g.scalar_type() == at::kFloat;
+  if (all_cuda_f32) {
+    // What torch itself runs on CUDA (foreach norms, one foreach multiply): two launches, not 900.
+    at::Tensor total = at::linalg_vector_norm(at::stack(at::_foreach_norm(grads, 2)), 2);
+    if (max_norm > 0) at::_foreach_mul_(grads, at::clamp((total + 1e-6).reciprocal() * max_norm, c10::nullopt, 1.0));
+    return total.item<double>();
+  }
+  std::vector<at::Tensor> norms;
+  for (auto& g : grads) norms.push_back(at::linalg_vector_norm(g, 2).to(at::kFloat));
   at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
   if (max_norm > 0) {
     // torch writes max_norm / (total + 1e-6), which Python evaluates as Tensor.__rtruediv__, i.e.

@@ -38,6 +38,8 @@ class AdamW {
   const NamedTensors& params() const { return params_; }
 
  private:
+  bool fused_step(double lr);  // the CUDA fused kernel; false when a parameter does not qualify
+
   NamedTensors params_;
   std::vector<at::Tensor> master_, exp_avg_, exp_avg_sq_;  // float32, shaped like params_
   AdamWOptions opts_;
