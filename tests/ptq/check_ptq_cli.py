@@ -11,7 +11,8 @@
 2. --out nf4 (+ double quant) and fp4: bitsandbytes reads the checkpoint (QuantState.from_dict) and its
    dequantization (portable path, and the public F.dequantize_4bit where its CPU kernel is right) equals bnb's
    own quantize-then-dequantize of the original weight, bit for bit; the packed codes equal bnb's; every other
-   tensor is the original; config.json carries quantization_config.
+   tensor is the original; config.json carries quantization_config. For nf4, transformers.from_pretrained
+   loads the directory as a bitsandbytes 4-bit model holding our state (logits within bf16 accuracy).
 3. --out int8: weight / weight_scale / weight_zero_point equal torch's int_repr / scales / zero points.
 4. Errors: unknown scheme, bad block size, missing model dir, existing --out without --overwrite.
 Exits non-zero on any failure.
@@ -94,7 +95,32 @@ def is_proj(name):
     return any(f".{p}." in name for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 
 
-def check_out_4bit(tmp, quant_type, dq, bs):
+def check_transformers_load(tag, out, deq):
+    """transformers + bitsandbytes load the --out directory as a 4-bit model whose every Linear4bit holds our
+    state, and its logits follow a float32 model built from bnb's dequantization of that state. bnb 0.50.2's
+    CPU Linear4bit forward computes in bfloat16 (u = 2^-8 = 3.9e-3; see tests/quant/make_bnb_llama.py): a few
+    u per layer over 2 layers, ~1e-2, bounded at 5e-2 (a wrong weight gives O(1))."""
+    from transformers import LlamaForCausalLM
+    q = LlamaForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    ref = LlamaForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    n = 0
+    for name, mod in q.named_modules():
+        if name + ".weight" in deq:
+            check(type(mod).__name__ == "Linear4bit", f"{tag}: transformers loaded {name} as {type(mod).__name__}")
+            got = generic_dequant(mod.weight.data, mod.weight.quant_state, torch.float32)
+            check(torch.equal(got, deq[name + ".weight"]), f"{tag}: transformers' {name} differs from our state")
+            ref.get_submodule(name).weight.data.copy_(deq[name + ".weight"])
+            n += 1
+    check(n == len(deq), f"{tag}: transformers loaded {n} 4-bit projections, expected {len(deq)}")
+    ids = torch.randint(0, ref.config.vocab_size, (2, 13))
+    with torch.no_grad():
+        a, b = q(ids).logits.float(), ref(ids).logits.float()
+    err = ((a - b).norm() / b.norm()).item()
+    check(err < 5e-2, f"{tag}: transformers' 4-bit logits vs the dequantized float32 model: relative error {err}")
+    print(f"{tag}: transformers loads it ({n} Linear4bit); logits vs dequantized float32 model: rel {err:.2e}")
+
+
+def check_out_4bit(tmp, quant_type, dq, bs, with_transformers=False):
     tag = f"--out {quant_type} bs{bs}{' dq' if dq else ''}"
     out = os.path.join(tmp, f"out_{quant_type}_{bs}_{int(dq)}")
     args = ["--scheme", quant_type, "--block-size", str(bs), "--out", out] + (["--double-quant"] if dq else [])
@@ -107,7 +133,7 @@ def check_out_4bit(tmp, quant_type, dq, bs):
           and qc["bnb_4bit_use_double_quant"] == dq, f"{tag}: quantization_config {qc}")
     check(os.path.exists(os.path.join(out, "generation_config.json")), f"{tag}: generation_config.json not copied")
     sd, orig = load_file(os.path.join(out, "model.safetensors")), original()
-    n = 0
+    n, deq = 0, {}
     for name, w in orig.items():
         if not (is_proj(name) and name.endswith(".weight")):
             check(name in sd and torch.equal(sd[name], w), f"{tag}: {name} is not the original tensor")
@@ -122,12 +148,15 @@ def check_out_4bit(tmp, quant_type, dq, bs):
         want = generic_dequant(ref_packed, ref_state, torch.float32)
         got = generic_dequant(packed, state, torch.float32)
         check(torch.equal(got, want), f"{tag}: {name}: bnb's dequantization of our state differs from bnb's own")
+        deq[name] = want
         if w.shape[-1] % bs == 0:  # bnb's public CPU kernel is right only when blocks do not straddle rows
             state.dtype = torch.float32
             pub = F.dequantize_4bit(packed, state)
             check(torch.equal(pub + 0.0, want + 0.0), f"{tag}: {name}: F.dequantize_4bit differs")
         n += 1
     print(f"{tag}: {n} projections read back by bitsandbytes, bit-identical to its own quantization")
+    if with_transformers:
+        check_transformers_load(tag, out, deq)
 
 
 def check_out_int8(tmp, symmetric, per_channel):
@@ -191,7 +220,7 @@ def check_errors(tmp):
 def main():
     with tempfile.TemporaryDirectory(prefix="qlora_ptq_") as tmp:
         compare_numbers(tmp)
-        check_out_4bit(tmp, "nf4", True, 64)
+        check_out_4bit(tmp, "nf4", True, 64, with_transformers=True)
         check_out_4bit(tmp, "fp4", False, 128)
         check_out_int8(tmp, True, True)
         check_out_int8(tmp, False, False)
