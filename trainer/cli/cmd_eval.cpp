@@ -12,6 +12,7 @@
 // Prints a summary on stdout and, with --json, writes the report (see the keys below) atomically.
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -183,6 +184,7 @@ int run_eval(const EvalArgs& a) {
   so.stop_ids = {inf.tok.eos_id()};
   if (model.arch().eos_token_id != inf.tok.eos_id()) so.stop_ids.push_back(model.arch().eos_token_id);
   int64_t exact = 0, contains = 0;
+  const bool tty = ::isatty(STDERR_FILENO);
   json predictions = json::array();
   for (size_t i = 0; i < qas.size(); ++i) {
     const QA& qa = qas[i];
@@ -198,9 +200,12 @@ int run_eval(const EvalArgs& a) {
     contains += co;
     predictions.push_back({{"where", qa.where}, {"prompt", qa.user}, {"reference", qa.reference},
                            {"generated", out}, {"exact_match", ex}, {"contains", co}});
-    fmt::print(stderr, "\r[{}/{}] exact {} contains {}", i + 1, qas.size(), exact, contains);
+    // A live counter on a terminal; in a log, a line every 50 records and at the end.
+    if (tty) fmt::print(stderr, "\r[{}/{}] exact {} contains {}", i + 1, qas.size(), exact, contains);
+    else if ((i + 1) % 50 == 0 || i + 1 == qas.size())
+      fmt::print(stderr, "[{}/{}] exact {} contains {}\n", i + 1, qas.size(), exact, contains);
   }
-  if (!qas.empty()) fmt::print(stderr, "\n");
+  if (tty && !qas.empty()) fmt::print(stderr, "\n");
   const int64_t n = static_cast<int64_t>(qas.size());
   json em = n ? json(static_cast<double>(exact) / n) : json(nullptr);
   json cm = n ? json(static_cast<double>(contains) / n) : json(nullptr);
