@@ -1,5 +1,9 @@
 #include "trainer/model/llama.h"
 
+#ifdef QLORA_WITH_CUDA
+#include "kernels/ops.h"
+#endif
+
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -85,7 +89,40 @@ RMSNormImpl::RMSNormImpl(at::Tensor w, double eps_, bool trainable) : eps(eps_) 
   weight = register_parameter("weight", std::move(w), trainable);
 }
 
+#ifdef QLORA_WITH_CUDA
+namespace {
+// The fused RMSNorm kernels (kernels/rmsnorm.cu) as an autograd function: the same math as the composite
+// below, one launch each way. Saves x and the per-row rstd.
+struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            double eps) {
+    at::Tensor xc = x.contiguous();
+    auto [y, rstd] = kernels::rmsnorm_fwd_cuda(xc, w.contiguous(), eps);
+    ctx->save_for_backward({xc, w, rstd});
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+    const at::Tensor dy = grad[0].contiguous();
+    at::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) dx = kernels::rmsnorm_bwd_cuda(dy, x, w.contiguous(), rstd);
+    if (ctx->needs_input_grad(1)) {  // method full: dw = sum over rows of dy * normed (normed rounded to T)
+      const int64_t h = x.size(-1);
+      at::Tensor normed = (x.reshape({-1, h}).to(at::kFloat) * rstd.unsqueeze(1)).to(x.scalar_type());
+      dw = (dy.reshape({-1, h}).to(at::kFloat) * normed.to(at::kFloat)).sum(0).to(w.scalar_type());
+    }
+    return {dx, dw, at::Tensor()};
+  }
+};
+}  // namespace
+#endif
+
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+#ifdef QLORA_WITH_CUDA
+  if (x.is_cuda() && weight.scalar_type() == x.scalar_type()) return RMSNormFunction::apply(x, weight, eps);
+#endif
   at::Tensor h = x.to(at::kFloat);
   at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(variance + eps);
@@ -138,8 +175,31 @@ MLPImpl::MLPImpl(std::shared_ptr<Linear> gate, std::shared_ptr<Linear> up, std::
   down_proj = register_module("down_proj", std::move(down));
 }
 
+#ifdef QLORA_WITH_CUDA
+namespace {
+// silu(g) * u through the fused kernels (kernels/swiglu.cu): bit-identical to the composite below.
+struct SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& g, const at::Tensor& u) {
+    at::Tensor gc = g.contiguous(), uc = u.contiguous();
+    ctx->save_for_backward({gc, uc});
+    return kernels::swiglu_fwd_cuda(gc, uc);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    auto [dg, du] = kernels::swiglu_bwd_cuda(grad[0].contiguous(), saved[0], saved[1]);
+    return {dg, du};
+  }
+};
+}  // namespace
+#endif
+
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
-  return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
+  at::Tensor g = gate_proj->forward(x), u = up_proj->forward(x);
+#ifdef QLORA_WITH_CUDA
+  if (g.is_cuda() && g.scalar_type() == u.scalar_type()) return down_proj->forward(SwiGLUFunction::apply(g, u));
+#endif
+  return down_proj->forward(at::silu(g) * u);
 }
 
 DecoderLayerImpl::DecoderLayerImpl(Attention attn, MLP mlp_, RMSNorm input_norm, RMSNorm post_norm)

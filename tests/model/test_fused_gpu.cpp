@@ -1,0 +1,103 @@
+// The fused CUDA kernels of the model (kernels/rmsnorm.cu, used by RMSNormImpl on the GPU) against a
+// float64 reference of Hugging Face's LlamaRMSNorm, forward and input gradient, on fresh random inputs
+// (rows of odd widths too), in float32 and bfloat16. Skips without a GPU.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "tests/test_util.h"
+#include "trainer/model/llama.h"
+
+namespace qlora {
+namespace {
+
+void check_rmsnorm(at::ScalarType dt, int64_t rows, int64_t h, double tol) {
+  const at::Device dev(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  // Rows of different scales, so rstd matters; weights around 1 with spread.
+  auto x = (at::randn({rows, h}, gen, at::kDouble) * at::exp(at::randn({rows, 1}, gen, at::kDouble))).to(dt);
+  auto w = (1 + 0.3 * at::randn({h}, gen, at::kDouble)).to(dt);
+  auto dy = at::randn({rows, h}, gen, at::kDouble).to(dt);
+  const double eps = 1e-5;
+
+  model::RMSNorm norm(w.to(dev), eps, /*trainable=*/false);
+  auto xd = x.to(dev).requires_grad_(true);
+  auto y = norm->forward(xd);
+  y.backward(dy.to(dev));
+  ASSERT_FALSE(y.isnan().any().item<bool>());
+
+  // float64 reference on the values actually fed in.
+  auto xr = x.to(at::kDouble).requires_grad_(true);
+  auto yr = w.to(at::kDouble) * (xr * at::rsqrt(xr.pow(2).mean(-1, true) + eps));
+  yr.backward(dy.to(at::kDouble));
+  const double ey = test::rel_err(y.detach().cpu().to(at::kDouble), yr.detach());
+  const double ex = test::rel_err(xd.grad().cpu().to(at::kDouble), xr.grad());
+  std::printf("rmsnorm %s [%lld, %lld]: forward rel err %.2e, grad_x rel err %.2e\n", c10::toString(dt),
+              static_cast<long long>(rows), static_cast<long long>(h), ey, ex);
+  EXPECT_LE(ey, tol);
+  EXPECT_LE(ex, tol);
+}
+
+// Tolerances: float32 sums of up to 5000 squares in a block-tree order stay within ~1e-6 relative;
+// bfloat16 output rounds twice (the normalised value, then the product with w), each 2^-9 relative, and
+// the gradient rounds dy*w once and dx once: 1e-2 bounds the Frobenius error with margin (METHOD.md's
+// range for bf16 operands).
+TEST(FusedKernels, RmsNormFloat32) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  for (int64_t h : {96, 4096, 5000}) check_rmsnorm(at::kFloat, 37, h, 1e-5);
+}
+
+TEST(FusedKernels, RmsNormBFloat16) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  for (int64_t h : {96, 4096, 5000}) check_rmsnorm(at::kBFloat16, 37, h, 1e-2);
+}
+
+}  // namespace
+}  // namespace qlora
+
+namespace qlora {
+namespace {
+
+// SwiGLU: the fused kernels compute what the composite at::silu(g) * u and its autograd compute on the
+// same GPU (same float32 formulas, same roundings), in every dtype.
+TEST(FusedKernels, SwiGLUMatchesCompositeBitForBit) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  auto mlp_of = [&](at::ScalarType dt) {
+    // The model's MLP with dense projections, against the same ops written out.
+    const int64_t in = 64, hid = 173;
+    auto wg = (at::randn({hid, in}, gen, at::kFloat) * 0.3).to(dt).to(dev);
+    auto wu = (at::randn({hid, in}, gen, at::kFloat) * 0.3).to(dt).to(dev);
+    auto wd = (at::randn({in, hid}, gen, at::kFloat) * 0.1).to(dt).to(dev);
+    auto x = (at::randn({5, 31, in}, gen, at::kFloat) * 2).to(dt).to(dev);
+    auto dy = at::randn({5, 31, in}, gen, at::kFloat).to(dt).to(dev);
+    // fused, through the model's MLP
+    model::MLP mlp(std::make_shared<model::DenseLinear>(wg, false), std::make_shared<model::DenseLinear>(wu, false),
+                   std::make_shared<model::DenseLinear>(wd, false));
+    auto x1 = x.clone().requires_grad_(true);
+    auto y1 = mlp->forward(x1);
+    y1.backward(dy);
+    // composite, same ops by hand
+    auto x2 = x.clone().requires_grad_(true);
+    auto y2 = at::linear(at::silu(at::linear(x2, wg)) * at::linear(x2, wu), wd);
+    y2.backward(dy);
+    const double same_y = y1.eq(y2).to(at::kDouble).mean().item<double>();
+    const double same_g = x1.grad().eq(x2.grad()).to(at::kDouble).mean().item<double>();
+    const double ey = test::rel_err(y1.cpu().to(at::kDouble), y2.cpu().to(at::kDouble));
+    const double eg = test::rel_err(x1.grad().cpu().to(at::kDouble), x2.grad().cpu().to(at::kDouble));
+    std::printf("swiglu %s: %.4f of outputs and %.4f of input grads bit-identical; rel err %.2e / %.2e\n",
+                c10::toString(dt), same_y, same_g, ey, eg);
+    // Same formulas, same roundings: only the compiler's choice to contract a*b+c into one FMA (in our
+    // kernel or in ATen's) can move a float32 intermediate by an ulp, and a rounding to T then rarely
+    // lands one T-ulp away. So: nearly all elements identical, and the rest within one ulp of T.
+    const double tol = dt == at::kFloat ? 1e-6 : 1e-2;
+    EXPECT_GE(same_y, 0.99) << c10::toString(dt);
+    EXPECT_LE(ey, tol) << c10::toString(dt);
+    EXPECT_LE(eg, tol) << c10::toString(dt);
+  };
+  for (auto dt : {at::kFloat, at::kBFloat16, at::kHalf}) mlp_of(dt);
+}
+
+}  // namespace
+}  // namespace qlora
