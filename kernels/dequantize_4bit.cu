@@ -1,8 +1,8 @@
 // Op: dequantize a 4-bit weight (NF4 / FP4, plain or double-quantized scales) to float32, bfloat16 or
 // float16 on the GPU. Kernels live in dequantize_4bit.cuh (the lab, kernels/dev/dequant_bench.cu, checks
 // and times every variant); this op launches the promoted variant v4 (coalesced 4-byte loads and 16-byte
-// stores, four words in flight per thread) for the aligned bulk and v1 for the tail. (v5, the
-// double-quantization map in shared memory, measured the same on the H100: 84.8% of copy either way.)
+// stores, four words in flight per thread) for the aligned bulk and v1 for the tail. Variants tried
+// and dropped are in kernels/dev/NOTES.md.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

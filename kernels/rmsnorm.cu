@@ -9,23 +9,14 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
+#include "kernels/convert.cuh"
 #include "kernels/ops.h"
 
 namespace qlora::kernels {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
 // Sum of v over the block; every thread gets the result.
 __device__ __forceinline__ float block_sum(float v) {
@@ -50,14 +41,14 @@ static __global__ void rmsnorm_fwd_kernel(const T* __restrict__ x, const T* __re
   T* yr = y + row * h;
   float ss = 0.0f;
   for (int64_t i = threadIdx.x; i < h; i += kThreads) {
-    const float v = to_f(xr[i]);
+    const float v = to_f32(xr[i]);
     ss += v * v;
   }
   const float r = rsqrtf(block_sum(ss) / static_cast<float>(h) + eps);
   if (threadIdx.x == 0) rstd[row] = r;
   for (int64_t i = threadIdx.x; i < h; i += kThreads) {
-    const T normed = from_f<T>(to_f(xr[i]) * r);
-    yr[i] = from_f<T>(to_f(w[i]) * to_f(normed));
+    const T normed = from_f32<T>(to_f32(xr[i]) * r);
+    yr[i] = from_f32<T>(to_f32(w[i]) * to_f32(normed));
   }
 }
 
@@ -70,13 +61,13 @@ static __global__ void rmsnorm_bwd_kernel(const T* __restrict__ dy, const T* __r
   const float r = rstd[row];
   float dot = 0.0f;
   for (int64_t i = threadIdx.x; i < h; i += kThreads) {
-    const float g = to_f(from_f<T>(to_f(dyr[i]) * to_f(w[i])));
-    dot += g * to_f(xr[i]);
+    const float g = to_f32(from_f32<T>(to_f32(dyr[i]) * to_f32(w[i])));
+    dot += g * to_f32(xr[i]);
   }
   const float c = block_sum(dot) / static_cast<float>(h) * r * r * r;
   for (int64_t i = threadIdx.x; i < h; i += kThreads) {
-    const float g = to_f(from_f<T>(to_f(dyr[i]) * to_f(w[i])));
-    dx[row * h + i] = from_f<T>(r * g - c * to_f(xr[i]));
+    const float g = to_f32(from_f32<T>(to_f32(dyr[i]) * to_f32(w[i])));
+    dx[row * h + i] = from_f32<T>(r * g - c * to_f32(xr[i]));
   }
 }
 
@@ -84,14 +75,6 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(t.defined() && t.is_cuda() && t.device() == ref.device(), "rmsnorm_cuda: ", name, " must be on ",
               ref.device());
   TORCH_CHECK(t.is_contiguous(), "rmsnorm_cuda: ", name, " must be contiguous");
-}
-
-template <typename F>
-void dispatch(at::ScalarType s, F&& f) {
-  if (s == at::kBFloat16) f(static_cast<__nv_bfloat16*>(nullptr));
-  else if (s == at::kHalf) f(static_cast<__half*>(nullptr));
-  else if (s == at::kFloat) f(static_cast<float*>(nullptr));
-  else TORCH_CHECK(false, "rmsnorm_cuda: dtype must be bfloat16, float16 or float32, got ", s);
 }
 
 }  // namespace
@@ -110,7 +93,7 @@ std::pair<at::Tensor, at::Tensor> rmsnorm_fwd_cuda(const at::Tensor& x, const at
   auto rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   if (rows == 0) return {y, rstd};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch(x.scalar_type(), [&](auto* tag) {
+  dispatch_float_types(x.scalar_type(), "rmsnorm_cuda", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     rmsnorm_fwd_kernel<T><<<rows, kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(x.const_data_ptr()), reinterpret_cast<const T*>(w.const_data_ptr()), h,
@@ -134,7 +117,7 @@ at::Tensor rmsnorm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at:
   auto dx = at::empty_like(x);
   if (rows == 0) return dx;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch(x.scalar_type(), [&](auto* tag) {
+  dispatch_float_types(x.scalar_type(), "rmsnorm_cuda", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     rmsnorm_bwd_kernel<T><<<rows, kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(dy.const_data_ptr()), reinterpret_cast<const T*>(x.const_data_ptr()),

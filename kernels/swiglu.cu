@@ -7,23 +7,14 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
+#include "kernels/convert.cuh"
 #include "kernels/ops.h"
 
 namespace qlora::kernels {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T> __device__ __forceinline__ float f32(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float f32<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T cast(float v);
-template <> __device__ __forceinline__ float cast<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 cast<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half cast<__half>(float v) { return __float2half_rn(v); }
 
 // ATen's silu: x / (1 + exp(-x)) in float32.
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + ::expf(-x)); }
@@ -33,8 +24,8 @@ static __global__ void swiglu_fwd_kernel(const T* __restrict__ g, const T* __res
                                          T* __restrict__ out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T s = cast<T>(silu(f32(g[i])));
-    out[i] = cast<T>(f32(s) * f32(u[i]));
+    const T s = from_f32<T>(silu(to_f32(g[i])));
+    out[i] = from_f32<T>(to_f32(s) * to_f32(u[i]));
   }
 }
 
@@ -43,13 +34,13 @@ static __global__ void swiglu_bwd_kernel(const T* __restrict__ dy, const T* __re
                                          int64_t n, T* __restrict__ dg, T* __restrict__ du) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float x = f32(g[i]), d = f32(dy[i]);
-    const T s = cast<T>(silu(x));
-    du[i] = cast<T>(d * f32(s));
-    const float ds = f32(cast<T>(d * f32(u[i])));
+    const float x = to_f32(g[i]), d = to_f32(dy[i]);
+    const T s = from_f32<T>(silu(x));
+    du[i] = from_f32<T>(d * to_f32(s));
+    const float ds = to_f32(from_f32<T>(d * to_f32(u[i])));
     // ATen's silu_backward: grad * sigmoid(x) * (1 + x * (1 - sigmoid(x))).
     const float sig = 1.0f / (1.0f + ::expf(-x));
-    dg[i] = cast<T>(ds * sig * (1.0f + x * (1.0f - sig)));
+    dg[i] = from_f32<T>(ds * sig * (1.0f + x * (1.0f - sig)));
   }
 }
 
@@ -66,14 +57,6 @@ int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 8));
 }
 
-template <typename F>
-void dispatch(at::ScalarType s, F&& f) {
-  if (s == at::kBFloat16) f(static_cast<__nv_bfloat16*>(nullptr));
-  else if (s == at::kHalf) f(static_cast<__half*>(nullptr));
-  else if (s == at::kFloat) f(static_cast<float*>(nullptr));
-  else TORCH_CHECK(false, "swiglu_cuda: dtype must be bfloat16, float16 or float32, got ", s);
-}
-
 }  // namespace
 
 at::Tensor swiglu_fwd_cuda(const at::Tensor& g, const at::Tensor& u) {
@@ -83,7 +66,7 @@ at::Tensor swiglu_fwd_cuda(const at::Tensor& g, const at::Tensor& u) {
   auto out = at::empty_like(g);
   const int64_t n = g.numel();
   if (n == 0) return out;
-  dispatch(g.scalar_type(), [&](auto* tag) {
+  dispatch_float_types(g.scalar_type(), "swiglu_cuda", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     swiglu_fwd_kernel<T><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         reinterpret_cast<const T*>(g.const_data_ptr()), reinterpret_cast<const T*>(u.const_data_ptr()), n,
@@ -101,7 +84,7 @@ std::pair<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dy, const at
   auto dg = at::empty_like(g), du = at::empty_like(u);
   const int64_t n = g.numel();
   if (n == 0) return {dg, du};
-  dispatch(g.scalar_type(), [&](auto* tag) {
+  dispatch_float_types(g.scalar_type(), "swiglu_cuda", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     swiglu_bwd_kernel<T><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         reinterpret_cast<const T*>(dy.const_data_ptr()), reinterpret_cast<const T*>(g.const_data_ptr()),

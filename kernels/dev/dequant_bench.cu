@@ -131,12 +131,6 @@ void launch(int variant, const dq::Args& a, T* out, cudaStream_t s) {
     case 1: dq::dequant_v1<T, fmt4::Code::NF4><<<ceil_div(a.n, kThreads), kThreads, 0, s>>>(a, 0, out); break;
     case 2: dq::dequant_v2<T, fmt4::Code::NF4><<<ceil_div(a.n / 32, kThreads), kThreads, 0, s>>>(a, a.n / 32, out); break;
     case 3: dq::dequant_v3<T, fmt4::Code::NF4><<<ceil_div(a.n / 8, kThreads), kThreads, 0, s>>>(a, a.n / 8, out); break;
-    case 6:
-      dq::dequant_v6<T, fmt4::Code::NF4><<<ceil_div(a.n / 8, kThreads * dq::kIlp), kThreads, 0, s>>>(a, a.n / 8, out);
-      break;
-    case 5:
-      dq::dequant_v5<T, fmt4::Code::NF4><<<ceil_div(a.n / 8, kThreads * dq::kIlp), kThreads, 0, s>>>(a, a.n / 8, out);
-      break;
     case 4:
       dq::dequant_v4<T, fmt4::Code::NF4><<<ceil_div(a.n / 8, kThreads * dq::kIlp), kThreads, 0, s>>>(a, a.n / 8, out);
       break;
@@ -276,7 +270,7 @@ void run_dtype(const char* tname, const Layer& L, int iters, Flusher& flush, std
   for (bool double_quant : {false, true}) {
     int64_t bytes = 0;
     for (const auto& w : L.w) bytes += bytes_moved(w, double_quant, sizeof(T));
-    for (int v = 1; v <= 6; ++v) {
+    for (int v = 1; v <= 4; ++v) {
       const std::string name = "v" + std::to_string(v) + " nf4 " + (double_quant ? "dq   " : "plain") + " -> " + tname;
       const int64_t bad = check<T>(v, L, double_quant, out, rng);
       const float ms = time_layer<T>(v, L, double_quant, out, iters, flush);
