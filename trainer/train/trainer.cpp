@@ -1,5 +1,7 @@
 #include "trainer/train/trainer.h"
 
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <unistd.h>
 
 #include <chrono>
@@ -11,10 +13,62 @@
 
 namespace qlora::train {
 
+namespace {
+
+// Sum of token cross-entropies of logits = hs W^T, computed chunk by chunk so that at most `chunk` rows of
+// float32 logits [chunk, V] exist at a time (the full [N, V] float32 logits and their gradient are the
+// largest tensors of a step at long sequences or large vocabularies). The gradients are computed in the
+// same pass and kept as [N, H] (and [V, H] when the head is trained), then scaled by the incoming
+// gradient in backward, so nothing of size V is saved. Same math as cross_entropy(logits.float()):
+//   d/dlogits = softmax(logits) - onehot(target), cast to the compute dtype as autograd's cast would.
+struct ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& hs, const at::Tensor& w,
+                            const at::Tensor& targets, int64_t chunk) {
+    const int64_t n = hs.size(0);
+    const bool need_h = hs.requires_grad(), need_w = w.requires_grad();
+    at::Tensor grad_h = need_h ? at::empty_like(hs) : at::Tensor();
+    at::Tensor grad_w = need_w ? at::zeros(w.sizes(), w.options().dtype(at::kFloat)) : at::Tensor();
+    at::Tensor total = at::zeros({}, hs.options().dtype(at::kFloat));
+    for (int64_t s = 0; s < n; s += chunk) {
+      const int64_t e = std::min(n, s + chunk);
+      at::Tensor h = hs.slice(0, s, e);                                   // [c, H]
+      at::Tensor t = targets.slice(0, s, e).unsqueeze(1);                 // [c, 1]
+      at::Tensor logits = at::matmul(h, w.t()).to(at::kFloat);            // [c, V]
+      at::Tensor lse = at::logsumexp(logits, 1, /*keepdim=*/true);        // [c, 1]
+      total.add_((lse - logits.gather(1, t)).sum());
+      if (!need_h && !need_w) continue;
+      at::Tensor g = logits.sub_(lse).exp_();                             // softmax, in place of the logits
+      g.scatter_add_(1, t, at::full_like(t, -1, g.options()));            // - onehot
+      at::Tensor gl = g.to(hs.scalar_type());
+      if (need_h) grad_h.slice(0, s, e).copy_(at::matmul(gl, w));
+      if (need_w) grad_w.add_(at::matmul(gl.t(), h).to(at::kFloat));
+    }
+    ctx->save_for_backward({grad_h, grad_w});
+    ctx->saved_data["w_dtype"] = w.scalar_type();
+    return total;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& g = grad[0];  // scalar
+    at::Tensor gh = saved[0].defined() ? saved[0] * g.to(saved[0].scalar_type()) : at::Tensor();
+    at::Tensor gw;
+    if (saved[1].defined()) gw = (saved[1] * g).to(ctx->saved_data["w_dtype"].toScalarType());
+    return {gh, gw, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+int64_t loss_chunk_rows(int64_t vocab) {
+  // About 256 MiB of float32 logits per chunk: large enough that the GEMMs stay efficient.
+  return std::max<int64_t>(64, (int64_t{64} << 20) / std::max<int64_t>(1, vocab));
+}
+
 std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
-                                                  const at::Tensor& labels) {
+                                                  const at::Tensor& labels, int64_t chunk_rows) {
   // Shift: hidden at t predicts labels at t + 1. Only positions with a label get logits at all, so the
-  // [N, V] float32 logits cover the answer tokens, not the whole (mostly prompt) batch.
+  // logits cover the answer tokens, not the whole (mostly prompt) batch.
   at::Tensor target = labels.slice(1, 1).to(hidden.device());           // [B, T-1]
   at::Tensor h = hidden.slice(1, 0, hidden.size(1) - 1);                // [B, T-1, H]
   at::Tensor keep = target.ne(-100);
@@ -23,9 +77,19 @@ std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& m
   if (n == 0) return {hidden.sum() * 0.0, 0};
   at::Tensor hs = h.reshape({-1, h.size(-1)}).index_select(0, idx);   // [N, H]
   at::Tensor ts = target.reshape(-1).index_select(0, idx);             // [N]
-  at::Tensor logits = model.lm_logits(hs).to(at::kFloat);               // [N, V]
-  at::Tensor loss = at::cross_entropy_loss(logits, ts, {}, at::Reduction::Sum);
-  return {loss, n};
+  const at::Tensor& w = model.lm_head;                                  // [V, H]
+  const int64_t chunk = chunk_rows > 0 ? chunk_rows : loss_chunk_rows(w.size(0));
+  if (!at::GradMode::is_enabled() || (!hs.requires_grad() && !w.requires_grad())) {
+    // No gradient wanted (evaluation): the plain form, chunked the same way for memory.
+    at::Tensor total = at::zeros({}, hs.options().dtype(at::kFloat));
+    for (int64_t s = 0; s < n; s += chunk) {
+      const int64_t e = std::min(n, s + chunk);
+      at::Tensor logits = model.lm_logits(hs.slice(0, s, e)).to(at::kFloat);
+      total = total + at::cross_entropy_loss(logits, ts.slice(0, s, e), {}, at::Reduction::Sum);
+    }
+    return {total, n};
+  }
+  return {ChunkedLmLoss::apply(hs, w, ts, chunk), n};
 }
 
 std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const data::Batch& b) {

@@ -20,9 +20,13 @@ namespace qlora::train {
 
 // Sum over the label tokens of -log p(label), logits computed from `hidden` [B, T, H] only at positions
 // whose shifted label carries loss (labels [B, T], -100 = none; logits[:, t] predicts labels[:, t + 1]),
-// in float32. Returns {sum (0-dim float32, differentiable), count}.
+// in float32. Returns {sum (0-dim float32, differentiable in hidden and lm_head), count}. The logits are
+// formed chunk_rows rows at a time (0 = loss_chunk_rows(V)) and never all at once; their gradient is
+// computed in the same pass, so the float32 [N, V] logits are never stored.
 std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
-                                                  const at::Tensor& labels);
+                                                  const at::Tensor& labels, int64_t chunk_rows = 0);
+// Rows per loss chunk for a vocabulary of `vocab`: about 256 MiB of float32 logits.
+int64_t loss_chunk_rows(int64_t vocab);
 
 // Mean token loss of a batch (no gradient), e.g. for evaluation: {sum, count}.
 std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const data::Batch& batch);
