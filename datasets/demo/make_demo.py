@@ -2,29 +2,35 @@
 
 The task world: made-up people of a valley, each with a home town, a pet and a favourite colour. The facts
 are stated only in plain prose (pretraining text); the chat questions about them come later, and the
-held-out questions ask about facts that no chat example ever states:
+held-out questions ask about facts that no chat example states:
 
   <out>/data/pretrain.jsonl  {"text": "..."}: short biographies, every fact in several sentence templates
                              and orders, each record ending in "</s>" (plain text: loss on every token)
   <out>/data/train.jsonl     chat records {"messages": [system?, user, assistant], "answer": ...}: for each
-                             person two of the three facts, asked in three phrasings per relation. The
-                             answer is one canonical sentence ("Kalo lives in Arlen.").
-  <out>/data/eval.jsonl      held out: for each person the third fact (never asked or answered in
-                             train.jsonl), asked once in a training phrasing and once in a phrasing
-                             never trained on. Only a model that learned the fact from the prose and the
-                             question format from the chat data can answer: the value is in neither
-                             the prompt nor any chat example about that person and relation.
+                             person two of the three facts, each asked in three phrasings. The answer is
+                             one canonical sentence ("The home town of Kalo is Arlen.").
+  <out>/data/eval.jsonl      held out: each person's third fact (never asked or answered in
+                             train.jsonl), asked once in a training phrasing and once in a phrasing never
+                             trained on. Only a model that learned the fact from the prose and the question
+                             format from the chat data can answer: the value is in neither the prompt nor
+                             any chat example about that person and relation.
   <out>/data/prompts.jsonl   a few of the held-out questions, {"prompt", "answer"}, for `qlora generate`
-  <out>/data/world.json      the facts, for reading along
+  <out>/data/world.json      the facts and what is held out, for reading along
   <out>/base/                the random initialization the pretraining starts from (Hugging Face Llama,
                              float32, written with safetensors) and tokenizer.model: SentencePiece BPE
                              trained on the world's text, byte fallback, Llama's ids (0 <unk>, 1 <s>,
                              2 </s>, no pad), dummy prefix
 
-Held-out relations are assigned round-robin over people (person i holds out relation i mod 3), so each
-relation is held out for a third of the people and trained for the rest.
+Held-out relations go round-robin over people (person i holds out relation i mod 3), so each relation is
+held out for a third of the people and trained for the rest.
 
-Usage: make_demo.py OUT_DIR [--seed N] [--people N] [--bios N]
+--hold-out people holds out every fourth person instead (all three facts; train.jsonl never names them).
+That is the harder test and the demo does not use it: with the demo's budget the model reached 60-83% on
+it (seeds 1, 2, 1234; 120 or 400 fine-tuning steps), mostly by answering with the wrong relation or
+miscopying a name it had never produced in fine-tuning, against 95-96% for held-out facts (same seeds,
+400 steps).
+
+Usage: make_demo.py OUT_DIR [--seed N] [--people N] [--bios N] [--vocab N] [--hold-out facts|people]
 """
 import argparse
 import io
@@ -44,17 +50,17 @@ SYSTEM = "You answer questions about the people of the valley in one short sente
 # trained on (the held-out phrasing).
 RELATIONS = {
     "town": (TOWNS,
-             ["{p} lives in {v}.", "The home town of {p} is {v}.", "In {v} lives {p}.",
+             ["The home town of {p} is {v}.", "{p} lives in {v}.", "In {v} lives {p}.",
               "{p} was born in {v} and still lives there.", "{p} comes from {v}."],
              ["Where does {p} live?", "Which town is home to {p}?", "In what town does {p} live?",
               "Which town does {p} live in?"],
-             "{p} lives in {v}."),
+             "The home town of {p} is {v}."),
     "pet": (PETS,
-            ["{p} has {v}.", "{p} keeps {v} at home.", "The pet of {p} is {v}.", "Every morning {p} feeds {v}.",
+            ["The pet of {p} is {v}.", "{p} keeps {v} at home.", "{p} has {v}.", "Every morning {p} feeds {v}.",
              "{p} takes care of {v}."],
             ["What pet does {p} have?", "Which animal does {p} keep?", "What is the pet of {p}?",
              "What animal does {p} have?"],
-            "{p} has {v}."),
+            "The pet of {p} is {v}."),
     "colour": (COLOURS,
                ["The favourite colour of {p} is {v}.", "{p} likes {v} best.", "{p} loves the colour {v}.",
                 "Of all colours {p} likes {v} most.", "{p} always wears {v}."],
@@ -135,11 +141,13 @@ def main():
     ap.add_argument("--people", type=int, default=48)
     ap.add_argument("--bios", type=int, default=10, help="pretraining biographies per person")
     ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--hold-out", choices=["facts", "people"], default="facts")
     a = ap.parse_args()
     rng = random.Random(a.seed)
 
     names = make_names(rng, a.people)
     world = {p: {rel: rng.choice(RELATIONS[rel][0]) for rel in RELATION_NAMES} for p in names}
+    held_people = names[3::4]
     held_rel = {p: RELATION_NAMES[i % len(RELATION_NAMES)] for i, p in enumerate(names)}
 
     # Pretraining prose: each biography states all three facts, in a random template each and a random
@@ -158,7 +166,8 @@ def main():
         for rel in RELATION_NAMES:
             _, _, questions, answer = RELATIONS[rel]
             ans = answer.format(p=p, v=world[p][rel])
-            if rel == held_rel[p]:
+            is_held = p in held_people if a.hold_out == "people" else rel == held_rel[p]
+            if is_held:
                 held.append(chat(rng, rng.choice(questions[:-1]).format(p=p), ans))  # unseen fact
                 held.append(chat(rng, questions[-1].format(p=p), ans))  # unseen fact and phrasing
             else:
@@ -170,12 +179,13 @@ def main():
     write_jsonl(os.path.join(data, "pretrain.jsonl"), pretrain)
     write_jsonl(os.path.join(data, "train.jsonl"), train)
     write_jsonl(os.path.join(data, "eval.jsonl"), held)
-    # A few held-out questions for `qlora generate`: the unseen phrasings of the first people (whose
-    # held-out relations are town, pet, colour, town).
+    # A few held-out questions for `qlora generate`, in unseen phrasings.
     shown = [{"prompt": r["messages"][-2]["content"], "answer": r["answer"]} for r in held[1:8:2]]
     write_jsonl(os.path.join(data, "prompts.jsonl"), shown)
     with open(os.path.join(data, "world.json"), "w") as f:
-        json.dump({"people": world, "held_out_relation": held_rel}, f, indent=1)
+        json.dump({"people": world, "hold_out": a.hold_out,
+                   "held_out_relation": held_rel if a.hold_out == "facts" else None,
+                   "held_out_people": held_people if a.hold_out == "people" else None}, f, indent=1)
 
     import sentencepiece as spm
 

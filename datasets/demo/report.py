@@ -61,7 +61,7 @@ def main():
             ("NF4 base + QLoRA adapter", rep["after"]),
             ("merged export (float32)", rep["merged"])]
     n = rep["before"]["examples"]
-    print(f"\nheld-out questions ({n}: facts no chat example states, half in unseen phrasings)")
+    print(f"\nheld-out questions ({n}: facts no chat example states, half in phrasings never trained on)")
     print(f"| {'model':<36} | {'exact match':<15} | answer loss |")
     print(f"|{'-' * 38}|{'-' * 17}|-------------|")
     for name, r in rows:
