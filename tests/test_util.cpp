@@ -1,5 +1,7 @@
 #include "tests/test_util.h"
 
+#include <cstring>
+
 #include <atomic>
 #include <cstdlib>
 
@@ -37,6 +39,22 @@ double rel_err(const at::Tensor& a, const at::Tensor& b) {
   double den = b64.norm().item<double>();
   double num = (a64 - b64).norm().item<double>();
   return den == 0 ? num : num / den;
+}
+
+::testing::AssertionResult same_bits(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != b.scalar_type())
+    return ::testing::AssertionFailure() << "dtype " << a.scalar_type() << " vs " << b.scalar_type();
+  if (a.numel() != b.numel()) return ::testing::AssertionFailure() << "numel " << a.numel() << " vs " << b.numel();
+  auto ac = a.detach().to(at::kCPU).contiguous().view(-1), bc = b.detach().to(at::kCPU).contiguous().view(-1);
+  const size_t es = ac.element_size();
+  const auto* pa = static_cast<const uint8_t*>(ac.const_data_ptr());
+  const auto* pb = static_cast<const uint8_t*>(bc.const_data_ptr());
+  int64_t bad = 0, first = -1;
+  for (int64_t i = 0; i < ac.numel(); ++i)
+    if (std::memcmp(pa + i * es, pb + i * es, es) != 0 && bad++ == 0) first = i;
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << bad << " of " << ac.numel() << " elements differ; first at " << first
+                                       << ": " << ac[first].item() << " vs " << bc[first].item();
 }
 
 }  // namespace qlora::test

@@ -19,6 +19,9 @@ std::filesystem::path temp_dir(const std::string& tag);
 bool has_cuda();
 // ||a - b|| / ||b|| in float64.
 double rel_err(const at::Tensor& a, const at::Tensor& b);
+// Same dtype, same element count and identical bytes (so -0.0 != 0.0 and NaN payloads count); the
+// failure message gives the number of differing elements and the first one.
+::testing::AssertionResult same_bits(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace qlora::test
 

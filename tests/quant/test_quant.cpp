@@ -27,6 +27,8 @@
 namespace qlora::quant {
 namespace {
 
+using test::same_bits;
+
 using json = nlohmann::json;
 using ojson = nlohmann::ordered_json;
 using Entries = std::map<std::string, at::Tensor>;
@@ -96,23 +98,6 @@ std::vector<Case> bnb_cases() {
     out.push_back(std::move(k));
   }
   return out;
-}
-
-// Same dtype, same element count and identical bytes (so -0.0 != 0.0 and NaN payloads count).
-::testing::AssertionResult same_bits(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() != b.scalar_type())
-    return ::testing::AssertionFailure() << "dtype " << a.scalar_type() << " vs " << b.scalar_type();
-  if (a.numel() != b.numel()) return ::testing::AssertionFailure() << "numel " << a.numel() << " vs " << b.numel();
-  auto ac = a.detach().to(at::kCPU).contiguous().view(-1), bc = b.detach().to(at::kCPU).contiguous().view(-1);
-  const size_t es = ac.element_size();
-  const auto* pa = static_cast<const uint8_t*>(ac.const_data_ptr());
-  const auto* pb = static_cast<const uint8_t*>(bc.const_data_ptr());
-  int64_t bad = 0, first = -1;
-  for (int64_t i = 0; i < ac.numel(); ++i)
-    if (std::memcmp(pa + i * es, pb + i * es, es) != 0 && bad++ == 0) first = i;
-  if (bad == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << bad << " of " << ac.numel() << " elements differ; first at " << first
-                                       << ": " << ac[first].item() << " vs " << bc[first].item();
 }
 
 // Which quantization blocks of x are all zero ([blocks]).
