@@ -43,7 +43,7 @@ void check_cuda(const at::Tensor& t, at::ScalarType dt, const char* name, const 
 
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& nested_absmax,
                                 const at::Tensor& nested_code, float offset, fmt4::Code code, int64_t blocksize,
-                                int64_t n, at::ScalarType out) {
+                                int64_t n, at::ScalarType out, const at::Tensor& into) {
   TORCH_CHECK(packed.defined() && packed.is_cuda(), "dequantize_4bit_cuda: packed must be a CUDA tensor");
   check_cuda(packed, at::kByte, "packed", packed);
   TORCH_CHECK(fmt4::valid_blocksize(blocksize), "dequantize_4bit_cuda: unsupported block size ", blocksize,
@@ -67,7 +67,14 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   }
 
   const c10::cuda::CUDAGuard guard(packed.device());
-  auto y = at::empty({n}, packed.options().dtype(out));
+  at::Tensor y;
+  if (into.defined()) {
+    check_cuda(into, out, "into", packed);
+    TORCH_CHECK(into.numel() == n, "dequantize_4bit_cuda: into has ", into.numel(), " elements, expected ", n);
+    y = into;
+  } else {
+    y = at::empty({n}, packed.options().dtype(out));
+  }
   dequant::Args a{packed.const_data_ptr<uint8_t>(),
                   dq ? nullptr : absmax.const_data_ptr<float>(),
                   dq ? absmax.const_data_ptr<uint8_t>() : nullptr,

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <tuple>
 #include <utility>
 
 #include "kernels/format_4bit.h"
@@ -16,7 +17,7 @@ std::pair<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& x, fmt4::
 std::pair<at::Tensor, at::Tensor> quantize_nested_cuda(const at::Tensor& absmax, float offset, const at::Tensor& lut);
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& nested_absmax,
                                 const at::Tensor& nested_code, float offset, fmt4::Code code, int64_t blocksize,
-                                int64_t n, at::ScalarType out);
+                                int64_t n, at::ScalarType out, const at::Tensor& into = {});
 
 // RMSNorm (kernels/rmsnorm.cu): x [..., H], w [H], same dtype (bf16 / fp16 / fp32), contiguous.
 // Forward returns (y like x, rstd float32 [rows]); backward returns dx like x (no weight gradient).
@@ -26,5 +27,18 @@ at::Tensor rmsnorm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at:
 // SwiGLU gate (kernels/swiglu.cu): silu(g) * u and its backward (dg, du); g, u, dy same shape and dtype.
 at::Tensor swiglu_fwd_cuda(const at::Tensor& g, const at::Tensor& u);
 std::pair<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u);
+// The same on a packed gate|up [..., 2I] (contiguous): forward -> [..., I]; backward -> dgu [..., 2I].
+at::Tensor swiglu_packed_fwd_cuda(const at::Tensor& gu);
+at::Tensor swiglu_packed_bwd_cuda(const at::Tensor& dy, const at::Tensor& gu);
+
+// RoPE of the packed q|k|v projection output, split (kernels/rope.cu): y [..., (nq + 2 nk) d] and
+// cos/sin [rows, d] (rows = the leading dims of y), all contiguous and one dtype -> q [..., nq, d] and
+// k [..., nk, d] rotated, v [..., nk, d]; backward takes dq, dk, dv ([..., heads, d]) and returns
+// dy [..., (nq + 2 nk) d].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split_fwd_cuda(const at::Tensor& y, const at::Tensor& cos,
+                                                                   const at::Tensor& sin, int64_t nq, int64_t nk,
+                                                                   int64_t d);
+at::Tensor rope_split_bwd_cuda(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& cos,
+                               const at::Tensor& sin);
 
 }  // namespace qlora::kernels

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU machine's one call: build for sm_90a, run the GPU tests, run the benchmarks, print a table last.
 #
-#   scripts/gpu.sh [tests|quick|full]     (default quick)
+#   scripts/gpu.sh [tests|quick|full|long]     (default quick)
 #     tests  build + GPU tests only
 #     quick  + kernel benchmark + our training step (7B, r 16, checkpointing on/off) + transformers/PEFT bf16
-#     full   + r 64, the bitsandbytes 4-bit Python stack, and the longest trainable sequence at batch 1
+#     full   + r 64, the bitsandbytes 4-bit Python stack
+#     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
 # Headers the machine lacks (CLI11) and bitsandbytes (pure Python + its CUDA library) travel in .deps/,
@@ -62,6 +63,19 @@ grep -hE "^\[  (SKIPPED|FAILED) \]" "$OUT/ctest.log" | sort | uniq | head -20
 [ "$MODE" = tests ] && exit $status
 
 Q="$BUILD/trainer/cli/qlora"
+if [ "$MODE" = long ]; then
+  echo "== longest sequence at batch 1 (llama2-7b, r 16, checkpointing on)"
+  for s in 8192 16384 32768 65536; do
+    if "$Q" bench --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/ours_seq$s.json" >/dev/null 2>&1; then
+      echo "ours seq $s: ok"; else echo "ours seq $s: failed"; break; fi
+  done
+  for s in 8192 16384 32768; do
+    if "$PY" scripts/bench_hf.py --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/hf_seq$s.json" >/dev/null 2>&1; then
+      echo "hf seq $s: ok"; else echo "hf seq $s: failed"; break; fi
+  done
+  exit $status
+fi
+
 echo "== kernel lab (every dequant variant, checked and timed)"
 "$BUILD/kernels/dev/qlora_dequant_bench" 2>&1 | tee "$OUT/lab.txt" | tail -12 || status=1
 echo "== kernels"
@@ -81,6 +95,7 @@ ours r16_nockpt --r 16 --checkpointing off
 theirs bf16_r16_ckpt --r 16 --checkpointing on --base bf16
 if [ "$MODE" = full ]; then
   theirs bf16_r16_nockpt --r 16 --checkpointing off --base bf16
+  ours r16_ckpt_unfused --r 16 --checkpointing on --fused off  # the per-projection path, for the fused gain
   ours r64_ckpt --r 64 --checkpointing on
   ours r64_nockpt --r 64 --checkpointing off
   theirs bf16_r64_ckpt --r 64 --checkpointing on --base bf16
@@ -89,16 +104,6 @@ if [ "$MODE" = full ]; then
     theirs bnb4_r16_ckpt --r 16 --checkpointing on --base bnb4
     theirs bnb4_r16_nockpt --r 16 --checkpointing off --base bnb4
   fi
-  "$PY" scripts/gpu_table.py "$OUT"
-  echo "== longest sequence at batch 1 (checkpointing on)"
-  for s in 8192 16384 32768; do
-    if "$Q" bench --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/ours_seq$s.json" >/dev/null 2>&1; then
-      echo "ours seq $s: ok"; else echo "ours seq $s: failed"; break; fi
-  done
-  for s in 8192 16384 32768; do
-    if "$PY" scripts/bench_hf.py --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/hf_seq$s.json" >/dev/null 2>&1; then
-      echo "hf seq $s: ok"; else echo "hf seq $s: failed"; break; fi
-  done
 fi
 
 echo "== summary ($(head -1 "$OUT/gpu.txt"), ${SECONDS}s)"

@@ -25,10 +25,15 @@
 #include "trainer/core/error.h"
 #include "trainer/core/fs.h"
 #include "trainer/lora/lora.h"
+#include "trainer/model/fused.h"
 #include "trainer/model/loader.h"
 #include "trainer/quant/quant.h"
 #include "trainer/train/optim.h"
 #include "trainer/train/trainer.h"
+
+#include <torch/csrc/autograd/profiler_kineto.h>
+
+#include <map>
 
 #ifdef QLORA_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -122,12 +127,61 @@ struct StepOptions {
   int64_t steps = 10;
   std::string device = "auto";
   std::string json;
+  std::string fused = "auto";  // the fused projection path (trainer/model/fused.h): auto | on | off
+  std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
 };
+
+// What the GPU did during one profiled step, from the profiler's device events: busy time (the union of
+// kernel and copy intervals) against the step's wall time, and the kernels that took the most.
+void print_profile_summary(const torch::autograd::profiler::ProfilerResult& r, double wall_ms) {
+  struct Agg {
+    double ns = 0;
+    int64_t count = 0;
+  };
+  std::map<std::string, Agg> by_name;
+  std::vector<std::pair<uint64_t, uint64_t>> spans;
+  int64_t cpu_ops = 0;
+  for (const auto& e : r.events()) {
+    if (e.deviceType() == c10::DeviceType::CUDA) {
+      if (e.durationNs() == 0) continue;
+      auto& a = by_name[e.name().substr(0, 90)];
+      a.ns += static_cast<double>(e.durationNs());
+      a.count += 1;
+      spans.emplace_back(e.startNs(), e.endNs());
+    } else if (e.deviceType() == c10::DeviceType::CPU) {
+      ++cpu_ops;
+    }
+  }
+  std::sort(spans.begin(), spans.end());
+  double busy = 0, total = 0;
+  int64_t kernels = 0;
+  uint64_t end = 0;
+  for (const auto& [s, e] : spans) {
+    if (s >= end) {
+      busy += static_cast<double>(e - s);
+    } else if (e > end) {
+      busy += static_cast<double>(e - end);
+    }
+    end = std::max(end, e);
+  }
+  std::vector<std::pair<std::string, Agg>> rows(by_name.begin(), by_name.end());
+  for (const auto& [n, a] : rows) total += a.ns, kernels += a.count;
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
+  fmt::print("\nprofile of one step: {:.1f} ms wall, GPU busy {:.1f} ms ({:.1f}%), {} device activities, {} CPU ops\n",
+             wall_ms, busy / 1e6, 100.0 * busy / 1e6 / wall_ms, kernels, cpu_ops);
+  fmt::print("{:>9} {:>6} {:>7}  {}\n", "ms", "count", "share", "kernel");
+  for (size_t i = 0; i < rows.size() && i < 25; ++i) {
+    const auto& [n, a] = rows[i];
+    fmt::print("{:>9.2f} {:>6} {:>6.1f}%  {}\n", a.ns / 1e6, a.count, 100.0 * a.ns / total, n);
+  }
+}
 
 nlohmann::json bench_step(const StepOptions& so) {
   RunContext ctx = resolve_run_context(so.device == "cpu" ? Device::CPU : so.device == "cuda" ? Device::CUDA : Device::Auto,
                                        DType::Auto);
   model::LlamaArch arch = named_arch(so.shape);
+  model::set_fused_mode(so.fused == "on" ? model::FusedMode::On : so.fused == "off" ? model::FusedMode::Off
+                                                                                      : model::FusedMode::Auto);
   QLORA_REQUIRE(so.seq >= 2, "--seq: must be at least 2, got {}", so.seq);
   // Plain RoPE does not depend on the position limit: longer sequences measure memory and speed as is.
   arch.max_position_embeddings = std::max(arch.max_position_embeddings, so.seq);
@@ -164,9 +218,11 @@ nlohmann::json bench_step(const StepOptions& so) {
     sync(ctx.device);
     const double t0 = now_ms();
     at::Tensor hidden = model->hidden_states(ids);
+    // The CPU has issued the layers; the GPU may still be running them. (Measured before the loss: its
+    // selection of labelled rows waits for the GPU.)
+    const double t1_host = now_ms();
     auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
     at::Tensor loss = sum / static_cast<double>(n);
-    const double t1_host = now_ms();  // the CPU has issued the forward; the GPU may still be running it
     sync(ctx.device);
     const double t1 = now_ms();
     loss.backward();
@@ -182,6 +238,33 @@ nlohmann::json bench_step(const StepOptions& so) {
       fwd_host.push_back(t1_host - t0);
     }
   }
+  if (!so.profile.empty()) {
+    // One more step under the Kineto profiler (CPU ops and CUDA activities); its trace opens in Perfetto or
+    // chrome://tracing.
+    using namespace torch::autograd::profiler;
+    namespace pi = torch::profiler::impl;
+    pi::ProfilerConfig cfg(pi::ProfilerState::KINETO);
+    std::set<pi::ActivityType> acts{pi::ActivityType::CPU};
+    if (ctx.device.is_cuda()) acts.insert(pi::ActivityType::CUDA);
+    prepareProfiler(cfg, acts);
+    enableProfiler(cfg, acts);
+    at::Tensor ids = at::randint(0, arch.vocab_size, {so.batch, so.seq}, gen,
+                                 at::TensorOptions().dtype(at::kLong).device(ctx.device));
+    sync(ctx.device);
+    const double t0 = now_ms();
+    at::Tensor hidden = model->hidden_states(ids);
+    auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
+    (sum / static_cast<double>(n)).backward();
+    train::clip_grad_norm(params, 1.0);
+    opt.step(1e-4);
+    opt.zero_grad();
+    sync(ctx.device);
+    const double wall = now_ms() - t0;
+    auto result = disableProfiler();
+    print_profile_summary(*result, wall);
+    result->save(so.profile);
+    fmt::print("trace: {}\n", so.profile);
+  }
   const double step_ms = median(total);
   const double tokens = static_cast<double>(so.batch * so.seq);
   const double tps = tokens / (step_ms / 1e3);
@@ -193,6 +276,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"seq", so.seq},
                       {"batch", so.batch},
                       {"checkpointing", so.checkpointing},
+                      {"fused", so.fused},
                       {"device", ctx.device.str()},
                       {"lora_params", lora_params},
                       {"load_ms", load_ms},
@@ -206,12 +290,12 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
-  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} on {}\n", so.shape, so.base, so.r,
-             so.seq, so.batch, so.checkpointing ? "on" : "off", ctx.device.str());
+  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} fused={} on {}\n", so.shape, so.base,
+             so.r, so.seq, so.batch, so.checkpointing ? "on" : "off", so.fused, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
-             "took {:.1f} ms to issue the forward (close to the forward's time: bound by launches)\n", step_ms,
+             "issued the layers' forward in {:.1f} ms (near the forward's time would mean launch-bound)\n", step_ms,
              median(fwd), median(bwd), median(optim), so.steps, median(fwd_host));
   fmt::print("  tokens/s {:.0f}   peak memory {:.2f} GiB   MFU {:.1f}% (of {:.0f} TFLOP/s bf16)\n", tps,
              allocated_bytes(ctx.device, true) / 1073741824.0, 100.0 * j["mfu"].get<double>(), pk / 1e12);
@@ -360,12 +444,17 @@ Runner add_bench(CLI::App& app) {
   cmd->add_option("--checkpointing", *ckpt, "Gradient checkpointing: on | off")
       ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
+  cmd->add_option("--fused", so->fused, "Fused projection groups: auto (on CUDA) | on | off (per-projection modules)")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps (the median is reported)")->capture_default_str();
   cmd->add_option("--device", so->device, "auto | cuda | cpu")->check(CLI::IsMember({"auto", "cuda", "cpu"}))
       ->capture_default_str();
   cmd->add_flag("--kernels", *kernels, "Benchmark the 4-bit kernels instead (GPU)");
   cmd->add_option("--json", so->json, "Also write the figures as JSON to this file");
+  cmd->add_option("--profile", so->profile,
+                  "Profile one more step: print its busiest kernels, write its trace (Chrome JSON) to this file");
   return [so, kernels, ckpt]() {
     so->checkpointing = *ckpt == "on";
     nlohmann::json j;

@@ -62,6 +62,10 @@ class LoraLinear : public model::Linear {
   // The base's bytes only (the interface's meaning); adapter_bytes() gives the adapter's.
   int64_t weight_bytes() const override { return base_->weight_bytes(); }
   int64_t adapter_bytes() const { return (a_.numel() + b_.numel()) * a_.element_size(); }
+  const model::Quant4Linear* frozen_4bit() const override { return base_->frozen_4bit(); }
+  std::optional<model::LowRank> low_rank() const override {
+    return model::LowRank{a_, b_, scaling_, is_training() ? opts_.dropout : 0.0};
+  }
 
   const std::shared_ptr<model::Linear>& base() const { return base_; }
   const LoraOptions& options() const { return opts_; }

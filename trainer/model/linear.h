@@ -10,9 +10,21 @@
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
 
+#include <optional>
+
 #include "trainer/quant/quant.h"
 
 namespace qlora::model {
+
+class Quant4Linear;
+
+// The trainable low-rank branch of an adapted projection (LoRA), as the fused path (fused.h) reads it.
+struct LowRank {
+  at::Tensor a;          // float32 [r, in], trainable
+  at::Tensor b;          // float32 [out, r], trainable
+  double scaling = 1.0;  // the branch is added times this
+  double dropout = 0.0;  // on the branch's input, in effect now (0 outside training)
+};
 
 class Linear : public torch::nn::Module {
  public:
@@ -25,6 +37,10 @@ class Linear : public torch::nn::Module {
   virtual at::Tensor effective_weight(at::ScalarType dtype) const = 0;
   // Bytes the base weight occupies on its device.
   virtual int64_t weight_bytes() const = 0;
+  // What the fused path needs to compute this projection itself: its frozen 4-bit base (null if the base
+  // is not 4-bit) and its low-rank branch (none if not adapted).
+  virtual const Quant4Linear* frozen_4bit() const { return nullptr; }
+  virtual std::optional<LowRank> low_rank() const { return std::nullopt; }
 };
 
 class DenseLinear : public Linear {
@@ -52,6 +68,8 @@ class Quant4Linear : public Linear {
   at::Tensor effective_weight(at::ScalarType dtype) const override;
   int64_t weight_bytes() const override { return quant::bytes(q_); }
   const quant::Quantized4bit& quantized() const { return q_; }
+  at::ScalarType compute_dtype() const { return compute_dtype_; }
+  const Quant4Linear* frozen_4bit() const override { return this; }
 
  private:
   quant::Quantized4bit q_;

@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "trainer/core/error.h"
+#include "trainer/model/fused.h"
 
 namespace qlora::model {
 
@@ -141,11 +142,15 @@ AttentionImpl::AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, s
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
                                   at::Tensor* cache_v) {
   const int64_t b = x.size(0), t = x.size(1);
-  at::Tensor q = q_proj->forward(x).view({b, t, num_heads, head_dim}).transpose(1, 2);
-  at::Tensor k = k_proj->forward(x).view({b, t, num_kv_heads, head_dim}).transpose(1, 2);
-  at::Tensor v = v_proj->forward(x).view({b, t, num_kv_heads, head_dim}).transpose(1, 2);
-  q = apply_rope(q, rope);
-  k = apply_rope(k, rope);
+  at::Tensor q, k, v;
+  if (at::Tensor qkv = fused_projections({q_proj.get(), k_proj.get(), v_proj.get()}, x); qkv.defined()) {
+    std::tie(q, k, v) = rope_split(qkv, rope.cos, rope.sin, num_heads, num_kv_heads, head_dim);  // [B, T, n, D]
+    q = q.transpose(1, 2), k = k.transpose(1, 2), v = v.transpose(1, 2);
+  } else {
+    q = apply_rope(q_proj->forward(x).view({b, t, num_heads, head_dim}).transpose(1, 2), rope);
+    k = apply_rope(k_proj->forward(x).view({b, t, num_kv_heads, head_dim}).transpose(1, 2), rope);
+    v = v_proj->forward(x).view({b, t, num_kv_heads, head_dim}).transpose(1, 2);
+  }
   if (cache_k) {
     if (cache_k->defined()) {
       k = at::cat({*cache_k, k}, 2);
@@ -166,6 +171,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const a
     out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/t > 1, scale);
   }
   out = out.transpose(1, 2).reshape({b, t, num_heads * head_dim});
+  if (at::Tensor o = fused_projections({o_proj.get()}, out); o.defined()) return o;
   return o_proj->forward(out);
 }
 
@@ -195,6 +201,11 @@ struct SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
 #endif
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
+  if (at::Tensor gu = fused_projections({gate_proj.get(), up_proj.get()}, x); gu.defined()) {
+    at::Tensor act = swiglu_packed(gu);
+    if (at::Tensor y = fused_projections({down_proj.get()}, act); y.defined()) return y;
+    return down_proj->forward(act);
+  }
   at::Tensor g = gate_proj->forward(x), u = up_proj->forward(x);
 #ifdef QLORA_WITH_CUDA
   if (g.is_cuda() && g.scalar_type() == u.scalar_type()) return down_proj->forward(SwiGLUFunction::apply(g, u));

@@ -150,7 +150,8 @@ Quantized4bit quantize_4bit(const at::Tensor& w, QuantType type, int64_t blocksi
   return q;
 }
 
-at::Tensor dequantize_4bit(const Quantized4bit& q, at::ScalarType out) {
+namespace {
+at::Tensor dequantize_impl(const Quantized4bit& q, at::ScalarType out, const at::Tensor& into) {
   QLORA_REQUIRE(is_float_dtype(out), "dequantize_4bit: output dtype {} is not supported: expected float32, bfloat16 or "
                 "float16", c10::toString(out));
   QLORA_REQUIRE(q.packed.defined(), "dequantize_4bit: empty quantized weight");
@@ -161,13 +162,25 @@ at::Tensor dequantize_4bit(const Quantized4bit& q, at::ScalarType out) {
   if (q.packed.is_cuda()) {
 #ifdef QLORA_WITH_CUDA
     y = kernels::dequantize_4bit_cuda(flat, q.absmax, q.nested_absmax, q.nested_code, q.nested_offset, code_of(q.type),
-                                      q.blocksize, q.numel(), out);
+                                      q.blocksize, q.numel(), out, into);
 #endif
   } else {
     y = dequantize_4bit_cpu(flat, q.absmax, q.nested_absmax, q.nested_code, q.nested_offset, code_of(q.type),
-                            q.blocksize, q.numel(), out);
+                            q.blocksize, q.numel(), out, into);
   }
-  return y.view(q.shape);
+  return y;
+}
+}  // namespace
+
+at::Tensor dequantize_4bit(const Quantized4bit& q, at::ScalarType out) {
+  return dequantize_impl(q, out, {}).view(q.shape);
+}
+
+void dequantize_4bit_into(const Quantized4bit& q, const at::Tensor& into) {
+  QLORA_REQUIRE(into.defined() && into.is_contiguous() && into.numel() == q.numel() && into.device() == q.device(),
+                "dequantize_4bit_into: target must be a contiguous tensor of {} elements on {}", q.numel(),
+                q.device().str());
+  dequantize_impl(q, into.scalar_type(), into.view({-1}));
 }
 
 at::Tensor absmax_float(const Quantized4bit& q) {

@@ -117,7 +117,7 @@ std::pair<at::Tensor, at::Tensor> quantize_nested_cpu(const at::Tensor& absmax, 
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& nested_absmax,
                                const at::Tensor& nested_code, float offset, Code code, int64_t blocksize, int64_t n,
-                               at::ScalarType out) {
+                               at::ScalarType out, const at::Tensor& into) {
   TORCH_CHECK(fmt4::valid_blocksize(blocksize), "dequantize_4bit_cpu: unsupported block size ", blocksize);
   TORCH_CHECK(n > 0, "dequantize_4bit_cpu: n must be positive");
   check_flat(packed, at::kByte, "dequantize_4bit_cpu: packed");
@@ -135,7 +135,14 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
                 "dequantize_4bit_cpu: nested_absmax has the wrong size");
     TORCH_CHECK(nested_code.numel() == fmt4::kDynamicCodes, "dequantize_4bit_cpu: nested_code must have 256 entries");
   }
-  auto y = at::empty({n}, packed.options().dtype(out));
+  at::Tensor y;
+  if (into.defined()) {
+    TORCH_CHECK(into.scalar_type() == out && into.is_contiguous() && into.numel() == n && into.is_cpu(),
+                "dequantize_4bit_cpu: into must be a contiguous CPU tensor of ", n, " elements of ", out);
+    y = into;
+  } else {
+    y = at::empty({n}, packed.options().dtype(out));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out, "dequantize_4bit_cpu", [&] {
     TORCH_CHECK(out != at::kDouble, "dequantize_4bit_cpu: float64 output is not supported");
     dequantize_blocks<scalar_t>(packed.const_data_ptr<uint8_t>(), dq ? nullptr : absmax.const_data_ptr<float>(),

@@ -1,0 +1,234 @@
+// The fused path (trainer/model/fused.h) against the per-projection modules it replaces, on a tiny QLoRA
+// model (NF4 + double quant, GQA, LoRA on all seven projections with non-zero B so every branch counts):
+// logits, loss and every adapter gradient, with and without gradient checkpointing, with LoRA dropout,
+// and in eval mode. The per-projection path is itself checked against transformers + PEFT (test_lora),
+// so this closes the chain. CPU float32 in CI; on a GPU also bfloat16, and the RoPE-split and packed
+// SwiGLU kernels bit for bit against the composite they replace.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include <torch/csrc/autograd/autograd.h>
+
+#include "tests/test_util.h"
+#include "trainer/lora/lora.h"
+#include "trainer/model/fused.h"
+#include "trainer/model/loader.h"
+
+namespace qlora {
+namespace {
+
+struct ModeGuard {
+  model::FusedMode saved = model::fused_mode();
+  explicit ModeGuard(model::FusedMode m) { model::set_fused_mode(m); }
+  ~ModeGuard() { model::set_fused_mode(saved); }
+};
+
+model::LlamaArch tiny_arch() {
+  model::LlamaArch a;
+  // Widths are multiples of the 64-wide quantization blocks; GQA (4 query heads over 2 kv heads).
+  a.hidden_size = 128, a.intermediate_size = 320, a.num_layers = 2, a.num_heads = 4, a.num_kv_heads = 2;
+  a.head_dim = 32, a.vocab_size = 300, a.rms_norm_eps = 1e-5, a.max_position_embeddings = 256;
+  return a;
+}
+
+struct StepResult {
+  at::Tensor logits;                 // [B, T, V] float32 on the CPU
+  at::Tensor loss;                   // scalar
+  std::vector<at::Tensor> grads;     // every lora_A / lora_B gradient, float32 on the CPU
+};
+
+// One forward + backward of a fresh copy of the same model (same seed, so same weights and adapters).
+StepResult run_model(at::Device dev, at::ScalarType dt, model::FusedMode mode, bool checkpointing, double dropout,
+              bool train, uint64_t rng_seed) {
+  ModeGuard guard(mode);
+  model::LoadOptions lo;
+  lo.device = dev;
+  lo.dtype = dt;
+  lo.quantize = true;
+  lo.double_quant = true;
+  auto arch = tiny_arch();
+  auto m = model::init_llama(arch, lo, /*seed=*/77);
+  LoraConfig lc;
+  lc.r = 4, lc.alpha = 8.0, lc.dropout = dropout;
+  auto params = lora::apply_lora(*m, lc, /*seed=*/5);
+  {
+    // PEFT starts B at zero; give every B values so the branches (and their gradients into A) count.
+    at::NoGradGuard ng;
+    auto g = at::make_generator<at::CPUGeneratorImpl>(99);
+    for (auto& [name, l] : lora::lora_modules(*m)) l->lora_b().copy_(at::randn(l->lora_b().sizes(), g) * 0.05);
+  }
+  m->set_gradient_checkpointing(checkpointing);
+  if (train) m->train();
+  else m->eval();
+  auto g = at::make_generator<at::CPUGeneratorImpl>(3);
+  at::Tensor ids = at::randint(0, arch.vocab_size, {2, 24}, g, at::kLong).to(dev);
+  at::manual_seed(rng_seed);  // the dropout masks
+  StepResult r;
+  at::Tensor logits = m->forward(ids);
+  at::Tensor loss = at::cross_entropy_loss(logits.reshape({-1, arch.vocab_size}).to(at::kFloat), ids.reshape(-1));
+  if (train) {
+    loss.backward();
+    for (auto& [name, p] : lora::lora_named_parameters(*m)) r.grads.push_back(p.grad().cpu());
+  }
+  r.logits = logits.detach().to(at::kFloat).cpu();
+  r.loss = loss.detach().cpu();
+  return r;
+}
+
+void expect_close(const StepResult& a, const StepResult& b, double tol, const char* what) {
+  const double el = test::rel_err(a.logits, b.logits);
+  double eg = 0;
+  ASSERT_EQ(a.grads.size(), b.grads.size());
+  for (size_t i = 0; i < a.grads.size(); ++i) {
+    ASSERT_TRUE(a.grads[i].defined() && b.grads[i].defined()) << what << ": gradient " << i << " missing";
+    ASSERT_GT(b.grads[i].abs().max().item<double>(), 0.0) << what << ": gradient " << i << " is zero";
+    eg = std::max(eg, test::rel_err(a.grads[i], b.grads[i]));
+  }
+  std::printf("%s: logits rel err %.2e, worst adapter-gradient rel err %.2e (%zu gradients)\n", what, el, eg,
+              a.grads.size());
+  EXPECT_LE(el, tol) << what;
+  EXPECT_LE(eg, tol) << what;
+}
+
+// float32 tolerance: the two paths sum the same products in different orders (the LoRA branch inside the
+// base GEMM, gradients through one GEMM per group): a few ulps of 2^-24 per accumulation over at most a few
+// hundred terms, amplified by two layers and the softmax; 1e-5 relative leaves a wide margin over the
+// ~1e-7 that such reorderings give, and any missing term (a branch, a scaling, a dropout mask) is >1e-2.
+constexpr double kF32Tol = 1e-5;
+
+TEST(FusedPath, MatchesModulesOnCpuFloat32) {
+  const at::Device cpu(at::kCPU);
+  for (bool ckpt : {false, true}) {
+    StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, ckpt, 0.0, true, 1);
+    StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, ckpt, 0.0, true, 1);
+    expect_close(got, ref, kF32Tol, ckpt ? "cpu f32, checkpointing" : "cpu f32");
+  }
+}
+
+TEST(FusedPath, DropoutDrawsTheSameMasks) {
+  // The fused group draws one mask per adapted projection, in the modules' order, from the same
+  // generator: the same seed gives the same training step.
+  const at::Device cpu(at::kCPU);
+  for (bool ckpt : {false, true}) {
+    StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, ckpt, 0.25, true, 11);
+    StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, ckpt, 0.25, true, 11);
+    expect_close(got, ref, kF32Tol, ckpt ? "cpu f32 dropout 0.25, checkpointing" : "cpu f32 dropout 0.25");
+    // A different seed must change the step (the masks are really drawn).
+    StepResult other = run_model(cpu, at::kFloat, model::FusedMode::On, ckpt, 0.25, true, 12);
+    EXPECT_GT(test::rel_err(other.logits, got.logits), 1e-3);
+  }
+}
+
+TEST(FusedPath, EvalModeIgnoresDropout) {
+  const at::Device cpu(at::kCPU);
+  StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, false, 0.25, false, 1);
+  StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, false, 0.25, false, 2);
+  StepResult plain = run_model(cpu, at::kFloat, model::FusedMode::On, false, 0.0, false, 3);
+  EXPECT_LE(test::rel_err(got.logits, ref.logits), kF32Tol);
+  EXPECT_LE(test::rel_err(got.logits, plain.logits), kF32Tol);
+}
+
+TEST(FusedPath, AutoModeStaysOffOnCpu) {
+  // The CPU keeps the per-projection path (the one compared bit for bit with PEFT) unless asked.
+  const at::Device cpu(at::kCPU);
+  StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, false, 0.0, true, 1);
+  StepResult got = run_model(cpu, at::kFloat, model::FusedMode::Auto, false, 0.0, true, 1);
+  EXPECT_TRUE(test::same_bits(got.logits, ref.logits));
+  for (size_t i = 0; i < ref.grads.size(); ++i) EXPECT_TRUE(test::same_bits(got.grads[i], ref.grads[i]));
+}
+
+// bfloat16 on the GPU: each path rounds its GEMM outputs and activations to bf16 (2^-9 relative) at
+// different points; through two layers the logits and adapter gradients of the two paths differ by a
+// few such roundings. 2e-2 bounds that (METHOD.md's range for bf16 operands); the f32 references below
+// show both paths are equally close to the exact value.
+TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device gpu(at::kCUDA, 0);
+  for (bool ckpt : {false, true}) {
+    for (double dropout : {0.0, 0.1}) {
+      StepResult ref = run_model(gpu, at::kBFloat16, model::FusedMode::Off, ckpt, dropout, true, 21);
+      StepResult got = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, dropout, true, 21);
+      StepResult exact = run_model(gpu, at::kFloat, model::FusedMode::Off, ckpt, dropout, true, 21);
+      const std::string what = std::string("gpu bf16") + (ckpt ? ", checkpointing" : "") + (dropout > 0 ? ", dropout" : "");
+      expect_close(got, ref, 2e-2, what.c_str());
+      if (dropout == 0.0) {
+        // Against float32 (without dropout: the masks drawn for bf16 and f32 tensors differ). bf16 itself
+        // costs a few percent on this random model; the fused path must cost no more than the modules.
+        const double ef = test::rel_err(got.logits, exact.logits), em = test::rel_err(ref.logits, exact.logits);
+        std::printf("  vs float32: fused %.2e, modules %.2e\n", ef, em);
+        EXPECT_LE(ef, 1.1 * em + 1e-3);
+      }
+    }
+  }
+  // Float32 on the GPU too (the fused path's GEMMs in TF32-free float32).
+  StepResult ref = run_model(gpu, at::kFloat, model::FusedMode::Off, false, 0.0, true, 1);
+  StepResult got = run_model(gpu, at::kFloat, model::FusedMode::On, false, 0.0, true, 1);
+  expect_close(got, ref, kF32Tol, "gpu f32");
+}
+
+// The RoPE-split kernel against the composite (view, transpose, x * cos + rotate_half(x) * sin) it
+// replaces, forward and backward, bit for bit, in bfloat16 and float32, GQA and plain.
+TEST(FusedPath, RopeSplitKernelMatchesCompositeBitForBit) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device gpu(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  for (auto dt : {at::kBFloat16, at::kFloat}) {
+    for (auto [nq, nk, d] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{4, 2, 32}, {3, 3, 64}, {8, 1, 128}}) {
+      const int64_t b = 2, t = 37;
+      auto arch = tiny_arch();
+      arch.head_dim = d;
+      auto pos = at::randint(0, 500, {b, t}, gen, at::kLong).to(gpu);
+      model::Rope rope = model::rope_tables(arch, pos, dt);
+      auto y = at::randn({b, t, (nq + 2 * nk) * d}, gen, at::kFloat).to(dt).to(gpu);
+      auto dq = at::randn({b, t, nq, d}, gen, at::kFloat).to(dt).to(gpu);
+      auto dk = at::randn({b, t, nk, d}, gen, at::kFloat).to(dt).to(gpu);
+      auto dv = at::randn({b, t, nk, d}, gen, at::kFloat).to(dt).to(gpu);
+
+      auto y1 = y.clone().requires_grad_(true);
+      auto [q1, k1, v1] = model::rope_split(y1, rope.cos, rope.sin, nq, nk, d);
+      torch::autograd::backward({q1, k1, v1}, {dq, dk, dv});
+
+      // The composite, written as the per-projection path computes it ([B, n, T, D] layout).
+      auto y2 = y.clone().requires_grad_(true);
+      auto heads = y2.view({b, t, nq + 2 * nk, d});
+      auto rot = [&](const at::Tensor& x) {  // x [B, n, T, D]
+        auto c = rope.cos.unsqueeze(1), s = rope.sin.unsqueeze(1);
+        auto r = at::cat({-x.narrow(-1, d / 2, d / 2), x.narrow(-1, 0, d / 2)}, -1);
+        return x * c + r * s;
+      };
+      auto q2 = rot(heads.narrow(2, 0, nq).transpose(1, 2)).transpose(1, 2);
+      auto k2 = rot(heads.narrow(2, nq, nk).transpose(1, 2)).transpose(1, 2);
+      auto v2 = heads.narrow(2, nq + nk, nk);
+      torch::autograd::backward({q2, k2, v2}, {dq, dk, dv});
+
+      EXPECT_TRUE(test::same_bits(q1.detach(), q2.detach().contiguous())) << c10::toString(dt) << " q";
+      EXPECT_TRUE(test::same_bits(k1.detach(), k2.detach().contiguous())) << c10::toString(dt) << " k";
+      EXPECT_TRUE(test::same_bits(v1.detach(), v2.detach().contiguous())) << c10::toString(dt) << " v";
+      EXPECT_TRUE(test::same_bits(y1.grad(), y2.grad())) << c10::toString(dt) << " grad";
+    }
+  }
+}
+
+// The packed SwiGLU kernels against at::silu(g) * u on the two halves, forward and backward, bit for bit.
+TEST(FusedPath, PackedSwiGLUMatchesCompositeBitForBit) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device gpu(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const int64_t i = 173;
+    auto gu = (at::randn({3, 29, 2 * i}, gen, at::kFloat) * 3).to(dt).to(gpu);
+    auto dy = at::randn({3, 29, i}, gen, at::kFloat).to(dt).to(gpu);
+    auto a = gu.clone().requires_grad_(true);
+    auto y1 = model::swiglu_packed(a);
+    y1.backward(dy);
+    auto b = gu.clone().requires_grad_(true);
+    auto y2 = at::silu(b.narrow(-1, 0, i)) * b.narrow(-1, i, i);
+    y2.backward(dy);
+    EXPECT_TRUE(test::same_bits(y1.detach(), y2.detach())) << c10::toString(dt);
+    EXPECT_TRUE(test::same_bits(a.grad(), b.grad())) << c10::toString(dt);
+  }
+}
+
+}  // namespace
+}  // namespace qlora

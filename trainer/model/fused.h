@@ -1,0 +1,45 @@
+// The fused path of a Llama layer: the projections that read the same input computed as one group.
+//
+//   q|k|v   one dequantized [(nq + 2 nk) D, H] weight, one GEMM, the LoRA branches added into the packed
+//           output in place, then RoPE and the split into q, k, v in one kernel (rope_split);
+//   gate|up one [2 I, H] GEMM, then SwiGLU reads the packed halves (swiglu_packed);
+//   o, down the same group machinery with one member.
+// Backward mirrors it: one dequantize and one GEMM for the input gradient of the whole group, the LoRA
+// input gradients accumulated into it in place, adapter gradients produced in float32 directly.
+//
+// Numerics: the same math as the per-projection modules (LoraLinear over Quant4Linear); rounding differs
+// within the compute dtype (the LoRA branch is added by the GEMM, its scaling folded into that GEMM;
+// adapter gradients accumulate in float32 instead of being rounded to the compute dtype first). RoPE and
+// SwiGLU are bit-identical to the composite.
+//
+// Applies when every member is a frozen 4-bit base (optionally with LoRA) computing in the input's dtype;
+// otherwise the callers use the modules as before. Mode: Auto = on CUDA tensors only (the CPU path stays
+// the bit-exact reference that CI compares with transformers/PEFT); On also on the CPU (tests); Off never.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "trainer/model/linear.h"
+
+namespace qlora::model {
+
+enum class FusedMode { Auto, On, Off };
+void set_fused_mode(FusedMode mode);
+FusedMode fused_mode();
+
+// The group's outputs side by side: x [..., in] -> [..., sum of out], or an undefined tensor when the
+// fused path does not apply to this group and input (then call each member's forward).
+at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::Tensor& x);
+
+// RoPE on the packed q|k|v output [B, T, (nq + 2 nk) D] with cos/sin [B, T, D]; returns q [B, T, nq, D],
+// k [B, T, nk, D] (rotated) and v [B, T, nk, D], each contiguous. Differentiable.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split(const at::Tensor& qkv, const at::Tensor& cos,
+                                                          const at::Tensor& sin, int64_t nq, int64_t nk, int64_t d);
+
+// silu(gate) * up on the packed gate|up output [..., 2 I] -> [..., I]. Differentiable.
+at::Tensor swiglu_packed(const at::Tensor& gu);
+
+}  // namespace qlora::model
