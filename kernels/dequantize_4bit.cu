@@ -1,8 +1,8 @@
 // Op: dequantize a 4-bit weight (NF4 / FP4, plain or double-quantized scales) to float32, bfloat16 or
 // float16 on the GPU. Kernels live in dequantize_4bit.cuh (the lab, kernels/dev/dequant_bench.cu, checks
-// and times every variant); this op launches the promoted variants for the aligned bulk, v9 for 2-byte
-// outputs (coalesced 4-byte loads and 16-byte stores, four words in flight per thread, the CTA's scales
-// decoded once with no dependent global load) and v3 for float32, and v1 for the tail. Variants tried and
+// and times every variant); this op launches the promoted variants for the aligned bulk, v11 for 2-byte
+// outputs (coalesced 4-byte loads and 16-byte evict-first stores, four words in flight per thread, the
+// CTA's scales decoded once with no dependent global load) and v3 for float32, and v1 for the tail. Variants tried and
 // dropped are in kernels/dev/NOTES.md.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -23,7 +23,7 @@ static void launch_dequant(const dequant::Args& a, T* out, bool aligned, cudaStr
   const int64_t words = aligned ? a.n / 8 : 0;  // 4-byte words of 8 codes
   if (words > 0) {
     if constexpr (sizeof(T) == 2) {
-      dequant::dequant_span_v9<T, C, dequant::kIlp>
+      dequant::dequant_span_v9<T, C, dequant::kIlp, /*Streaming=*/true>
           <<<ceil_div(words, dequant::kV7Threads * dequant::kIlp), dequant::kV7Threads, 0, stream>>>(a, words, out);
     } else {  // float32: 32-byte stores per word want fewer words in flight (lab: v3 ahead of v4..v9)
       dequant::dequant_v3<T, C><<<ceil_div(words, kThreads), kThreads, 0, stream>>>(a, words, out);

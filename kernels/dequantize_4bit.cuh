@@ -44,17 +44,25 @@ __device__ __forceinline__ void load_table(float* table) {
   __syncthreads();
 }
 
-// Eight values (16 or 32 bytes) to out with 16-byte stores; out must be 16-byte aligned.
-template <typename T>
+// Eight values (16 or 32 bytes) to out with 16-byte stores; out must be 16-byte aligned. Streaming: the
+// stores are marked evict-first (st.global.cs), for output that is not read again soon from L2.
+template <typename T, bool Streaming = false>
 __device__ __forceinline__ void store8(T* out, const float (&f)[8]) {
   if constexpr (sizeof(T) == 4) {
-    reinterpret_cast<float4*>(out)[0] = make_float4(f[0], f[1], f[2], f[3]);
-    reinterpret_cast<float4*>(out)[1] = make_float4(f[4], f[5], f[6], f[7]);
+    const float4 a = make_float4(f[0], f[1], f[2], f[3]), b = make_float4(f[4], f[5], f[6], f[7]);
+    if constexpr (Streaming) {
+      __stcs(reinterpret_cast<float4*>(out), a);
+      __stcs(reinterpret_cast<float4*>(out) + 1, b);
+    } else {
+      reinterpret_cast<float4*>(out)[0] = a;
+      reinterpret_cast<float4*>(out)[1] = b;
+    }
   } else {
     union { uint4 u; T h[8]; } p;
 #pragma unroll
     for (int j = 0; j < 8; ++j) p.h[j] = from_float<T>(f[j]);
-    *reinterpret_cast<uint4*>(out) = p.u;
+    if constexpr (Streaming) __stcs(reinterpret_cast<uint4*>(out), p.u);
+    else *reinterpret_cast<uint4*>(out) = p.u;
   }
 }
 
@@ -186,7 +194,7 @@ static __global__ void dequant_span(Args a, int64_t words, T* __restrict__ out) 
 // v9: v7 with no dependent global load at all. Every load a CTA needs is issued up front: its code words,
 // the raw scale inputs of its span (uint8 code + nested float32, or the float32 scale) and, with double
 // quantization, the 256-entry map into shared memory; the map lookups then read shared memory.
-template <typename T, fmt4::Code C, int ILP>
+template <typename T, fmt4::Code C, int ILP, bool Streaming = false>
 static __global__ void dequant_span_v9(Args a, int64_t words, T* __restrict__ out) {
   static_assert(ILP % 4 == 0, "a span holds at most ILP / 4 scales per thread");
   constexpr int kPer = ILP / 4;
@@ -234,9 +242,10 @@ static __global__ void dequant_span_v9(Args a, int64_t words, T* __restrict__ ou
     if (t < words) {
       float f[8];
       decode_word(w[k], table, scales[((t * 8) >> a.log2_block) - first_block], f);
-      store8<T>(out + t * 8, f);
+      store8<T, Streaming>(out + t * 8, f);
     }
   }
 }
+// v11: v9 with evict-first (streaming) stores.
 
 }  // namespace qlora::kernels::dequant

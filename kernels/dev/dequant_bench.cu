@@ -8,6 +8,7 @@
 //   v7  v4 with the CTA's scales decoded once into shared memory while the words load
 //   v8  v7 with eight words in flight per thread
 //   v9  v7 with every global load issued up front (the map in shared memory); v10 = v9 with eight words
+//   v11 v9 with evict-first (streaming) stores
 // for NF4 with plain float32 scales and with double-quantized uint8 scales, to bfloat16 and float32.
 //
 // Check: every variant's output, poisoned with NaN first, is compared bit for bit against a host reference
@@ -150,6 +151,10 @@ void launch(int variant, const dq::Args& a, T* out, cudaStream_t s) {
       dq::dequant_span_v9<T, fmt4::Code::NF4, 8><<<ceil_div(a.n / 8, dq::kV7Threads * 8), dq::kV7Threads, 0, s>>>(
           a, a.n / 8, out);
       break;
+    case 11:
+      dq::dequant_span_v9<T, fmt4::Code::NF4, 4, true><<<ceil_div(a.n / 8, dq::kV7Threads * 4), dq::kV7Threads, 0, s>>>(
+          a, a.n / 8, out);
+      break;
     case 8:
       dq::dequant_span<T, fmt4::Code::NF4, 8><<<ceil_div(a.n / 8, dq::kV7Threads * 8), dq::kV7Threads, 0, s>>>(
           a, a.n / 8, out);
@@ -290,7 +295,7 @@ void run_dtype(const char* tname, const Layer& L, int iters, Flusher& flush, std
   for (bool double_quant : {false, true}) {
     int64_t bytes = 0;
     for (const auto& w : L.w) bytes += bytes_moved(w, double_quant, sizeof(T));
-    for (int v : {1, 2, 3, 4, 7, 8, 9, 10}) {
+    for (int v : {1, 2, 3, 4, 7, 8, 9, 10, 11}) {
       const std::string name = "v" + std::to_string(v) + " nf4 " + (double_quant ? "dq   " : "plain") + " -> " + tname;
       const int64_t bad = check<T>(v, L, double_quant, out, rng);
       const float ms = time_layer<T>(v, L, double_quant, out, iters, flush);
