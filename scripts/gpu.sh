@@ -69,7 +69,7 @@ if [ "$MODE" = long ]; then
     if "$Q" bench --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/ours_seq$s.json" >/dev/null 2>&1; then
       echo "ours seq $s: ok"; else echo "ours seq $s: failed"; break; fi
   done
-  for s in 8192 16384 32768; do
+  for s in 8192 16384 32768 65536; do
     if "$PY" scripts/bench_hf.py --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/hf_seq$s.json" >/dev/null 2>&1; then
       echo "hf seq $s: ok"; else echo "hf seq $s: failed"; break; fi
   done

@@ -38,26 +38,35 @@ struct StepResult {
   std::vector<at::Tensor> grads;     // every lora_A / lora_B gradient, float32 on the CPU
 };
 
-// One forward + backward of a fresh copy of the same model (same seed, so same weights and adapters).
-StepResult run_model(at::Device dev, at::ScalarType dt, model::FusedMode mode, bool checkpointing, double dropout,
-              bool train, uint64_t rng_seed) {
-  ModeGuard guard(mode);
+const std::vector<std::string> kAllProjections{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"};
+
+// The tiny QLoRA model (same seed, same weights and adapters), with every lora_B drawn non-zero: PEFT
+// starts B at zero, which would leave the branches (and their gradients into A) out of every check.
+model::LlamaForCausalLM make_model(at::Device dev, at::ScalarType dt, double dropout,
+                                   std::vector<std::string> targets = kAllProjections) {
   model::LoadOptions lo;
   lo.device = dev;
   lo.dtype = dt;
   lo.quantize = true;
   lo.double_quant = true;
-  auto arch = tiny_arch();
-  auto m = model::init_llama(arch, lo, /*seed=*/77);
+  auto m = model::init_llama(tiny_arch(), lo, /*seed=*/77);
   LoraConfig lc;
   lc.r = 4, lc.alpha = 8.0, lc.dropout = dropout;
-  auto params = lora::apply_lora(*m, lc, /*seed=*/5);
-  {
-    // PEFT starts B at zero; give every B values so the branches (and their gradients into A) count.
-    at::NoGradGuard ng;
-    auto g = at::make_generator<at::CPUGeneratorImpl>(99);
-    for (auto& [name, l] : lora::lora_modules(*m)) l->lora_b().copy_(at::randn(l->lora_b().sizes(), g) * 0.05);
-  }
+  lc.target_modules = std::move(targets);
+  lora::apply_lora(*m, lc, /*seed=*/5);
+  at::NoGradGuard ng;
+  auto g = at::make_generator<at::CPUGeneratorImpl>(99);
+  for (auto& [name, l] : lora::lora_modules(*m)) l->lora_b().copy_(at::randn(l->lora_b().sizes(), g) * 0.05);
+  return m;
+}
+
+// One forward + backward of a fresh copy of the same model.
+StepResult run_model(at::Device dev, at::ScalarType dt, model::FusedMode mode, bool checkpointing, double dropout,
+                     bool train, uint64_t rng_seed, std::vector<std::string> targets = kAllProjections) {
+  ModeGuard guard(mode);
+  auto arch = tiny_arch();
+  auto m = make_model(dev, dt, dropout, std::move(targets));
   m->set_gradient_checkpointing(checkpointing);
   if (train) m->train();
   else m->eval();
@@ -106,6 +115,17 @@ TEST(FusedPath, MatchesModulesOnCpuFloat32) {
   }
 }
 
+TEST(FusedPath, GroupsWithUnadaptedMembers) {
+  // PEFT's Llama default adapts q and v only: the q|k|v group then has a member without a branch, and
+  // gate|up none at all.
+  const at::Device cpu(at::kCPU);
+  const std::vector<std::string> targets{"q_proj", "v_proj", "down_proj"};
+  StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, false, 0.1, true, 4, targets);
+  StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, false, 0.1, true, 4, targets);
+  EXPECT_EQ(got.grads.size(), 12u);  // 2 layers x 3 projections x (A, B)
+  expect_close(got, ref, kF32Tol, "cpu f32, q/v/down only");
+}
+
 TEST(FusedPath, DropoutDrawsTheSameMasks) {
   // The fused group draws one mask per adapted projection, in the modules' order, from the same
   // generator: the same seed gives the same training step.
@@ -142,20 +162,8 @@ TEST(FusedPath, AutoModeStaysOffOnCpu) {
 // one token at a time gives the logits of one full forward, and those of the per-projection modules.
 void check_kv_cache(at::Device dev, at::ScalarType dt, double tol) {
   ModeGuard guard(model::FusedMode::On);
-  model::LoadOptions lo;
-  lo.device = dev;
-  lo.dtype = dt;
-  lo.quantize = true;
   auto arch = tiny_arch();
-  auto m = model::init_llama(arch, lo, /*seed=*/8);
-  LoraConfig lc;
-  lc.r = 4, lc.alpha = 8.0;
-  lora::apply_lora(*m, lc, /*seed=*/9);
-  {
-    at::NoGradGuard ng;
-    auto g = at::make_generator<at::CPUGeneratorImpl>(10);
-    for (auto& [name, l] : lora::lora_modules(*m)) l->lora_b().copy_(at::randn(l->lora_b().sizes(), g) * 0.05);
-  }
+  auto m = make_model(dev, dt, /*dropout=*/0.0);
   m->eval();
   at::NoGradGuard ng;
   auto g = at::make_generator<at::CPUGeneratorImpl>(4);
