@@ -24,7 +24,7 @@ static void launch_dequant(const dequant::Args& a, T* out, bool aligned, cudaStr
   if (words > 0) {
     if constexpr (sizeof(T) == 2) {
       dequant::dequant_span_v9<T, C, dequant::kIlp, /*Streaming=*/true>
-          <<<ceil_div(words, dequant::kV7Threads * dequant::kIlp), dequant::kV7Threads, 0, stream>>>(a, words, out);
+          <<<ceil_div(words, dequant::kSpanThreads * dequant::kIlp), dequant::kSpanThreads, 0, stream>>>(a, words, out);
     } else {  // float32: 32-byte stores per word want fewer words in flight (lab: v3 ahead of v4..v9)
       dequant::dequant_v3<T, C><<<ceil_div(words, kThreads), kThreads, 0, stream>>>(a, words, out);
     }

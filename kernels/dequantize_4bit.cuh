@@ -154,69 +154,40 @@ static __global__ void dequant_v4(Args a, int64_t words, T* __restrict__ out) {
   }
 }
 
-// v7: v4's accesses, with the scales of the CTA's span decoded once, cooperatively, into shared memory while
-// the code words are in flight. In v4 every thread decodes a scale per word (eight times per 64-element
-// block), and with double quantization each is a chain of dependent loads (uint8 code, then the map entry)
-// on the path to the word's first store; here a thread decodes at most one or two scales, off that path.
-// The CTA's span (blockDim * kIlp words = 8192 elements for 256 threads) starts block-aligned for every
-// block size up to 4096, so it holds span / blocksize scales (256 at most, for block size 32).
-// v7 = dequant_span<T, C, kIlp>.
-// v8: v7 with eight words in flight per thread (ILP = 8, a 16384-element span).
-constexpr int kV7Threads = 256;  // launch v7 / v8 / v9 with exactly this many threads (v9's map has 256 entries)
-template <typename T, fmt4::Code C, int ILP>
-static __global__ void dequant_span(Args a, int64_t words, T* __restrict__ out) {
-  __shared__ float table[fmt4::kCodes];
-  __shared__ float scales[kV7Threads * ILP * 8 / 32];
-  const int64_t first_word = static_cast<int64_t>(blockIdx.x) * kV7Threads * ILP;
-  const int64_t base = first_word + threadIdx.x;
-  uint32_t w[ILP];
-#pragma unroll
-  for (int k = 0; k < ILP; ++k) {
-    const int64_t t = base + static_cast<int64_t>(k) * kV7Threads;
-    if (t < words) w[k] = __ldg(reinterpret_cast<const uint32_t*>(a.packed) + t);
-  }
-  if (threadIdx.x < fmt4::kCodes) table[threadIdx.x] = fmt4::code_value(C, threadIdx.x);
-  const int64_t first_block = (first_word * 8) >> a.log2_block;
-  const int64_t last_word = (first_word + kV7Threads * ILP < words ? first_word + kV7Threads * ILP : words) - 1;
-  const int64_t count = ((last_word * 8) >> a.log2_block) - first_block + 1;
-  for (int64_t i = threadIdx.x; i < count; i += kV7Threads) scales[i] = scale_of(a, first_block + i);
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < ILP; ++k) {
-    const int64_t t = base + static_cast<int64_t>(k) * kV7Threads;
-    if (t < words) {
-      float f[8];
-      decode_word(w[k], table, scales[((t * 8) >> a.log2_block) - first_block], f);
-      store8<T>(out + t * 8, f);
-    }
-  }
-}
-// v9: v7 with no dependent global load at all. Every load a CTA needs is issued up front: its code words,
-// the raw scale inputs of its span (uint8 code + nested float32, or the float32 scale) and, with double
+// The span kernels (v7-v11; v7 and v8 were dropped, kernels/dev/NOTES.md has their figures). A CTA of
+// kSpanThreads threads covers a span of kSpanThreads * ILP words (8192 elements for ILP 4), which starts
+// block-aligned for every block size up to 4096 and so holds span / blocksize scales (256 at most, for
+// block size 32); the CTA decodes each of them once into shared memory instead of each thread decoding
+// one per word (eight times per 64-element block) on the path to that word's store.
+constexpr int kSpanThreads = 256;  // launch the span kernels with exactly this many threads
+
+// v9: no dependent global load at all. Every load a CTA needs is issued up front: its code words, the raw
+// scale inputs of its span (uint8 code + nested float32, or the float32 scale) and, with double
 // quantization, the 256-entry map into shared memory; the map lookups then read shared memory.
+// v10 = v9 with ILP 8; v11 = v9 with evict-first (streaming) stores (the op's kernel for 2-byte outputs).
 template <typename T, fmt4::Code C, int ILP, bool Streaming = false>
 static __global__ void dequant_span_v9(Args a, int64_t words, T* __restrict__ out) {
   static_assert(ILP % 4 == 0, "a span holds at most ILP / 4 scales per thread");
   constexpr int kPer = ILP / 4;
   __shared__ float table[fmt4::kCodes];
   __shared__ float map[256];
-  __shared__ float scales[kV7Threads * ILP * 8 / 32];
-  const int64_t first_word = static_cast<int64_t>(blockIdx.x) * kV7Threads * ILP;
+  __shared__ float scales[kSpanThreads * ILP * 8 / 32];
+  const int64_t first_word = static_cast<int64_t>(blockIdx.x) * kSpanThreads * ILP;
   const int64_t base = first_word + threadIdx.x;
   uint32_t w[ILP];
 #pragma unroll
   for (int k = 0; k < ILP; ++k) {
-    const int64_t t = base + static_cast<int64_t>(k) * kV7Threads;
+    const int64_t t = base + static_cast<int64_t>(k) * kSpanThreads;
     if (t < words) w[k] = __ldg(reinterpret_cast<const uint32_t*>(a.packed) + t);
   }
   const int64_t first_block = (first_word * 8) >> a.log2_block;
-  const int64_t last_word = (first_word + kV7Threads * ILP < words ? first_word + kV7Threads * ILP : words) - 1;
+  const int64_t last_word = (first_word + kSpanThreads * ILP < words ? first_word + kSpanThreads * ILP : words) - 1;
   const int count = static_cast<int>(((last_word * 8) >> a.log2_block) - first_block + 1);
   float raw[kPer];    // the float32 scale, or the nested scale
   uint8_t qcode[kPer];  // the scale's uint8 code (double quantization)
 #pragma unroll
   for (int p = 0; p < kPer; ++p) {
-    const int i = threadIdx.x + p * kV7Threads;
+    const int i = threadIdx.x + p * kSpanThreads;
     if (i < count) {
       const int64_t b = first_block + i;
       if (a.qabsmax) {
@@ -227,18 +198,18 @@ static __global__ void dequant_span_v9(Args a, int64_t words, T* __restrict__ ou
       }
     }
   }
-  if (a.qabsmax) map[threadIdx.x] = __ldg(a.ncode + threadIdx.x);  // kV7Threads == 256 entries
+  if (a.qabsmax) map[threadIdx.x] = __ldg(a.ncode + threadIdx.x);  // kSpanThreads == 256 entries
   if (threadIdx.x < fmt4::kCodes) table[threadIdx.x] = fmt4::code_value(C, threadIdx.x);
   __syncthreads();
 #pragma unroll
   for (int p = 0; p < kPer; ++p) {
-    const int i = threadIdx.x + p * kV7Threads;
+    const int i = threadIdx.x + p * kSpanThreads;
     if (i < count) scales[i] = a.qabsmax ? fmt4::add_rn(fmt4::mul_rn(map[qcode[p]], raw[p]), a.offset) : raw[p];
   }
   __syncthreads();
 #pragma unroll
   for (int k = 0; k < ILP; ++k) {
-    const int64_t t = base + static_cast<int64_t>(k) * kV7Threads;
+    const int64_t t = base + static_cast<int64_t>(k) * kSpanThreads;
     if (t < words) {
       float f[8];
       decode_word(w[k], table, scales[((t * 8) >> a.log2_block) - first_block], f);
@@ -246,6 +217,5 @@ static __global__ void dequant_span_v9(Args a, int64_t words, T* __restrict__ ou
     }
   }
 }
-// v11: v9 with evict-first (streaming) stores.
 
 }  // namespace qlora::kernels::dequant

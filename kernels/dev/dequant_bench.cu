@@ -5,9 +5,8 @@
 //   v2  one 16-byte load per thread, 32 outputs with 16-byte stores
 //   v3  one 4-byte load per thread, 8 outputs with one 16-byte (bf16/fp16) store
 //   v4  v3 with kIlp words in flight per thread
-//   v7  v4 with the CTA's scales decoded once into shared memory while the words load
-//   v8  v7 with eight words in flight per thread
-//   v9  v7 with every global load issued up front (the map in shared memory); v10 = v9 with eight words
+//   v9  the CTA's scales decoded once into shared memory, every global load issued up front (the map in
+//       shared memory too); v10 = v9 with eight words in flight (v7, v8: see NOTES.md)
 //   v11 v9 with evict-first (streaming) stores
 // for NF4 with plain float32 scales and with double-quantized uint8 scales, to bfloat16 and float32.
 //
@@ -139,24 +138,16 @@ void launch(int variant, const dq::Args& a, T* out, cudaStream_t s) {
     case 4:
       dq::dequant_v4<T, fmt4::Code::NF4><<<ceil_div(a.n / 8, kThreads * dq::kIlp), kThreads, 0, s>>>(a, a.n / 8, out);
       break;
-    case 7:
-      dq::dequant_span<T, fmt4::Code::NF4, dq::kIlp><<<ceil_div(a.n / 8, dq::kV7Threads * dq::kIlp), dq::kV7Threads, 0,
-                                                       s>>>(a, a.n / 8, out);
-      break;
     case 9:
-      dq::dequant_span_v9<T, fmt4::Code::NF4, 4><<<ceil_div(a.n / 8, dq::kV7Threads * 4), dq::kV7Threads, 0, s>>>(
+      dq::dequant_span_v9<T, fmt4::Code::NF4, 4><<<ceil_div(a.n / 8, dq::kSpanThreads * 4), dq::kSpanThreads, 0, s>>>(
           a, a.n / 8, out);
       break;
     case 10:
-      dq::dequant_span_v9<T, fmt4::Code::NF4, 8><<<ceil_div(a.n / 8, dq::kV7Threads * 8), dq::kV7Threads, 0, s>>>(
+      dq::dequant_span_v9<T, fmt4::Code::NF4, 8><<<ceil_div(a.n / 8, dq::kSpanThreads * 8), dq::kSpanThreads, 0, s>>>(
           a, a.n / 8, out);
       break;
     case 11:
-      dq::dequant_span_v9<T, fmt4::Code::NF4, 4, true><<<ceil_div(a.n / 8, dq::kV7Threads * 4), dq::kV7Threads, 0, s>>>(
-          a, a.n / 8, out);
-      break;
-    case 8:
-      dq::dequant_span<T, fmt4::Code::NF4, 8><<<ceil_div(a.n / 8, dq::kV7Threads * 8), dq::kV7Threads, 0, s>>>(
+      dq::dequant_span_v9<T, fmt4::Code::NF4, 4, true><<<ceil_div(a.n / 8, dq::kSpanThreads * 4), dq::kSpanThreads, 0, s>>>(
           a, a.n / 8, out);
       break;
   }
@@ -295,7 +286,7 @@ void run_dtype(const char* tname, const Layer& L, int iters, Flusher& flush, std
   for (bool double_quant : {false, true}) {
     int64_t bytes = 0;
     for (const auto& w : L.w) bytes += bytes_moved(w, double_quant, sizeof(T));
-    for (int v : {1, 2, 3, 4, 7, 8, 9, 10, 11}) {
+    for (int v : {1, 2, 3, 4, 9, 10, 11}) {
       const std::string name = "v" + std::to_string(v) + " nf4 " + (double_quant ? "dq   " : "plain") + " -> " + tname;
       const int64_t bad = check<T>(v, L, double_quant, out, rng);
       const float ms = time_layer<T>(v, L, double_quant, out, iters, flush);
