@@ -2,6 +2,8 @@
 //   RMSNorm computed in float32 then cast back; RoPE in HF's rotate_half convention with cos/sin
 //   computed in float32; grouped-query attention through at::scaled_dot_product_attention; SwiGLU MLP;
 //   lm_head tied to the embeddings or not.
+// On CUDA, projections over a frozen 4-bit base run as fused groups (q|k|v, gate|up; fused.h): the same
+// math in fewer, larger kernels; the CPU keeps the per-projection modules as the exact reference.
 // Module and parameter names are HF's ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight"),
 // so named_parameters() is a Hugging Face state dict.
 //
