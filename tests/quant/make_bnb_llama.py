@@ -9,8 +9,15 @@ For each variant in VARIANTS this writes
       logits_f32 [B, T, V] float32: transformers' float32 LlamaForCausalLM whose projection weights are
       bnb's own dequantization (F.dequantize_4bit to float32) of the saved 4-bit state
   $QLORA_TEST_DATA/quant_bnb_llama/variants.json     the variant names
-The C++ test (test_quant_bnb_llama) loads the 4-bit checkpoint with our loader (no re-quantization) and
-compares logits. Weights are drawn fresh every run.
+For the QLoRA recipe's storage (nf4_dq_f32) also the QLoRA reference: PEFT LoRA (r 4, alpha 8, all seven
+projections, lora_B drawn non-zero) on that dequantized float32 model, which is exactly what training
+through the frozen 4-bit base computes:
+  $QLORA_TEST_DATA/quant_bnb_llama/nf4_dq_f32.adapter/    PEFT's save_pretrained of the adapter
+  in nf4_dq_f32.ref.safetensors: labels [B, T] (-100 on padding and the first 3 positions),
+      peft_logits [B, T, V], peft_loss [], grad.<our name> (every lora_A / lora_B gradient).
+The C++ tests: test_quant_bnb_llama loads the 4-bit checkpoint with our loader (no re-quantization) and
+compares logits; test_qlora_peft (tests/lora) trains through it against PEFT, on both of our paths.
+Weights are drawn fresh every run.
 """
 import json
 import os
@@ -96,9 +103,40 @@ def make(name, spec, seed):
             err = ((q4 - logits)[mask.bool()].norm() / logits[mask.bool()].norm()).item()
             assert err < 5e-2, f"transformers 4-bit vs dequantized model: relative error {err}"
             print(f"{name}: transformers 4-bit (bf16 CPU path) vs dequantized float32: {err:.2e}", file=sys.stderr)
-    save_file({"input_ids": ids, "attention_mask": mask, "logits_f32": logits},
-              os.path.join(OUT, name + ".ref.safetensors"))
+    ref = {"input_ids": ids, "attention_mask": mask, "logits_f32": logits}
+    if name == "nf4_dq_f32":
+        ref.update(peft_reference(ref_model, name, ids, mask, seed + 2))
+    save_file(ref, os.path.join(OUT, name + ".ref.safetensors"))
     print(f"{name}: {sorted(os.listdir(path))}", file=sys.stderr)
+
+
+def peft_reference(dequantized, name, ids, mask, seed):
+    """PEFT LoRA on the dequantized base: logits, loss and every adapter gradient (see the docstring)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJ), lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = get_peft_model(dequantized, cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # B = 0 (PEFT's init) would make every lora_A gradient zero: a weak test
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(os.path.join(OUT, name + ".adapter"))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[mask == 0] = -100
+    model.train()  # dropout is 0
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    ref = {"labels": labels, "peft_logits": out.logits.detach().float().contiguous(),
+           "peft_loss": out.loss.detach().float().reshape(())}
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+            # "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" -> our name
+            ref["grad." + n[len("base_model.model."):].replace(".default.", ".")] = p.grad.detach().float().contiguous()
+    assert sum(k.startswith("grad.") for k in ref) == 2 * len(PROJ) * 2
+    return ref
 
 
 def main():
