@@ -30,6 +30,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+from fixture_util import our_name, randomize_lora_b, spread_weights
+
 OUT = os.path.join(os.environ["QLORA_TEST_DATA"], "export")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 V = 320
@@ -48,14 +50,9 @@ def llama_cfg(hidden=64):
 
 def random_model(seed, hidden=64):
     torch.manual_seed(seed)
-    m = LlamaForCausalLM(llama_cfg(hidden)).eval()
+    # lm_head larger so greedy choices are decisive (no near-ties that rounding could flip)
+    m = spread_weights(LlamaForCausalLM(llama_cfg(hidden)).eval(), std_of=lambda n: 0.25 if "lm_head" in n else None)
     with torch.no_grad():
-        for n, p in m.named_parameters():
-            if p.dim() == 2:
-                # lm_head larger so greedy choices are decisive (no near-ties that rounding could flip)
-                p.normal_(0.0, 0.25 if "lm_head" in n else 0.08)
-            else:
-                p.uniform_(0.5, 1.5)
         # <unk> and the 256 byte-fallback pieces (ids 3..258) never win: generations are words, whose
         # text survives strip() the same way in Python and C++ (not control bytes / U+FFFD).
         m.lm_head.weight[0].zero_()
@@ -67,12 +64,7 @@ def make_adapter(base_path, path, seed):
     torch.manual_seed(seed)
     base = LlamaForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model = randomize_lora_b(get_peft_model(base, cfg), seed + 100)
     model.save_pretrained(path)
     return model
 
@@ -116,7 +108,7 @@ def main():
     tr = {}
     for n, p in peft_model.named_parameters():
         if "lora_" in n:
-            tr[n[len("base_model.model."):].replace(".default.", ".")] = p.detach().float().contiguous()
+            tr[our_name(n)] = p.detach().float().contiguous()
     save_file(tr, os.path.join(ckpt, "trainable.safetensors"))
     with open(os.path.join(ckpt, "config.yaml"), "w") as f:
         f.write(f"method: lora\nmodel:\n  path: {base_path}\nlora:\n  r: 8\n  alpha: 16\n  dropout: 0.0\n"

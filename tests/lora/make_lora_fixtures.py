@@ -29,27 +29,17 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fixture_util import our_name, randomize_lora_b, spread_weights
+
 OUT = os.path.join(os.environ["QLORA_TEST_DATA"], "lora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def our_name(peft_name):
-    # "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
-    #   -> "model.layers.0.self_attn.q_proj.lora_A.weight"
-    assert peft_name.startswith("base_model.model."), peft_name
-    return peft_name[len("base_model.model."):].replace(".default.", ".")
 
 
 def make_adapter(base_path, name, seed, **kw):
     torch.manual_seed(seed)
     base = LlamaForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM", **kw)
-    model = get_peft_model(base, cfg)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model = randomize_lora_b(get_peft_model(base, cfg), seed + 100)
     path = os.path.join(OUT, name)
     model.save_pretrained(path)
     return path
@@ -61,13 +51,7 @@ def main():
     cfg = LlamaConfig(hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=6,
                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=64, rms_norm_eps=1e-5,
                       tie_word_embeddings=False, attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-            else:
-                p.uniform_(0.5, 1.5)
+    model = spread_weights(LlamaForCausalLM(cfg))
     base_path = os.path.join(OUT, "base")
     model.save_pretrained(base_path)
 

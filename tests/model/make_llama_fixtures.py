@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fixture_util import spread_weights
+
 OUT = os.path.join(os.environ["QLORA_TEST_DATA"], "llama")
 
 VARIANTS = {
@@ -46,14 +48,7 @@ def make(name, spec, seed):
     shard = spec.pop("shard")
     torch.manual_seed(seed)
     cfg = LlamaConfig(**spec, attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).eval()
-    # Larger-than-default weights so the logits are not all near zero (a weak test).
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-            else:
-                p.uniform_(0.5, 1.5)
+    model = spread_weights(LlamaForCausalLM(cfg).eval())
     path = os.path.join(OUT, name)
     model.to(dtype).save_pretrained(path, max_shard_size=shard or "100MB")
     files = sorted(os.listdir(path))

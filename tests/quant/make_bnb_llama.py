@@ -30,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+from fixture_util import our_name, randomize_lora_b, spread_weights
+
 OUT = os.path.join(os.environ["QLORA_TEST_DATA"], "quant_bnb_llama")
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -46,13 +48,7 @@ def make(name, spec, seed):
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=False, rms_norm_eps=1e-5, attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger than default so the logits are not all near zero (a weak test)
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-            else:
-                p.uniform_(0.5, 1.5)
+    model = spread_weights(LlamaForCausalLM(cfg).eval())
     dense = os.path.join(OUT, name + ".dense")
     model.to(spec["dtype"]).save_pretrained(dense)
 
@@ -115,12 +111,7 @@ def peft_reference(dequantized, name, ids, mask, seed):
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(seed)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJ), lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = get_peft_model(dequantized, cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # B = 0 (PEFT's init) would make every lora_A gradient zero: a weak test
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model = randomize_lora_b(get_peft_model(dequantized, cfg), seed + 1)
     model.save_pretrained(os.path.join(OUT, name + ".adapter"))
     labels = ids.clone()
     labels[:, :3] = -100
@@ -133,8 +124,7 @@ def peft_reference(dequantized, name, ids, mask, seed):
     for n, p in model.named_parameters():
         if "lora_" in n:
             assert p.grad is not None and p.grad.abs().sum() > 0, n
-            # "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" -> our name
-            ref["grad." + n[len("base_model.model."):].replace(".default.", ".")] = p.grad.detach().float().contiguous()
+            ref["grad." + our_name(n)] = p.grad.detach().float().contiguous()
     assert sum(k.startswith("grad.") for k in ref) == 2 * len(PROJ) * 2
     return ref
 

@@ -1,0 +1,38 @@
+"""Helpers shared by the Python fixture scripts (tests/<stage>/make_*.py), which ctest runs with
+tests/ on PYTHONPATH (tests/CMakeLists.txt, QLORA_TEST_ENV).
+
+  spread_weights(model)      weights ~ N(0, std) (2-D) and norms ~ U(0.5, 1.5), larger than HF's init
+                             so that logits are not all near zero (a weak test)
+  randomize_lora_b(model)    every lora_B drawn N(0, 0.1^2): PEFT starts B at zero, which would leave the
+                             branches out of the logits and every lora_A gradient at zero (a weak test)
+  our_name(peft_name)        PEFT's parameter name -> ours (trainer/lora/peft.h)
+"""
+import torch
+
+
+def spread_weights(model, std=0.08, std_of=None):
+    """In place, without autograd. std_of(name) may give a parameter its own std (None: the default)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                s = std_of(name) if std_of else None
+                p.normal_(0.0, std if s is None else s)
+            else:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def randomize_lora_b(peft_model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return peft_model
+
+
+def our_name(peft_name):
+    # "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    #   -> "model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert peft_name.startswith("base_model.model."), peft_name
+    return peft_name[len("base_model.model."):].replace(".default.", ".")
