@@ -169,6 +169,10 @@ void print_profile_summary(const torch::autograd::profiler::ProfilerResult& r, d
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
   fmt::print("\nprofile of one step: {:.1f} ms wall, GPU busy {:.1f} ms ({:.1f}%), {} device activities, {} CPU ops\n",
              wall_ms, busy / 1e6, 100.0 * busy / 1e6 / wall_ms, kernels, cpu_ops);
+  if (rows.empty()) {
+    fmt::print("no device activities (a CPU run): the trace holds the CPU ops\n");
+    return;
+  }
   fmt::print("{:>9} {:>6} {:>7}  {}\n", "ms", "count", "share", "kernel");
   for (size_t i = 0; i < rows.size() && i < 25; ++i) {
     const auto& [n, a] = rows[i];

@@ -1,0 +1,57 @@
+"""`qlora bench` end to end on the tiny shape on the CPU (the 7B figures come from scripts/gpu.sh on a GPU):
+the JSON has every figure, the step splits into its phases, MFU's formula is the one documented in
+cmd_bench.cpp, --fused and --checkpointing are reported as given, --profile writes a Chrome trace with the
+step's ops, and bad options fail with a message naming the option.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CLI = os.environ["QLORA_CLI"]
+failures = []
+
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what)
+    if not cond:
+        failures.append(what)
+
+
+def bench(*args):
+    return subprocess.run([CLI, "bench", "--shape", "tiny", "--device", "cpu", "--seq", "48", "--warmup", "1",
+                           "--steps", "2", *args], capture_output=True, text=True)
+
+
+with tempfile.TemporaryDirectory() as d:
+    out, trace = os.path.join(d, "b.json"), os.path.join(d, "trace.json")
+    p = bench("--r", "4", "--checkpointing", "off", "--fused", "on", "--json", out, "--profile", trace)
+    check(p.returncode == 0, f"bench exits 0 (stderr: {p.stderr[-300:]})")
+    j = json.load(open(out))
+    for key in ("tokens_per_s", "step_ms", "forward_ms", "backward_ms", "optimizer_ms", "peak_bytes", "mfu",
+                "flops_per_token", "lora_params", "forward_host_ms"):
+        check(key in j, f"json has {key}")
+    check(j["tokens_per_s"] > 0 and j["step_ms"] > 0, "positive speed")
+    check(abs(j["tokens_per_s"] - 48 / (j["step_ms"] / 1e3)) < 1e-6 * j["tokens_per_s"], "tokens/s = tokens / step")
+    parts = j["forward_ms"] + j["backward_ms"] + j["optimizer_ms"]
+    check(parts <= 1.5 * j["step_ms"] and parts >= 0.5 * j["step_ms"], f"phases {parts:.1f} ms ~ step {j['step_ms']:.1f} ms")
+    # tiny: H 256, I 688, L 4, heads 8/4 (kv 128 wide), V 1024; LoRA r 4 on all seven projections.
+    h, i, layers, kv, v, r = 256, 688, 4, 128, 1024, 4
+    proj = layers * (h * h * 2 + h * kv * 2 + 3 * h * i)
+    lora = layers * r * ((h + h) * 2 + (h + kv) * 2 + 2 * (h + i) + (i + h))
+    check(j["lora_params"] == lora, f"LoRA params {j['lora_params']} == {lora}")
+    want = 4 * proj + 4 * v * h + 12 * layers * h * 48 + 6 * lora
+    check(abs(j["flops_per_token"] - want) < 1, f"flops/token {j['flops_per_token']} == {want}")
+    check(j["fused"] == "on" and j["checkpointing"] is False, "options echoed")
+    t = json.load(open(trace))
+    names = {e.get("name") for e in t.get("traceEvents", [])}
+    check(any(n and n.startswith("aten::") for n in names), "trace holds the step's ATen ops")
+
+    p = bench("--fused", "sometimes")
+    check(p.returncode != 0 and "--fused" in p.stderr, "bad --fused is refused naming the option")
+    p = bench("--seq", "1")
+    check(p.returncode != 0 and "--seq" in p.stderr, "--seq 1 is refused naming the option")
+
+print(f"{len(failures)} failure(s)")
+sys.exit(1 if failures else 0)
