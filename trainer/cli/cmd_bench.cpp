@@ -4,6 +4,9 @@
 //       A model of a named shape with random weights drawn on the device, NF4 (+ double quantization)
 //       base, LoRA on all seven projections, random tokens with every position trained. Prints tokens/s,
 //       the step split into forward / backward / optimizer, peak memory and MFU (formula below).
+//       --fused on|off|auto picks the projection path (trainer/model/fused.h); --profile FILE runs one
+//       more step under the Kineto profiler, prints the GPU's busy time and busiest kernels, and writes
+//       the step's Chrome trace to FILE.
 //   qlora bench --kernels
 //       The 4-bit kernels against the hardware: dequantization of every projection of a Llama-2-7B-shaped
 //       model against the device-to-device copy bandwidth measured in the same run; the frozen 4-bit
