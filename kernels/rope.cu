@@ -41,9 +41,9 @@ struct alignas(16) Pack {
 // partners in the second half (so each value is loaded once), or copies VEC elements of v. Needs
 // (D / 2) % VEC == 0 and 16-byte aligned rows (rope_split checks; the scalar kernels below cover the rest).
 template <typename T, int VEC>
-static __global__ void rope_split_fwd_vec(const T* __restrict__ y, const T* __restrict__ cos,
-                                          const T* __restrict__ sin, int64_t rows, int nq, int nk, int d,
-                                          T* __restrict__ q, T* __restrict__ k, T* __restrict__ v) {
+static __global__ void rope_split_fwd_vec(const T* __restrict__ y, const T* __restrict__ cos, const T* __restrict__ sin,
+                                          int64_t rows, int nq, int nk, int d, T* __restrict__ q, T* __restrict__ k,
+                                          T* __restrict__ v) {
   using P = Pack<T, VEC>;
   const int half = d / 2, per_head = half / VEC, rotated = (nq + nk) * per_head, items = rotated + nk * d / VEC;
   const int width = (nq + 2 * nk) * d;
@@ -54,8 +54,10 @@ static __global__ void rope_split_fwd_vec(const T* __restrict__ y, const T* __re
         const int head = i / per_head, j = (i - head * per_head) * VEC;
         const P x1 = *reinterpret_cast<const P*>(yr + head * d + j);
         const P x2 = *reinterpret_cast<const P*>(yr + head * d + half + j);
-        const P c1 = *reinterpret_cast<const P*>(cos + r * d + j), c2 = *reinterpret_cast<const P*>(cos + r * d + half + j);
-        const P s1 = *reinterpret_cast<const P*>(sin + r * d + j), s2 = *reinterpret_cast<const P*>(sin + r * d + half + j);
+        const P c1 = *reinterpret_cast<const P*>(cos + r * d + j),
+                c2 = *reinterpret_cast<const P*>(cos + r * d + half + j);
+        const P s1 = *reinterpret_cast<const P*>(sin + r * d + j),
+                s2 = *reinterpret_cast<const P*>(sin + r * d + half + j);
         P o1, o2;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -75,10 +77,9 @@ static __global__ void rope_split_fwd_vec(const T* __restrict__ y, const T* __re
 }
 
 template <typename T, int VEC>
-static __global__ void rope_split_bwd_vec(const T* __restrict__ dq, const T* __restrict__ dk,
-                                          const T* __restrict__ dv, const T* __restrict__ cos,
-                                          const T* __restrict__ sin, int64_t rows, int nq, int nk, int d,
-                                          T* __restrict__ dy) {
+static __global__ void rope_split_bwd_vec(const T* __restrict__ dq, const T* __restrict__ dk, const T* __restrict__ dv,
+                                          const T* __restrict__ cos, const T* __restrict__ sin, int64_t rows, int nq,
+                                          int nk, int d, T* __restrict__ dy) {
   using P = Pack<T, VEC>;
   const int half = d / 2, per_head = half / VEC, rotated = (nq + nk) * per_head, items = rotated + nk * d / VEC;
   const int width = (nq + 2 * nk) * d;
@@ -89,8 +90,10 @@ static __global__ void rope_split_bwd_vec(const T* __restrict__ dq, const T* __r
         const int head = i / per_head, j = (i - head * per_head) * VEC;
         const T* g = head < nq ? dq + (r * nq + head) * d : dk + (r * nk + head - nq) * d;
         const P g1 = *reinterpret_cast<const P*>(g + j), g2 = *reinterpret_cast<const P*>(g + half + j);
-        const P c1 = *reinterpret_cast<const P*>(cos + r * d + j), c2 = *reinterpret_cast<const P*>(cos + r * d + half + j);
-        const P s1 = *reinterpret_cast<const P*>(sin + r * d + j), s2 = *reinterpret_cast<const P*>(sin + r * d + half + j);
+        const P c1 = *reinterpret_cast<const P*>(cos + r * d + j),
+                c2 = *reinterpret_cast<const P*>(cos + r * d + half + j);
+        const P s1 = *reinterpret_cast<const P*>(sin + r * d + j),
+                s2 = *reinterpret_cast<const P*>(sin + r * d + half + j);
         P o1, o2;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -122,8 +125,10 @@ static __global__ void rope_split_fwd_kernel(const T* __restrict__ y, const T* _
       if (head < nq + nk) {
         const T partner = j < half ? from_f32<T>(-to_f32(yr[c + half])) : yr[c - half];
         const T out = from_f32<T>(__fadd_rn(round_mul(yr[c], cr[j]), round_mul(partner, sr[j])));
-        if (head < nq) q[(r * nq + head) * d + j] = out;
-        else k[(r * nk + head - nq) * d + j] = out;
+        if (head < nq)
+          q[(r * nq + head) * d + j] = out;
+        else
+          k[(r * nk + head - nq) * d + j] = out;
       } else {
         v[(r * nk + head - nq - nk) * d + j] = yr[c];
       }
@@ -183,8 +188,8 @@ static void launch_rope_fwd(const T* y, const T* cos, const T* sin, int64_t rows
                             T* v, cudaStream_t stream) {
   const int64_t width = int64_t{nq + 2 * nk} * d;  // elements of a packed row
   if (vector_ok<T>(d, {y, cos, sin, q, k, v})) {
-    rope_split_fwd_vec<T, kVec<T>><<<grid_for(rows, vector_items<T>(nq, nk, d)), kThreads, 0, stream>>>(y, cos, sin, rows, nq,
-                                                                                                 nk, d, q, k, v);
+    rope_split_fwd_vec<T, kVec<T>>
+        <<<grid_for(rows, vector_items<T>(nq, nk, d)), kThreads, 0, stream>>>(y, cos, sin, rows, nq, nk, d, q, k, v);
   } else {
     rope_split_fwd_kernel<T><<<grid_for(rows, width), kThreads, 0, stream>>>(y, cos, sin, rows, nq, nk, d, q, k, v);
   }
@@ -196,8 +201,8 @@ static void launch_rope_bwd(const T* dq, const T* dk, const T* dv, const T* cos,
                             int nk, int d, T* dy, cudaStream_t stream) {
   const int64_t width = int64_t{nq + 2 * nk} * d;
   if (vector_ok<T>(d, {dq, dk, dv, cos, sin, dy})) {
-    rope_split_bwd_vec<T, kVec<T>><<<grid_for(rows, vector_items<T>(nq, nk, d)), kThreads, 0, stream>>>(dq, dk, dv, cos, sin,
-                                                                                                 rows, nq, nk, d, dy);
+    rope_split_bwd_vec<T, kVec<T>><<<grid_for(rows, vector_items<T>(nq, nk, d)), kThreads, 0, stream>>>(
+        dq, dk, dv, cos, sin, rows, nq, nk, d, dy);
   } else {
     rope_split_bwd_kernel<T><<<grid_for(rows, width), kThreads, 0, stream>>>(dq, dk, dv, cos, sin, rows, nq, nk, d, dy);
   }
@@ -208,14 +213,14 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& ref, int64_t
   TORCH_CHECK(t.defined() && t.is_cuda() && t.device() == ref.device(), "rope_split_cuda: ", name, " must be on ",
               ref.device());
   TORCH_CHECK(t.is_contiguous(), "rope_split_cuda: ", name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "rope_split_cuda: ", name, " must be ", ref.scalar_type(),
-              ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "rope_split_cuda: ", name, " must be ", ref.scalar_type(), ", got ",
+              t.scalar_type());
   TORCH_CHECK(t.numel() == numel, "rope_split_cuda: ", name, " has ", t.numel(), " elements, expected ", numel);
 }
 
 void check_heads(int64_t nq, int64_t nk, int64_t d) {
-  TORCH_CHECK(nq > 0 && nk > 0 && d > 0 && d % 2 == 0, "rope_split_cuda: heads must be positive and head_dim even, got ",
-              nq, ", ", nk, ", ", d);
+  TORCH_CHECK(nq > 0 && nk > 0 && d > 0 && d % 2 == 0,
+              "rope_split_cuda: heads must be positive and head_dim even, got ", nq, ", ", nk, ", ", d);
   TORCH_CHECK((nq + 2 * nk) * d < (int64_t{1} << 31), "rope_split_cuda: row too wide");
 }
 
@@ -241,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split_fwd_cuda(const at::Ten
     s.push_back(d);
     return s;
   };
-  auto q = at::empty(shape(nq), y.options()), k = at::empty(shape(nk), y.options()), v = at::empty(shape(nk), y.options());
+  auto q = at::empty(shape(nq), y.options()), k = at::empty(shape(nk), y.options()),
+       v = at::empty(shape(nk), y.options());
   if (rows == 0) return {q, k, v};
   dispatch_float_types(y.scalar_type(), "rope_split_cuda", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

@@ -116,16 +116,22 @@ bool vector_ok(const Layout& l, std::initializer_list<const void*> ptrs) {
 template <typename T>
 static void launch_fwd(const T* g, const T* u, const Layout& l, T* out, cudaStream_t stream) {
   constexpr int v = 16 / sizeof(T);
-  if (vector_ok<T>(l, {g, u, out})) swiglu_fwd_kernel<T, v><<<grid_for(l, v), kThreads, 0, stream>>>(g, u, l, out);
-  else swiglu_fwd_kernel<T, 1><<<grid_for(l, 1), kThreads, 0, stream>>>(g, u, l, out);
+  if (vector_ok<T>(l, {g, u, out})) {
+    swiglu_fwd_kernel<T, v><<<grid_for(l, v), kThreads, 0, stream>>>(g, u, l, out);
+  } else {
+    swiglu_fwd_kernel<T, 1><<<grid_for(l, 1), kThreads, 0, stream>>>(g, u, l, out);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 static void launch_bwd(const T* dy, const T* g, const T* u, const Layout& l, T* dg, T* du, cudaStream_t stream) {
   constexpr int v = 16 / sizeof(T);
-  if (vector_ok<T>(l, {dy, g, u, dg, du})) swiglu_bwd_kernel<T, v><<<grid_for(l, v), kThreads, 0, stream>>>(dy, g, u, l, dg, du);
-  else swiglu_bwd_kernel<T, 1><<<grid_for(l, 1), kThreads, 0, stream>>>(dy, g, u, l, dg, du);
+  if (vector_ok<T>(l, {dy, g, u, dg, du})) {
+    swiglu_bwd_kernel<T, v><<<grid_for(l, v), kThreads, 0, stream>>>(dy, g, u, l, dg, du);
+  } else {
+    swiglu_bwd_kernel<T, 1><<<grid_for(l, 1), kThreads, 0, stream>>>(dy, g, u, l, dg, du);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -201,7 +201,8 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
       StepResult ref = run_model(gpu, at::kBFloat16, model::FusedMode::Off, ckpt, dropout, true, 21);
       StepResult got = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, dropout, true, 21);
       StepResult exact = run_model(gpu, at::kFloat, model::FusedMode::Off, ckpt, dropout, true, 21);
-      const std::string what = std::string("gpu bf16") + (ckpt ? ", checkpointing" : "") + (dropout > 0 ? ", dropout" : "");
+      const std::string what =
+          std::string("gpu bf16") + (ckpt ? ", checkpointing" : "") + (dropout > 0 ? ", dropout" : "");
       expect_close(got, ref, 2e-2, what.c_str());
       if (dropout == 0.0) {
         // Against float32 (without dropout: the masks drawn for bf16 and f32 tensors differ). bf16 itself

@@ -47,7 +47,8 @@ void check_against_peft(at::Device dev, model::FusedMode mode, const char* what)
   const at::Tensor got = logits.detach().cpu();
   const double el = test::rel_err(valid_rows(got, mask), valid_rows(want, mask));
   at::Tensor lab = labels.slice(1, 1).ne(-100);
-  const double dlogits = (got.slice(1, 0, -1).index({lab}) - want.slice(1, 0, -1).index({lab})).abs().max().item<double>();
+  const double dlogits =
+      (got.slice(1, 0, -1).index({lab}) - want.slice(1, 0, -1).index({lab})).abs().max().item<double>();
   const double want_loss = ref->tensor("peft_loss").item<double>();
   const double dloss = std::abs(loss.item<double>() - want_loss);
   EXPECT_LT(el, 2e-5);
