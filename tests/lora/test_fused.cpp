@@ -241,16 +241,11 @@ TEST(FusedPath, RopeSplitKernelMatchesCompositeBitForBit) {
       auto [q1, k1, v1] = model::rope_split(y1, rope.cos, rope.sin, nq, nk, d);
       torch::autograd::backward({q1, k1, v1}, {dq, dk, dv});
 
-      // The composite, written as the per-projection path computes it ([B, n, T, D] layout).
+      // The composite of the per-projection path (model::apply_rope, [B, n, T, D] layout).
       auto y2 = y.clone().requires_grad_(true);
       auto heads = y2.view({b, t, nq + 2 * nk, d});
-      auto rot = [&](const at::Tensor& x) {  // x [B, n, T, D]
-        auto c = rope.cos.unsqueeze(1), s = rope.sin.unsqueeze(1);
-        auto r = at::cat({-x.narrow(-1, d / 2, d / 2), x.narrow(-1, 0, d / 2)}, -1);
-        return x * c + r * s;
-      };
-      auto q2 = rot(heads.narrow(2, 0, nq).transpose(1, 2)).transpose(1, 2);
-      auto k2 = rot(heads.narrow(2, nq, nk).transpose(1, 2)).transpose(1, 2);
+      auto q2 = model::apply_rope(heads.narrow(2, 0, nq).transpose(1, 2), rope).transpose(1, 2);
+      auto k2 = model::apply_rope(heads.narrow(2, nq, nk).transpose(1, 2), rope).transpose(1, 2);
       auto v2 = heads.narrow(2, nq + nk, nk);
       torch::autograd::backward({q2, k2, v2}, {dq, dk, dv});
 

@@ -1,6 +1,8 @@
 // The fused projection groups, RoPE split and packed SwiGLU; see fused.h for what and why.
 #include "trainer/model/fused.h"
 
+#include "trainer/model/llama.h"
+
 #ifdef QLORA_WITH_CUDA
 #include "kernels/ops.h"
 #endif
@@ -30,7 +32,6 @@ struct GroupState : torch::CustomClassHolder {
   };
   std::vector<Member> members;
   int64_t in = 0, total = 0;
-  std::vector<int64_t> x_sizes;
 };
 
 // The group's weights dequantized one under the other: [total, in] in `dtype`.
@@ -73,7 +74,6 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       saved.insert(saved.end(), {xa, mask, a, b});
     }
     ctx->save_for_backward(saved);
-    st->x_sizes = x.sizes().vec();
     ctx->saved_data["state"] = c10::IValue::make_capsule(st);
     return y;
   }
@@ -109,7 +109,11 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
         else dx.addmm_(dxa, a);
       }
     }
-    if (dx.defined()) grads[0] = dx.view(st->x_sizes);
+    if (dx.defined()) {
+      auto x_sizes = grad[0].sizes().vec();  // x's shape: the output's with `in` for the last dimension
+      x_sizes.back() = st->in;
+      grads[0] = dx.view(x_sizes);
+    }
     return grads;
   }
 };
@@ -160,13 +164,6 @@ struct SwiGLUPackedFunction : public torch::autograd::Function<SwiGLUPackedFunct
 };
 #endif
 
-// x [B, T, n, D]; cos/sin [B, T, D]: HF's x * cos + rotate_half(x) * sin (the CPU composite).
-at::Tensor rope_btnd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor rot = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-  return x * cos.unsqueeze(2) + rot * sin.unsqueeze(2);
-}
-
 }  // namespace
 
 void set_fused_mode(FusedMode mode) { g_mode.store(mode); }
@@ -203,6 +200,11 @@ at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::
   return ProjectionGroupFunction::apply(x, at::TensorList(lora), st);
 }
 
+at::Tensor project(Linear& l, const at::Tensor& x) {
+  if (at::Tensor y = fused_projections({&l}, x); y.defined()) return y;
+  return l.forward(x);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split(const at::Tensor& qkv, const at::Tensor& cos,
                                                           const at::Tensor& sin, int64_t nq, int64_t nk, int64_t d) {
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(-1) == (nq + 2 * nk) * d, "rope_split: qkv must be [B, T, (nq + 2 nk) D]");
@@ -212,9 +214,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split(const at::Tensor& qkv,
     return {out[0], out[1], out[2]};
   }
 #endif
+  // The modules' composite ([B, n, T, D] layout), returned in [B, T, n, D].
   const at::Tensor heads = qkv.view({qkv.size(0), qkv.size(1), nq + 2 * nk, d});
-  return {rope_btnd(heads.narrow(2, 0, nq), cos, sin).contiguous(),
-          rope_btnd(heads.narrow(2, nq, nk), cos, sin).contiguous(), heads.narrow(2, nq + nk, nk).contiguous()};
+  const Rope rope{cos, sin};
+  auto rotated = [&](int64_t first, int64_t n) {
+    return apply_rope(heads.narrow(2, first, n).transpose(1, 2), rope).transpose(1, 2).contiguous();
+  };
+  return {rotated(0, nq), rotated(nq, nk), heads.narrow(2, nq + nk, nk).contiguous()};
 }
 
 at::Tensor swiglu_packed(const at::Tensor& gu) {

@@ -34,6 +34,9 @@ FusedMode fused_mode();
 // fused path does not apply to this group and input (then call each member's forward).
 at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::Tensor& x);
 
+// One projection: through the fused path when it applies, else the module's own forward.
+at::Tensor project(Linear& l, const at::Tensor& x);
+
 // RoPE on the packed q|k|v output [B, T, (nq + 2 nk) D] with cos/sin [B, T, D]; returns q [B, T, nq, D],
 // k [B, T, nk, D] (rotated) and v [B, T, nk, D], each contiguous. Differentiable.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split(const at::Tensor& qkv, const at::Tensor& cos,

@@ -69,11 +69,14 @@ at::Tensor rotate_half(const at::Tensor& x) {
   return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
 }
 
-// x [B, n, T, D]; cos/sin [B, T, D]
+}  // namespace
+
 at::Tensor apply_rope(const at::Tensor& x, const Rope& rope) {
   at::Tensor c = rope.cos.unsqueeze(1), s = rope.sin.unsqueeze(1);
   return x * c + rotate_half(x) * s;
 }
+
+namespace {
 
 // [B, nkv, S, D] -> [B, nkv * rep, S, D]; head h reads kv head h / rep (HF's repeat_kv).
 at::Tensor repeat_kv(const at::Tensor& x, int64_t rep) {
@@ -171,8 +174,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const a
     out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/t > 1, scale);
   }
   out = out.transpose(1, 2).reshape({b, t, num_heads * head_dim});
-  if (at::Tensor o = fused_projections({o_proj.get()}, out); o.defined()) return o;
-  return o_proj->forward(out);
+  return project(*o_proj, out);
 }
 
 MLPImpl::MLPImpl(std::shared_ptr<Linear> gate, std::shared_ptr<Linear> up, std::shared_ptr<Linear> down) {
@@ -202,9 +204,7 @@ struct SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
   if (at::Tensor gu = fused_projections({gate_proj.get(), up_proj.get()}, x); gu.defined()) {
-    at::Tensor act = swiglu_packed(gu);
-    if (at::Tensor y = fused_projections({down_proj.get()}, act); y.defined()) return y;
-    return down_proj->forward(act);
+    return project(*down_proj, swiglu_packed(gu));
   }
   at::Tensor g = gate_proj->forward(x), u = up_proj->forward(x);
 #ifdef QLORA_WITH_CUDA

@@ -39,6 +39,8 @@ struct Rope {
 at::Tensor rope_inv_freq(const LlamaArch& arch, int64_t seq_len, at::Device device);
 // cos/sin for position_ids [B, T] (int64), cast to dtype.
 Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype);
+// HF's x * cos + rotate_half(x) * sin on x [B, n, T, D] (the composite that rope_split's kernel replaces).
+at::Tensor apply_rope(const at::Tensor& x, const Rope& rope);
 
 class RMSNormImpl : public torch::nn::Module {
  public:
