@@ -6,6 +6,8 @@
 #     quick  + kernel benchmark + our training step (7B, r 16, checkpointing on/off) + transformers/PEFT bf16
 #     full   + r 64, the bitsandbytes 4-bit Python stack
 #     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
+#     profile build + GPU tests + one profiled 7B step (r 16) with and without checkpointing: the busiest
+#            kernels printed, the Chrome traces in results.tgz
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
 # Headers the machine lacks (CLI11) and bitsandbytes (pure Python + its CUDA library) travel in .deps/,
@@ -73,6 +75,17 @@ if [ "$MODE" = long ]; then
     if "$PY" scripts/bench_hf.py --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/hf_seq$s.json" >/dev/null 2>&1; then
       echo "hf seq $s: ok"; else echo "hf seq $s: failed"; break; fi
   done
+  exit $status
+fi
+
+if [ "$MODE" = profile ]; then
+  for c in off on; do
+    echo "== profile, llama2-7b, r 16, checkpointing $c"
+    "$Q" bench --shape llama2-7b --r 16 --checkpointing "$c" --warmup 2 --steps 3 --json "$OUT/ours_ckpt_$c.json" \
+      --profile "$OUT/trace_ckpt_$c.json" 2>&1 | grep -vE "^trace:" | head -40
+  done
+  (cd "$OUT" && gzip -f trace_*.json && tar czf /tmp/qlora-results.tgz . && find . -type f -delete \
+    && mv /tmp/qlora-results.tgz results.tgz)
   exit $status
 fi
 
