@@ -115,6 +115,20 @@ TEST(FusedPath, MatchesModulesOnCpuFloat32) {
   }
 }
 
+TEST(FusedPath, CheckpointingChangesNothingOnCpu) {
+  // The recomputation runs the same ops on the same values and keeps its dequantized weights for the
+  // backward (KeepDequantizedWeights) instead of dequantizing again: the step must be bit for bit the one
+  // without checkpointing. With and without unadapted members (whose groups save only the weights).
+  const at::Device cpu(at::kCPU);
+  for (const auto& targets : {kAllProjections, std::vector<std::string>{"q_proj", "v_proj", "down_proj"}}) {
+    StepResult plain = run_model(cpu, at::kFloat, model::FusedMode::On, false, 0.0, true, 1, targets);
+    StepResult ckpt = run_model(cpu, at::kFloat, model::FusedMode::On, true, 0.0, true, 1, targets);
+    EXPECT_TRUE(test::same_bits(ckpt.logits, plain.logits));
+    ASSERT_EQ(ckpt.grads.size(), plain.grads.size());
+    for (size_t i = 0; i < plain.grads.size(); ++i) EXPECT_TRUE(test::same_bits(ckpt.grads[i], plain.grads[i])) << i;
+  }
+}
+
 TEST(FusedPath, GroupsWithUnadaptedMembers) {
   // PEFT's Llama default adapts q and v only: the q|k|v group then has a member without a branch, and
   // gate|up none at all.

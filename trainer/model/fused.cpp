@@ -17,6 +17,7 @@ namespace qlora::model {
 namespace {
 
 std::atomic<FusedMode> g_mode{FusedMode::Auto};
+thread_local bool t_keep_weights = false;  // KeepDequantizedWeights
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -28,10 +29,13 @@ struct GroupState : torch::CustomClassHolder {
     quant::Quantized4bit weight;  // frozen [out, in]
     int64_t out = 0, offset = 0;  // columns [offset, offset + out) of the packed output
     int lora = -1;                // index of its (A, B) pair in the tensor list, -1 if not adapted
+    int64_t rank = 0, col = 0;    // its adapter's columns [col, col + rank) of the packed x A^T
     double scaling = 0.0, dropout = 0.0;
   };
   std::vector<Member> members;
   int64_t in = 0, total = 0;
+  int64_t ranks = 0;         // the adapted members' ranks summed: the width of the packed x A^T
+  bool any_dropout = false;  // then each adapted member reads its own dropped-out copy of x
 };
 
 // The group's weights dequantized one under the other: [total, in] in `dtype`.
@@ -48,6 +52,21 @@ at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a, b).to(at::kFloat);
 }
 
+// out = alpha * a @ b, written without reading out (beta 0): into a column block of a wider matrix, whose
+// row stride the GEMM takes as its leading dimension.
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  at::addmm_out(out, out, a, b, /*beta=*/0.0, alpha);
+}
+
+// The LoRA branches ride on the base GEMM instead of costing passes over the activations of their own:
+//   forward   xa = x [A_0; A_1; ...]^T  one GEMM for the group (x read once), [n, ranks];
+//             y_i = s_i xa_i B_i^T      written into y's columns (write only, no read-modify-write);
+//             y += x W^T                the base GEMM accumulates onto them (beta 1, free in its epilogue);
+//   backward  dxa_i = s_i dy_i B_i, dB_i = s_i dy_i^T xa_i, dA = dxa^T x (one GEMM, x read once),
+//             dx = dxa [A_0; A_1; ...]  then dx += dy W (beta 1 again).
+// With dropout each adapted member reads its own masked copy of x: its x A_i^T, dA_i and input gradient
+// are then computed per member (the masks are drawn in the modules' order, so the same seed gives the same
+// step as the per-projection path).
 struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGroupFunction> {
   // x [..., in]; lora = A0, B0, A1, B1, ... for the adapted members in order (float32).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList lora,
@@ -59,55 +78,98 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     out_sizes.back() = st->total;
     at::Tensor y = at::empty(out_sizes, x.options());
     at::Tensor y2 = y.view({n, st->total});
-    {
-      const at::Tensor w = dequantize_group(*st, dt, x.device());  // freed at the end of this scope
-      at::mm_out(y2, x2, w.t());
-    }
-    variable_list saved{x2};
-    for (const auto& m : st->members) {
-      if (m.lora < 0) continue;
-      const at::Tensor a = lora[2 * m.lora].to(dt), b = lora[2 * m.lora + 1].to(dt);  // [r, in], [out, r]
-      at::Tensor h = x2, mask;
-      if (m.dropout > 0.0) std::tie(h, mask) = at::native_dropout(x2, m.dropout, /*train=*/true);
-      const at::Tensor xa = at::mm(h, a.t());                                    // [n, r]
-      y2.narrow(1, m.offset, m.out).addmm_(xa, b.t(), /*beta=*/1.0, /*alpha=*/m.scaling);
-      saved.insert(saved.end(), {xa, mask, a, b});
-    }
-    ctx->save_for_backward(saved);
     ctx->saved_data["state"] = c10::IValue::make_capsule(st);
+    // Backward dequantizes the weights again, unless a recomputation asked to keep them.
+    const at::Tensor w = dequantize_group(*st, dt, x.device());
+    const at::Tensor kept = t_keep_weights ? w : at::Tensor();
+    if (st->ranks == 0) {  // no adapter: backward needs only the weights
+      at::mm_out(y2, x2, w.t());
+      ctx->save_for_backward({kept});
+      return y;
+    }
+    std::vector<at::Tensor> as;
+    for (const auto& m : st->members)
+      if (m.lora >= 0) as.push_back(lora[2 * m.lora]);
+    const at::Tensor a_cat = at::cat(as).to(dt);  // [ranks, in]
+    at::Tensor xa = at::empty({n, st->ranks}, x.options());
+    if (!st->any_dropout) at::mm_out(xa, x2, a_cat.t());
+    variable_list saved{kept, x2, xa, a_cat};
+    for (const auto& m : st->members) {
+      at::Tensor ym = y2.narrow(1, m.offset, m.out);
+      if (m.lora < 0) {
+        ym.zero_();  // the base GEMM below accumulates onto y
+        continue;
+      }
+      at::Tensor xam = xa.narrow(1, m.col, m.rank), mask;
+      if (st->any_dropout) {
+        at::Tensor h = x2;
+        if (m.dropout > 0.0) std::tie(h, mask) = at::native_dropout(x2, m.dropout, /*train=*/true);
+        mm_into(xam, h, a_cat.narrow(0, m.col, m.rank).t(), 1.0);
+      }
+      const at::Tensor b = lora[2 * m.lora + 1].to(dt);  // [out, r]
+      mm_into(ym, xam, b.t(), m.scaling);
+      saved.insert(saved.end(), {b, mask});
+    }
+    y2.addmm_(x2, w.t());
+    ctx->save_for_backward(saved);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     const auto st = c10::static_intrusive_pointer_cast<GroupState>(ctx->saved_data["state"].toCapsule());
+    // The kept weights (or none), then with adapters x2, xa, a_cat and (B, mask) per adapted member.
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x2 = saved[0];
     const at::Tensor dy = grad[0].reshape({-1, st->total}).contiguous();  // [n, total]
-    at::Tensor dx;
-    if (ctx->needs_input_grad(0)) {
-      const at::Tensor w = dequantize_group(*st, dy.scalar_type(), dy.device());
-      dx = at::mm(dy, w);  // [n, in]
-    }
+    const int64_t n = dy.size(0);
+    const bool need_dx = ctx->needs_input_grad(0);
     int64_t lora_count = 0;
     for (const auto& m : st->members) lora_count += m.lora >= 0;
     variable_list grads(1 + 2 * lora_count + 1);  // x, each A and B, and the (non-tensor) state
-    size_t k = 1;
-    for (const auto& m : st->members) {
-      if (m.lora < 0) continue;
-      const at::Tensor &xa = saved[k], &mask = saved[k + 1], &a = saved[k + 2], &b = saved[k + 3];
-      k += 4;
-      const double keep_scale = m.dropout > 0.0 ? 1.0 / (1.0 - m.dropout) : 1.0;
-      const at::Tensor dyi = dy.narrow(1, m.offset, m.out);  // [n, out]
-      const at::Tensor dxa = at::mm(dyi, b).mul_(m.scaling);  // [n, r]: gradient of xa
-      if (ctx->needs_input_grad(1 + 2 * m.lora)) {
-        const at::Tensor h = mask.defined() ? at::native_dropout_backward(x2, mask, keep_scale) : x2;
-        grads[1 + 2 * m.lora] = mm_float(dxa.t(), h);  // [r, in]
+    at::Tensor dx;
+    if (st->ranks > 0) {
+      const at::Tensor &x2 = saved[1], &xa = saved[2], &a_cat = saved[3];
+      at::Tensor dxa = at::empty({n, st->ranks}, dy.options());  // gradient of xa
+      bool need_da = false;
+      size_t k = 4;
+      for (const auto& m : st->members) {
+        if (m.lora < 0) continue;
+        const at::Tensor& b = saved[k];
+        k += 2;
+        const at::Tensor dym = dy.narrow(1, m.offset, m.out), xam = xa.narrow(1, m.col, m.rank);
+        mm_into(dxa.narrow(1, m.col, m.rank), dym, b, m.scaling);
+        if (ctx->needs_input_grad(2 + 2 * m.lora)) grads[2 + 2 * m.lora] = mm_float(dym.t(), xam).mul_(m.scaling);
+        need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
       }
-      if (ctx->needs_input_grad(2 + 2 * m.lora)) grads[2 + 2 * m.lora] = mm_float(dyi.t(), xa).mul_(m.scaling);
-      if (dx.defined()) {
-        if (mask.defined()) dx.add_(at::native_dropout_backward(at::mm(dxa, a), mask, keep_scale));
-        else dx.addmm_(dxa, a);
+      if (!st->any_dropout) {
+        if (need_da) {
+          const at::Tensor da = mm_float(dxa.t(), x2);  // [ranks, in]
+          for (const auto& m : st->members)
+            if (m.lora >= 0 && ctx->needs_input_grad(1 + 2 * m.lora)) grads[1 + 2 * m.lora] = da.narrow(0, m.col, m.rank);
+        }
+        if (need_dx) dx = at::mm(dxa, a_cat);  // [n, in]; the base GEMM below adds onto it
+      } else {
+        if (need_dx) dx = at::zeros({n, st->in}, dy.options());
+        k = 4;
+        for (const auto& m : st->members) {
+          if (m.lora < 0) continue;
+          const at::Tensor& mask = saved[k + 1];
+          k += 2;
+          const double keep_scale = m.dropout > 0.0 ? 1.0 / (1.0 - m.dropout) : 1.0;
+          const at::Tensor dxam = dxa.narrow(1, m.col, m.rank), am = a_cat.narrow(0, m.col, m.rank);
+          if (ctx->needs_input_grad(1 + 2 * m.lora)) {
+            const at::Tensor h = mask.defined() ? at::native_dropout_backward(x2, mask, keep_scale) : x2;
+            grads[1 + 2 * m.lora] = mm_float(dxam.t(), h);  // [r, in]
+          }
+          if (!need_dx) continue;
+          if (mask.defined()) dx.add_(at::native_dropout_backward(at::mm(dxam, am), mask, keep_scale));
+          else dx.addmm_(dxam, am);
+        }
       }
+    }
+    if (need_dx) {
+      const at::Tensor w = saved[0].defined() ? saved[0] : dequantize_group(*st, dy.scalar_type(), dy.device());
+      if (dx.defined()) dx.addmm_(dy, w);
+      else dx = at::mm(dy, w);
     }
     if (dx.defined()) {
       auto x_sizes = grad[0].sizes().vec();  // x's shape: the output's with `in` for the last dimension
@@ -166,6 +228,9 @@ struct SwiGLUPackedFunction : public torch::autograd::Function<SwiGLUPackedFunct
 
 }  // namespace
 
+KeepDequantizedWeights::KeepDequantizedWeights() : previous_(t_keep_weights) { t_keep_weights = true; }
+KeepDequantizedWeights::~KeepDequantizedWeights() { t_keep_weights = previous_; }
+
 void set_fused_mode(FusedMode mode) { g_mode.store(mode); }
 FusedMode fused_mode() { return g_mode.load(); }
 
@@ -189,8 +254,12 @@ at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::
       if (lr->a.device() != x.device() || lr->a.scalar_type() != at::kFloat || lr->b.scalar_type() != at::kFloat)
         return {};
       m.lora = next_lora++;
+      m.rank = lr->a.size(0);
+      m.col = st->ranks;
+      st->ranks += m.rank;
       m.scaling = lr->scaling;
       m.dropout = lr->dropout;
+      st->any_dropout = st->any_dropout || m.dropout > 0.0;
       lora.push_back(lr->a);
       lora.push_back(lr->b);
     }

@@ -265,6 +265,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     at::Tensor xd = x.detach().requires_grad_(true);
     {
       at::AutoGradMode enable(true);
+      KeepDequantizedWeights keep;  // the backward below follows at once: no second dequantization
       at::Tensor out = layer->forward(xd, rope, mask);
       torch::autograd::backward({out}, {grad_out[0]});
     }
