@@ -66,15 +66,29 @@ grep -hE "^\[  (SKIPPED|FAILED) \]" "$OUT/ctest.log" | sort | uniq | head -20
 
 Q="$BUILD/trainer/cli/qlora"
 if [ "$MODE" = long ]; then
+  # One untimed-warmup-free step per length (memory is the question, not speed), from a length known to
+  # train upwards until the first that does not; LONG_OURS / LONG_HF override the ladders.
   echo "== longest sequence at batch 1 (llama2-7b, r 16, checkpointing on)"
-  for s in 8192 16384 32768 65536; do
-    if "$Q" bench --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/ours_seq$s.json" >/dev/null 2>&1; then
-      echo "ours seq $s: ok"; else echo "ours seq $s: failed"; break; fi
-  done
-  for s in 8192 16384 32768 65536; do
-    if "$PY" scripts/bench_hf.py --shape llama2-7b --r 16 --seq "$s" --warmup 1 --steps 1 --json "$OUT/hf_seq$s.json" >/dev/null 2>&1; then
-      echo "hf seq $s: ok"; else echo "hf seq $s: failed"; break; fi
-  done
+  try_len() {  # try_len ours|hf SEQ
+    local who=$1 s=$2 log="$OUT/$1_seq$2.log" rc
+    if [ "$who" = ours ]; then
+      "$Q" bench --shape llama2-7b --r 16 --seq "$s" --warmup 0 --steps 1 --json "$OUT/ours_seq$s.json" >"$log" 2>&1
+    else
+      "$PY" scripts/bench_hf.py --shape llama2-7b --r 16 --seq "$s" --warmup 0 --steps 1 --json "$OUT/hf_seq$s.json" >"$log" 2>&1
+    fi
+    rc=$?
+    if [ $rc -eq 0 ]; then
+      "$PY" -c "import json,sys; j=json.load(open(sys.argv[1])); print(f'{sys.argv[2]:5s} seq {sys.argv[3]:>6}: trains, peak {j[\"peak_bytes\"]/2**30:.1f} GiB, step {j[\"step_ms\"]/1e3:.1f} s')" \
+        "$OUT/${who}_seq$s.json" "$who" "$s"
+    elif grep -qiE "out of memory|OutOfMemory" "$log"; then
+      echo "$who seq $s: out of memory"
+    else
+      echo "$who seq $s: failed (rc $rc)"; tail -3 "$log"
+    fi
+    return $rc
+  }
+  for s in ${LONG_OURS:-65536 98304 131072}; do try_len ours "$s" || break; done
+  for s in ${LONG_HF:-32768 65536 98304}; do try_len hf "$s" || break; done
   exit $status
 fi
 
