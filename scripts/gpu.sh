@@ -67,7 +67,7 @@ grep -hE "^\[  (SKIPPED|FAILED) \]" "$OUT/ctest.log" | sort | uniq | head -20
 Q="$BUILD/trainer/cli/qlora"
 if [ "$MODE" = long ]; then
   # One untimed-warmup-free step per length (memory is the question, not speed), from a length known to
-  # train upwards until the first that does not; LONG_OURS / LONG_HF override the ladders.
+  # train upwards until the first that does not; LONG_OURS / LONG_HF override the ladders (empty: skip).
   echo "== longest sequence at batch 1 (llama2-7b, r 16, checkpointing on)"
   try_len() {  # try_len ours|hf SEQ
     local who=$1 s=$2 log="$OUT/$1_seq$2.log" rc
@@ -87,8 +87,9 @@ if [ "$MODE" = long ]; then
     fi
     return $rc
   }
-  for s in ${LONG_OURS:-65536 98304 131072}; do try_len ours "$s" || break; done
-  for s in ${LONG_HF:-32768 65536 98304}; do try_len hf "$s" || break; done
+  for s in ${LONG_OURS-65536 98304 131072 163840}; do try_len ours "$s" || break; done
+  for s in ${LONG_HF-32768 65536 98304}; do try_len hf "$s" || break; done
+  (cd "$OUT" && tar czf /tmp/qlora-results.tgz . && find . -type f -delete && mv /tmp/qlora-results.tgz results.tgz)
   exit $status
 fi
 
