@@ -1,13 +1,29 @@
 #include "trainer/cli/run_context.h"
 
+#include <c10/core/AllocatorConfig.h>
+
+#include <cstdlib>
+
 #include "trainer/core/error.h"
 
 namespace qlora::cli {
 
 namespace fs = std::filesystem;
 
+namespace {
+// Unless the user configured PyTorch's caching allocator (PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF),
+// it grows its segments in place (expandable segments) instead of keeping blocks of every size it once
+// needed. Long sequences need it: the 7B shape at 160K tokens failed with 20 GiB of the card reserved
+// but unallocated when a 6.7 GiB block was asked for. Before the first CUDA allocation.
+void default_cuda_allocator_settings() {
+  if (std::getenv("PYTORCH_ALLOC_CONF") || std::getenv("PYTORCH_CUDA_ALLOC_CONF")) return;
+  c10::CachingAllocator::setAllocatorSettings("expandable_segments:True");
+}
+}  // namespace
+
 RunContext resolve_run_context(Device device, DType dtype) {
   const bool gpu = at::hasCUDA() && at::getNumGPUs() > 0;
+  if (gpu) default_cuda_allocator_settings();
   RunContext c;
   if (device == Device::CUDA) {
     QLORA_REQUIRE(gpu, "model.device is cuda but no CUDA GPU is usable here (set model.device: cpu or auto)");
