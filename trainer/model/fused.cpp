@@ -90,7 +90,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     std::vector<at::Tensor> as;
     for (const auto& m : st->members)
       if (m.lora >= 0) as.push_back(lora[2 * m.lora]);
-    const at::Tensor a_cat = at::cat(as).to(dt);  // [ranks, in]
+    const at::Tensor a_cat = (as.size() == 1 ? as[0] : at::cat(as)).to(dt);  // [ranks, in]
     at::Tensor xa = at::empty({n, st->ranks}, x.options());
     if (!st->any_dropout) at::mm_out(xa, x2, a_cat.t());
     variable_list saved{kept, x2, xa, a_cat};
