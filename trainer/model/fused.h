@@ -1,16 +1,18 @@
 // The fused path of a Llama layer: the projections that read the same input computed as one group.
 //
-//   q|k|v   one dequantized [(nq + 2 nk) D, H] weight, one GEMM, the LoRA branches added into the packed
-//           output in place, then RoPE and the split into q, k, v in one kernel (rope_split);
-//   gate|up one [2 I, H] GEMM, then SwiGLU reads the packed halves (swiglu_packed);
+//   q|k|v   one dequantized [(nq + 2 nk) D, H] weight and one GEMM, which accumulates onto the LoRA
+//           branches written into the packed output first (one x A^T GEMM for the group's adapters), then
+//           RoPE and the split into q, k, v in one kernel (rope_split);
+//   gate|up one [2 I, H] GEMM likewise, then SwiGLU reads the packed halves (swiglu_packed);
 //   o, down the same group machinery with one member.
-// Backward mirrors it: one dequantize and one GEMM for the input gradient of the whole group, the LoRA
-// input gradients accumulated into it in place, adapter gradients produced in float32 directly.
+// Backward mirrors it: the LoRA input gradient of the whole group first, then one dequantize and one GEMM
+// accumulating the base input gradient onto it; adapter gradients produced in float32 directly, one dA GEMM
+// per group. fused.cpp spells out each GEMM.
 //
 // Numerics: the same math as the per-projection modules (LoraLinear over Quant4Linear); rounding differs
-// within the compute dtype (the LoRA branch is added by the GEMM, its scaling folded into that GEMM;
-// adapter gradients accumulate in float32 instead of being rounded to the compute dtype first). RoPE and
-// SwiGLU are bit-identical to the composite.
+// within the compute dtype (the base GEMM adds onto the rounded LoRA branch, whose scaling its own GEMM
+// applies; adapter gradients accumulate in float32 instead of being rounded to the compute dtype first).
+// RoPE and SwiGLU are bit-identical to the composite.
 //
 // Applies when every member is a frozen 4-bit base (optionally with LoRA) computing in the input's dtype;
 // otherwise the callers use the modules as before. Mode: Auto = on CUDA tensors only (the CPU path stays
