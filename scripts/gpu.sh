@@ -67,10 +67,21 @@ if [ -z "${NO_TESTS:-}" ]; then  # NO_TESTS=1: a follow-up call whose tests alre
 fi
 [ "$MODE" = tests ] && exit $status
 
+# The device tool returns at most 8 files: everything in $OUT goes back as one archive (plus the files
+# named, kept beside it).
+pack_results() {
+  local keep=("$@") f
+  (cd "$OUT" && tar czf /tmp/qlora-results.tgz --exclude results.tgz . || exit 1
+   find . -type f ! -name results.tgz -print | while read -r f; do
+     [[ " ${keep[*]} " == *" ${f#./} "* ]] || rm -f "$f"
+   done
+   mv /tmp/qlora-results.tgz results.tgz)
+}
+
 Q="$BUILD/trainer/cli/qlora"
 if [ "$MODE" = long ]; then
-  # One untimed-warmup-free step per length (memory is the question, not speed), from a length known to
-  # train upwards until the first that does not; LONG_OURS / LONG_HF override the ladders (empty: skip).
+  # One step per length and no warmup (memory is the question, not speed), from a length known to train
+  # upwards until the first that does not; LONG_OURS / LONG_HF override the ladders (empty: skip).
   echo "== longest sequence at batch 1 (llama2-7b, r 16, checkpointing on)"
   try_len() {  # try_len ours|hf SEQ
     local who=$1 s=$2 log="$OUT/$1_seq$2.log" rc
@@ -92,7 +103,7 @@ if [ "$MODE" = long ]; then
   }
   for s in ${LONG_OURS-65536 98304 131072 163840}; do try_len ours "$s" || break; done
   for s in ${LONG_HF-32768 65536 98304}; do try_len hf "$s" || break; done
-  (cd "$OUT" && tar czf /tmp/qlora-results.tgz . && find . -type f -delete && mv /tmp/qlora-results.tgz results.tgz)
+  pack_results
   exit $status
 fi
 
@@ -102,8 +113,8 @@ if [ "$MODE" = profile ]; then
     "$Q" bench --shape llama2-7b --r 16 --checkpointing "$c" --warmup 2 --steps 3 --json "$OUT/ours_ckpt_$c.json" \
       --profile "$OUT/trace_ckpt_$c.json" 2>&1 | grep -vE "^trace:" | head -40
   done
-  (cd "$OUT" && gzip -f trace_*.json && tar czf /tmp/qlora-results.tgz . && find . -type f -delete \
-    && mv /tmp/qlora-results.tgz results.tgz)
+  gzip -f "$OUT"/trace_*.json
+  pack_results
   exit $status
 fi
 
@@ -139,7 +150,5 @@ fi
 
 echo "== summary ($(head -1 "$OUT/gpu.txt"), ${SECONDS}s)"
 "$PY" scripts/gpu_table.py "$OUT" | tee "$OUT/table.txt"
-# The device tool returns at most 8 files: everything goes back as one archive plus the table.
-(cd "$OUT" && tar czf /tmp/qlora-results.tgz --exclude results.tgz . && find . -type f ! -name table.txt -delete \
-  && mv /tmp/qlora-results.tgz results.tgz)
+pack_results table.txt
 exit $status
