@@ -13,20 +13,16 @@ import subprocess
 import sys
 import tempfile
 
+from checks import Checks
+
 D = os.path.join(os.environ["QLORA_TEST_DATA"], "export")
 CLI = os.environ["QLORA_CLI"]
-failures = []
+check = Checks()
 
 
 def run(*args):
     p = subprocess.run([CLI, *args], capture_output=True, text=True)
     return p.returncode, p.stdout, p.stderr
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what)
-    if not cond:
-        failures.append(what)
 
 
 def main():
@@ -84,11 +80,7 @@ def main():
     check(rc == 1 and "shape" in se and "adapter_model.safetensors" in se, f"adapter shape misfit: {se.strip()}")
     check(not os.path.exists(os.path.join(tmp, "m2")), "no output left behind after a failed export")
 
-    if failures:
-        print("FAILED:", failures, file=sys.stderr)
-        return 1
-    print("OK")
-    return 0
+    return check.report()
 
 
 if __name__ == "__main__":

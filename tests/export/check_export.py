@@ -34,16 +34,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from checks import Checks
+
 D = os.path.join(os.environ["QLORA_TEST_DATA"], "export")
 CLI = os.environ["QLORA_CLI"]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-failures = []
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what)
-    if not cond:
-        failures.append(what)
+check = Checks()
 
 
 def export(out, *args):
@@ -207,11 +203,7 @@ def main():
                   f"vs the unquantized merge: {r_q:.3e} (re-quantization error)")
             check(r < 2e-2 and r_q > 5 * r, "merged-4bit: bnb's bf16 logits equal the dequantized model's")
 
-    if failures:
-        print("FAILED:", failures, file=sys.stderr)
-        return 1
-    print("OK")
-    return 0
+    return check.report()
 
 
 if __name__ == "__main__":

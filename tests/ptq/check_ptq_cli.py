@@ -34,19 +34,14 @@ sys.path.insert(0, os.path.join(HERE, "..", "quant"))
 sys.path.insert(0, HERE)
 from bnb_ref import generic_dequant  # noqa: E402
 from make_ptq_fixture import int8_ref  # noqa: E402
+from checks import Checks  # noqa: E402
 
 DIR = os.path.join(os.environ["QLORA_TEST_DATA"], "ptq")
 MODEL = os.path.join(DIR, "model")
 CLI = os.environ["QLORA_CLI"]
 MSE_RTOL, SQNR_ATOL = 1e-10, 1e-9
 
-failures = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg, file=sys.stderr)
+check = Checks(passes=False)
 
 
 def cli(*args):
@@ -226,8 +221,7 @@ def main():
         check_out_int8(tmp, False, False)
         check_out_int8(tmp, False, True)
         check_errors(tmp)
-    print(f"{len(failures)} failures")
-    return 1 if failures else 0
+    return check.report()
 
 
 if __name__ == "__main__":

@@ -9,14 +9,10 @@ import subprocess
 import sys
 import tempfile
 
+from checks import Checks
+
 CLI = os.environ["QLORA_CLI"]
-failures = []
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what)
-    if not cond:
-        failures.append(what)
+check = Checks()
 
 
 def bench(*args):
@@ -53,5 +49,4 @@ with tempfile.TemporaryDirectory() as d:
     p = bench("--seq", "1")
     check(p.returncode != 0 and "--seq" in p.stderr, "--seq 1 is refused naming the option")
 
-print(f"{len(failures)} failure(s)")
-sys.exit(1 if failures else 0)
+sys.exit(check.report())

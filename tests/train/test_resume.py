@@ -26,6 +26,8 @@ import tempfile
 import torch
 from safetensors.torch import load_file
 
+from checks import Checks
+
 CLI = os.environ["QLORA_CLI"]
 DATA = os.environ["QLORA_TEST_DATA"]
 STEPS, EVERY, KILL_AT = 12, 4, 6
@@ -42,14 +44,7 @@ checkpoint: {{every: {every}, keep_last: 2, resume: none}}
 output: {{dir: {out}, export_adapter: true, export_merged: false}}
 """
 
-failures = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg, flush=True)
-    return cond
+check = Checks(passes=False)
 
 
 def train(work, out, *sets, env_extra=None):
@@ -98,7 +93,7 @@ def same_tensors(a_path, b_path, what):
 
 def same_run(ref, out, what):
     """Bit-identical final weights and equal logged numbers."""
-    before = len(failures)
+    before = len(check.failures)
     n = same_tensors(os.path.join(ref, "adapter", "adapter_model.safetensors"),
                      os.path.join(out, "adapter", "adapter_model.safetensors"), f"{what}: adapter")
     last = f"step-{STEPS:08d}"
@@ -113,7 +108,7 @@ def same_run(ref, out, what):
             check(ot[s]["loss"] == rt[s]["loss"] and ot[s]["lr"] == rt[s]["lr"],
                   f"{what}: step {s} loss/lr {ot[s]['loss']}/{ot[s]['lr']} != {rt[s]['loss']}/{rt[s]['lr']}")
     check(oe == re_, f"{what}: eval losses {oe} != {re_}")
-    if len(failures) == before:
+    if len(check.failures) == before:
         print(f"{what}: {n} adapter tensors bit-identical, {len(rt)} step losses and {len(re_)} eval losses equal",
               flush=True)
 
@@ -193,11 +188,7 @@ def main():
         check("training diverged: 3 non-finite losses in a row" in err, f"abort message missing:\n{err[-2000:]}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if failures:
-        print(f"{len(failures)} failure(s)", file=sys.stderr)
-        return 1
-    print("OK")
-    return 0
+    return check.report()
 
 
 if __name__ == "__main__":
