@@ -100,6 +100,13 @@ void expect_close(const StepResult& a, const StepResult& b, double tol, const ch
   EXPECT_LE(eg, tol) << what;
 }
 
+void expect_same_bits(const StepResult& a, const StepResult& b, const char* what) {
+  EXPECT_TRUE(test::same_bits(a.logits, b.logits)) << what << ": logits";
+  ASSERT_EQ(a.grads.size(), b.grads.size()) << what;
+  for (size_t i = 0; i < a.grads.size(); ++i)
+    EXPECT_TRUE(test::same_bits(a.grads[i], b.grads[i])) << what << ": gradient " << i;
+}
+
 // float32 tolerance: the two paths sum the same products in different orders (the LoRA branch inside the
 // base GEMM, gradients through one GEMM per group): a few ulps of 2^-24 per accumulation over at most a few
 // hundred terms, amplified by two layers and the softmax; 1e-5 relative leaves a wide margin over the
@@ -123,18 +130,15 @@ TEST(FusedPath, CheckpointingChangesNothingOnCpu) {
   for (const auto& targets : {kAllProjections, std::vector<std::string>{"q_proj", "v_proj", "down_proj"}}) {
     StepResult plain = run_model(cpu, at::kFloat, model::FusedMode::On, false, 0.0, true, 1, targets);
     StepResult ckpt = run_model(cpu, at::kFloat, model::FusedMode::On, true, 0.0, true, 1, targets);
-    EXPECT_TRUE(test::same_bits(ckpt.logits, plain.logits));
-    ASSERT_EQ(ckpt.grads.size(), plain.grads.size());
-    for (size_t i = 0; i < plain.grads.size(); ++i) EXPECT_TRUE(test::same_bits(ckpt.grads[i], plain.grads[i])) << i;
+    expect_same_bits(ckpt, plain, targets.size() == kAllProjections.size() ? "all targets" : "q/v/down only");
   }
 }
 
 TEST(FusedPath, GroupsWithUnadaptedMembers) {
   // PEFT's Llama default adapts q and v only: the q|k|v group then has a member without a branch, and
-  // gate|up none at all.
+  // gate|up none at all. Without dropout the group's adapters share one x A^T GEMM and k's output columns
+  // start at zero for the base GEMM to accumulate onto; with dropout each adapter reads its own masked x.
   const at::Device cpu(at::kCPU);
-  // Without dropout the group's adapters share one x A^T GEMM and k's output columns start at zero
-  // for the base GEMM to accumulate onto; with dropout each adapter reads its own masked x.
   const std::vector<std::string> targets{"q_proj", "v_proj", "down_proj"};
   for (double dropout : {0.0, 0.1}) {
     StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, false, dropout, true, 4, targets);
@@ -172,8 +176,7 @@ TEST(FusedPath, AutoModeStaysOffOnCpu) {
   const at::Device cpu(at::kCPU);
   StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, false, 0.0, true, 1);
   StepResult got = run_model(cpu, at::kFloat, model::FusedMode::Auto, false, 0.0, true, 1);
-  EXPECT_TRUE(test::same_bits(got.logits, ref.logits));
-  for (size_t i = 0; i < ref.grads.size(); ++i) EXPECT_TRUE(test::same_bits(got.grads[i], ref.grads[i]));
+  expect_same_bits(got, ref, "auto on the cpu");
 }
 
 // Incremental decoding with the KV cache (what `qlora generate` runs) through the fused path: prefill then
