@@ -117,7 +117,8 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     const auto st = c10::static_intrusive_pointer_cast<GroupState>(ctx->saved_data["state"].toCapsule());
-    // The kept weights (or none), then with adapters x2, xa, a_cat and (B, mask) per adapted member.
+    // The kept weights (or none), then with adapters x2, xa, a_cat and (B, mask) per adapted member, in
+    // the order of their lora index: member m's B is saved[4 + 2 m.lora], its mask the one after.
     const auto saved = ctx->get_saved_variables();
     const at::Tensor dy = grad[0].reshape({-1, st->total}).contiguous();  // [n, total]
     const int64_t n = dy.size(0);
@@ -130,11 +131,9 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       const at::Tensor &x2 = saved[1], &xa = saved[2], &a_cat = saved[3];
       at::Tensor dxa = at::empty({n, st->ranks}, dy.options());  // gradient of xa
       bool need_da = false;
-      size_t k = 4;
       for (const auto& m : st->members) {
         if (m.lora < 0) continue;
-        const at::Tensor& b = saved[k];
-        k += 2;
+        const at::Tensor& b = saved[4 + 2 * m.lora];
         const at::Tensor dym = dy.narrow(1, m.offset, m.out), xam = xa.narrow(1, m.col, m.rank);
         mm_into(dxa.narrow(1, m.col, m.rank), dym, b, m.scaling);
         if (ctx->needs_input_grad(2 + 2 * m.lora)) grads[2 + 2 * m.lora] = mm_float(dym.t(), xam).mul_(m.scaling);
@@ -149,11 +148,9 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
         if (need_dx) dx = at::mm(dxa, a_cat);  // [n, in]; the base GEMM below adds onto it
       } else {
         if (need_dx) dx = at::zeros({n, st->in}, dy.options());
-        k = 4;
         for (const auto& m : st->members) {
           if (m.lora < 0) continue;
-          const at::Tensor& mask = saved[k + 1];
-          k += 2;
+          const at::Tensor& mask = saved[5 + 2 * m.lora];
           const double keep_scale = m.dropout > 0.0 ? 1.0 / (1.0 - m.dropout) : 1.0;
           const at::Tensor dxam = dxa.narrow(1, m.col, m.rank), am = a_cat.narrow(0, m.col, m.rank);
           if (ctx->needs_input_grad(1 + 2 * m.lora)) {
