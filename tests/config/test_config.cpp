@@ -36,7 +36,7 @@ const std::vector<std::pair<std::string, std::string>> kEveryKey = {
     {"model.tokenizer", "tok/sp.model"},
     {"model.dtype", "float16"},
     {"model.device", "cpu"},
-    {"model.gradient_checkpointing", "false"},
+    {"model.gradient_checkpointing", "full"},
     {"quant.type", "fp4"},
     {"quant.block_size", "128"},
     {"quant.double_quant", "false"},
@@ -206,7 +206,7 @@ TEST(Config, ReadsYamlWrittenByPyYaml) {
   EXPECT_EQ(c.method, Method::Full);
   EXPECT_EQ(c.model.path, "m p");
   EXPECT_EQ(c.model.dtype, DType::BFloat16);
-  EXPECT_FALSE(c.model.gradient_checkpointing);
+  EXPECT_EQ(c.model.gradient_checkpointing, Checkpointing::Off);  // PyYAML's False: the key was a boolean
   EXPECT_EQ(c.lora.target_modules, (std::vector<std::string>{"down_proj", "up_proj"}));
   EXPECT_EQ(c.lora.alpha, 8.0);
   EXPECT_EQ(c.data.train_file, "a: b.jsonl");
@@ -304,7 +304,7 @@ TEST(Config, DiffAndHash) {
       EXPECT_EQ(config_diff(base, changed), std::vector<std::string>{key}) << key;
     }
   }
-  EXPECT_EQ(neutral, (std::vector<std::string>{"train.log_every", "checkpoint.every", "checkpoint.keep_last",
+  EXPECT_EQ(neutral, (std::vector<std::string>{"model.gradient_checkpointing", "train.log_every", "checkpoint.every", "checkpoint.keep_last",
                                                "checkpoint.resume", "checkpoint.force_resume", "output.dir",
                                                "output.export_adapter", "output.export_merged",
                                                "output.merged_dtype"}));
@@ -331,6 +331,25 @@ TEST(Config, EnumSpellings) {
     EXPECT_EQ(parse_config("", "<t>", {kRequired[0], kRequired[1], "data.format=" + to_string(f)}).data.format, f);
   for (auto s : {Schedule::Constant, Schedule::Linear, Schedule::Cosine})
     EXPECT_EQ(parse_config("", "<t>", {kRequired[0], kRequired[1], "train.schedule=" + to_string(s)}).train.schedule, s);
+  // gradient_checkpointing was a boolean: true and false still read, as selective and off.
+  const std::pair<const char*, Checkpointing> ckpt[] = {{"off", Checkpointing::Off},
+                                                        {"selective", Checkpointing::Selective},
+                                                        {"full", Checkpointing::Full},
+                                                        {"true", Checkpointing::Selective},
+                                                        {"false", Checkpointing::Off}};
+  for (const auto& [text, value] : ckpt) {
+    EXPECT_EQ(parse_config("", "<t>", {kRequired[0], kRequired[1], std::string("model.gradient_checkpointing=") + text})
+                  .model.gradient_checkpointing,
+              value)
+        << text;
+  }
+  EXPECT_EQ(to_string(Checkpointing::Selective), "selective");
+  try {
+    parse_config("", "<t>", {kRequired[0], kRequired[1], "model.gradient_checkpointing=sometimes"});
+    ADD_FAILURE() << "gradient_checkpointing=sometimes was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("off, selective, full"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Config, MethodFullAcceptsUnusedSections) {
@@ -381,7 +400,7 @@ TEST(Config, EveryShippedConfigLoads) {
   EXPECT_EQ(s.data.max_seq_len, 512);
   EXPECT_FALSE(s.data.packing);
   EXPECT_EQ(s.model.dtype, DType::BFloat16);
-  EXPECT_TRUE(s.model.gradient_checkpointing);
+  EXPECT_EQ(s.model.gradient_checkpointing, Checkpointing::Selective);
 
   Config t = load_config(dir / "tiny-cpu.yaml");
   EXPECT_EQ(t.model.device, Device::CPU);

@@ -38,6 +38,12 @@ struct StepResult {
   std::vector<at::Tensor> grads;     // every lora_A / lora_B gradient, float32 on the CPU
 };
 
+using enum Checkpointing;  // Off, Selective, Full
+const Checkpointing kCheckpointing[] = {Off, Selective, Full};
+
+// "", ", selective checkpointing", ", full checkpointing"
+std::string label(Checkpointing c) { return c == Off ? "" : ", " + to_string(c) + " checkpointing"; }
+
 const std::vector<std::string> kAllProjections{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"};
 
@@ -62,7 +68,7 @@ model::LlamaForCausalLM make_model(at::Device dev, at::ScalarType dt, double dro
 }
 
 // One forward + backward of a fresh copy of the same model.
-StepResult run_model(at::Device dev, at::ScalarType dt, model::FusedMode mode, bool checkpointing, double dropout,
+StepResult run_model(at::Device dev, at::ScalarType dt, model::FusedMode mode, Checkpointing checkpointing, double dropout,
                      bool train, uint64_t rng_seed, std::vector<std::string> targets = kAllProjections) {
   ModeGuard guard(mode);
   auto arch = tiny_arch();
@@ -115,22 +121,30 @@ constexpr double kF32Tol = 1e-5;
 
 TEST(FusedPath, MatchesModulesOnCpuFloat32) {
   const at::Device cpu(at::kCPU);
-  for (bool ckpt : {false, true}) {
+  for (Checkpointing ckpt : kCheckpointing) {
     StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, ckpt, 0.0, true, 1);
     StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, ckpt, 0.0, true, 1);
-    expect_close(got, ref, kF32Tol, ckpt ? "cpu f32, checkpointing" : "cpu f32");
+    expect_close(got, ref, kF32Tol, ("cpu f32" + label(ckpt)).c_str());
   }
 }
 
 TEST(FusedPath, CheckpointingChangesNothingOnCpu) {
   // The recomputation runs the same ops on the same values and keeps its dequantized weights for the
-  // backward (KeepDequantizedWeights) instead of dequantizing again: the step must be bit for bit the one
-  // without checkpointing. With and without unadapted members (whose groups save only the weights).
+  // backward (KeepDequantizedWeights) instead of dequantizing again; the selective one starts the MLP from
+  // the kept residual and skips o_proj's and down_proj's GEMMs (their outputs only fed it): the step must
+  // be bit for bit the one without checkpointing. With and without unadapted members (whose groups save
+  // only the weights), and with dropout (the recomputation replays the masks).
   const at::Device cpu(at::kCPU);
   for (const auto& targets : {kAllProjections, std::vector<std::string>{"q_proj", "v_proj", "down_proj"}}) {
-    StepResult plain = run_model(cpu, at::kFloat, model::FusedMode::On, false, 0.0, true, 1, targets);
-    StepResult ckpt = run_model(cpu, at::kFloat, model::FusedMode::On, true, 0.0, true, 1, targets);
-    expect_same_bits(ckpt, plain, targets.size() == kAllProjections.size() ? "all targets" : "q/v/down only");
+    for (double dropout : {0.0, 0.2}) {
+      StepResult plain = run_model(cpu, at::kFloat, model::FusedMode::On, Off, dropout, true, 1, targets);
+      for (Checkpointing ckpt : {Selective, Full}) {
+        StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, ckpt, dropout, true, 1, targets);
+        const std::string what = (targets.size() == kAllProjections.size() ? "all targets" : "q/v/down only") +
+                                 label(ckpt) + (dropout > 0 ? ", dropout" : "");
+        expect_same_bits(got, plain, what.c_str());
+      }
+    }
   }
 }
 
@@ -141,8 +155,8 @@ TEST(FusedPath, GroupsWithUnadaptedMembers) {
   const at::Device cpu(at::kCPU);
   const std::vector<std::string> targets{"q_proj", "v_proj", "down_proj"};
   for (double dropout : {0.0, 0.1}) {
-    StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, false, dropout, true, 4, targets);
-    StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, false, dropout, true, 4, targets);
+    StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, Off, dropout, true, 4, targets);
+    StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, Off, dropout, true, 4, targets);
     EXPECT_EQ(got.grads.size(), 12u);  // 2 layers x 3 projections x (A, B)
     expect_close(got, ref, kF32Tol, dropout > 0 ? "cpu f32, q/v/down only, dropout" : "cpu f32, q/v/down only");
   }
@@ -152,10 +166,10 @@ TEST(FusedPath, DropoutDrawsTheSameMasks) {
   // The fused group draws one mask per adapted projection, in the modules' order, from the same
   // generator: the same seed gives the same training step.
   const at::Device cpu(at::kCPU);
-  for (bool ckpt : {false, true}) {
+  for (Checkpointing ckpt : kCheckpointing) {
     StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, ckpt, 0.25, true, 11);
     StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, ckpt, 0.25, true, 11);
-    expect_close(got, ref, kF32Tol, ckpt ? "cpu f32 dropout 0.25, checkpointing" : "cpu f32 dropout 0.25");
+    expect_close(got, ref, kF32Tol, ("cpu f32 dropout 0.25" + label(ckpt)).c_str());
     // A different seed must change the step (the masks are really drawn).
     StepResult other = run_model(cpu, at::kFloat, model::FusedMode::On, ckpt, 0.25, true, 12);
     EXPECT_GT(test::rel_err(other.logits, got.logits), 1e-3);
@@ -164,9 +178,9 @@ TEST(FusedPath, DropoutDrawsTheSameMasks) {
 
 TEST(FusedPath, EvalModeIgnoresDropout) {
   const at::Device cpu(at::kCPU);
-  StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, false, 0.25, false, 1);
-  StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, false, 0.25, false, 2);
-  StepResult plain = run_model(cpu, at::kFloat, model::FusedMode::On, false, 0.0, false, 3);
+  StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, Off, 0.25, false, 1);
+  StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, Off, 0.25, false, 2);
+  StepResult plain = run_model(cpu, at::kFloat, model::FusedMode::On, Off, 0.0, false, 3);
   EXPECT_LE(test::rel_err(got.logits, ref.logits), kF32Tol);
   EXPECT_LE(test::rel_err(got.logits, plain.logits), kF32Tol);
 }
@@ -174,8 +188,8 @@ TEST(FusedPath, EvalModeIgnoresDropout) {
 TEST(FusedPath, AutoModeStaysOffOnCpu) {
   // The CPU keeps the per-projection path (the one compared bit for bit with PEFT) unless asked.
   const at::Device cpu(at::kCPU);
-  StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, false, 0.0, true, 1);
-  StepResult got = run_model(cpu, at::kFloat, model::FusedMode::Auto, false, 0.0, true, 1);
+  StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, Off, 0.0, true, 1);
+  StepResult got = run_model(cpu, at::kFloat, model::FusedMode::Auto, Off, 0.0, true, 1);
   expect_same_bits(got, ref, "auto on the cpu");
 }
 
@@ -217,13 +231,12 @@ TEST(FusedPath, KvCacheDecodingOnGpu) {
 TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
   QLORA_SKIP_WITHOUT_CUDA();
   const at::Device gpu(at::kCUDA, 0);
-  for (bool ckpt : {false, true}) {
+  for (Checkpointing ckpt : kCheckpointing) {
     for (double dropout : {0.0, 0.1}) {
       StepResult ref = run_model(gpu, at::kBFloat16, model::FusedMode::Off, ckpt, dropout, true, 21);
       StepResult got = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, dropout, true, 21);
       StepResult exact = run_model(gpu, at::kFloat, model::FusedMode::Off, ckpt, dropout, true, 21);
-      const std::string what =
-          std::string("gpu bf16") + (ckpt ? ", checkpointing" : "") + (dropout > 0 ? ", dropout" : "");
+      const std::string what = "gpu bf16" + label(ckpt) + (dropout > 0 ? ", dropout" : "");
       expect_close(got, ref, 2e-2, what.c_str());
       if (dropout == 0.0) {
         // Against float32 (without dropout: the masks drawn for bf16 and f32 tensors differ). bf16 itself
@@ -235,8 +248,8 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
     }
   }
   // Float32 on the GPU too (the fused path's GEMMs in TF32-free float32).
-  StepResult ref = run_model(gpu, at::kFloat, model::FusedMode::Off, false, 0.0, true, 1);
-  StepResult got = run_model(gpu, at::kFloat, model::FusedMode::On, false, 0.0, true, 1);
+  StepResult ref = run_model(gpu, at::kFloat, model::FusedMode::Off, Off, 0.0, true, 1);
+  StepResult got = run_model(gpu, at::kFloat, model::FusedMode::On, Off, 0.0, true, 1);
   expect_close(got, ref, kF32Tol, "gpu f32");
 }
 

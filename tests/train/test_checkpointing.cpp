@@ -1,5 +1,5 @@
 // Gradient checkpointing (per-layer recomputation in backward) changes memory, never results: the LoRA
-// gradients of one QLoRA step are the same with it on and off, on a fresh random tiny model, with LoRA
+// gradients of one QLoRA step are the same with it off, selective and full, on a fresh random tiny model, with LoRA
 // dropout on (so the recomputation must replay the RNG) and with and without a padding mask (the plain
 // causal path passes no mask at all). On the CPU in float32, and on a GPU in bfloat16 where there is one.
 #include <gtest/gtest.h>
@@ -23,7 +23,7 @@ model::LlamaArch tiny_arch() {
 
 // LoRA gradients (by name) of one loss.backward() on a fixed batch. Everything random is drawn from
 // `seed`, so two calls differ only in `checkpointing`.
-std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::ScalarType dtype, bool checkpointing,
+std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::ScalarType dtype, Checkpointing checkpointing,
                                                            bool padded, uint64_t seed) {
   model::LoadOptions o;
   o.device = dev;
@@ -65,19 +65,23 @@ std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::S
 void compare(at::Device dev, at::ScalarType dtype, double tol) {
   for (bool padded : {false, true}) {
     const uint64_t seed = std::random_device{}();
-    auto off = lora_grads(dev, dtype, false, padded, seed);
-    auto on = lora_grads(dev, dtype, true, padded, seed);
-    ASSERT_EQ(off.size(), on.size());
-    double worst = 0;
-    for (size_t i = 0; i < off.size(); ++i) {
-      ASSERT_EQ(off[i].first, on[i].first);
-      ASSERT_GT(off[i].second.abs().max().item<double>(), 0.0) << off[i].first << ": zero gradient proves nothing";
-      const double e = test::rel_err(on[i].second, off[i].second);
-      worst = std::max(worst, e);
-      EXPECT_LE(e, tol) << off[i].first << (padded ? " (padded)" : " (causal)") << " seed " << seed;
+    auto off = lora_grads(dev, dtype, Checkpointing::Off, padded, seed);
+    for (Checkpointing mode : {Checkpointing::Selective, Checkpointing::Full}) {
+      auto on = lora_grads(dev, dtype, mode, padded, seed);
+      ASSERT_EQ(off.size(), on.size());
+      double worst = 0;
+      for (size_t i = 0; i < off.size(); ++i) {
+        ASSERT_EQ(off[i].first, on[i].first);
+        ASSERT_GT(off[i].second.abs().max().item<double>(), 0.0) << off[i].first << ": zero gradient proves nothing";
+        const double e = test::rel_err(on[i].second, off[i].second);
+        worst = std::max(worst, e);
+        EXPECT_LE(e, tol) << off[i].first << " " << to_string(mode) << (padded ? " (padded)" : " (causal)")
+                          << " seed " << seed;
+      }
+      std::printf("checkpointing %s vs off, %s %s %s: worst relative gradient difference %.3g over %zu tensors\n",
+                  to_string(mode).c_str(), dev.str().c_str(), c10::toString(dtype), padded ? "padded" : "causal",
+                  worst, off.size());
     }
-    std::printf("checkpointing on vs off, %s %s %s: worst relative gradient difference %.3g over %zu tensors\n",
-                dev.str().c_str(), c10::toString(dtype), padded ? "padded" : "causal", worst, off.size());
   }
 }
 

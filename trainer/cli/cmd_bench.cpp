@@ -1,6 +1,6 @@
 // `qlora bench`: speed and memory of the training step and of the 4-bit kernels, on synthetic data.
 //
-//   qlora bench [--shape llama2-7b] [--r 16] [--seq 2048] [--batch 1] [--checkpointing on|off] ...
+//   qlora bench [--shape llama2-7b] [--r 16] [--seq 2048] [--batch 1] [--checkpointing on|off|full] ...
 //       A model of a named shape with random weights drawn on the device, NF4 (+ double quantization)
 //       base, LoRA on all seven projections, random tokens with every position trained. Prints tokens/s,
 //       the step split into forward / backward / optimizer, peak memory and MFU (formula below).
@@ -125,7 +125,7 @@ struct StepOptions {
   std::string base = "nf4";  // nf4 (QLoRA) | bf16 (LoRA on a bf16 base): the difference is the 4-bit cost
   int64_t seq = 2048;
   int64_t batch = 1;
-  bool checkpointing = true;
+  Checkpointing checkpointing = Checkpointing::Selective;
   int64_t warmup = 3;
   int64_t steps = 10;
   std::string device = "auto";
@@ -282,7 +282,8 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"r", so.r},
                       {"seq", so.seq},
                       {"batch", so.batch},
-                      {"checkpointing", so.checkpointing},
+                      {"checkpointing", so.checkpointing != Checkpointing::Off},
+                      {"checkpointing_mode", to_string(so.checkpointing)},
                       {"fused", so.fused},
                       {"device", ctx.device.str()},
                       {"lora_params", lora_params},
@@ -298,7 +299,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} fused={} on {}\n", so.shape, so.base,
-             so.r, so.seq, so.batch, so.checkpointing ? "on" : "off", so.fused, ctx.device.str());
+             so.r, so.seq, so.batch, to_string(so.checkpointing), so.fused, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
@@ -448,8 +449,9 @@ Runner add_bench(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--seq", so->seq, "Sequence length")->capture_default_str();
   cmd->add_option("--batch", so->batch, "Sequences per step")->capture_default_str();
-  cmd->add_option("--checkpointing", *ckpt, "Gradient checkpointing: on | off")
-      ->check(CLI::IsMember({"on", "off"}))
+  cmd->add_option("--checkpointing", *ckpt,
+                  "Gradient checkpointing: on (= selective, the trainer's default) | off | full (layer inputs only)")
+      ->check(CLI::IsMember({"on", "selective", "off", "full"}))
       ->capture_default_str();
   cmd->add_option("--fused", so->fused, "Fused projection groups: auto (on CUDA) | on | off (per-projection modules)")
       ->check(CLI::IsMember({"auto", "on", "off"}))
@@ -463,7 +465,9 @@ Runner add_bench(CLI::App& app) {
   cmd->add_option("--profile", so->profile,
                   "Profile one more step: print its busiest kernels, write its trace (Chrome JSON) to this file");
   return [so, kernels, ckpt]() {
-    so->checkpointing = *ckpt == "on";
+    so->checkpointing = *ckpt == "off"    ? Checkpointing::Off
+                        : *ckpt == "full" ? Checkpointing::Full
+                                          : Checkpointing::Selective;
     nlohmann::json j;
     if (*kernels) {
 #ifdef QLORA_WITH_CUDA

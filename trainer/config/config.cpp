@@ -151,6 +151,15 @@ struct Spellings<Schedule> {
       {Schedule::Constant, "constant"}, {Schedule::Linear, "linear"}, {Schedule::Cosine, "cosine"}};
 };
 
+template <>
+struct Spellings<Checkpointing> {
+  // true / false: the boolean this key was (and what Hugging Face's gradient_checkpointing is).
+  static constexpr Spelling<Checkpointing> list[] = {
+      {Checkpointing::Off, "off"},         {Checkpointing::Selective, "selective"}, {Checkpointing::Full, "full"},
+      {Checkpointing::Selective, "true"},  {Checkpointing::Selective, "True"},      {Checkpointing::Off, "false"},
+      {Checkpointing::Off, "False"}};
+};
+
 template <class E>
 std::string enum_name(E v) {
   for (const auto& s : Spellings<E>::list)
@@ -541,6 +550,7 @@ std::string to_string(DType v) { return enum_name(v); }
 std::string to_string(Device v) { return enum_name(v); }
 std::string to_string(DataFormat v) { return enum_name(v); }
 std::string to_string(Schedule v) { return enum_name(v); }
+std::string to_string(Checkpointing v) { return enum_name(v); }
 
 void validate(const Config& cfg) {
   validate_impl(cfg, [](const std::string&) { return std::string(); });
@@ -599,8 +609,10 @@ std::string to_yaml(const Config& cfg) {
 }
 
 bool is_resume_neutral(const std::string& key) {
-  static const std::set<std::string> kNeutral = {"checkpoint.resume", "checkpoint.force_resume",
-                                                 "checkpoint.keep_last", "checkpoint.every", "train.log_every"};
+  // model.gradient_checkpointing changes memory, not results: a resume may switch it to fit.
+  static const std::set<std::string> kNeutral = {"checkpoint.resume",     "checkpoint.force_resume",
+                                                 "checkpoint.keep_last",  "checkpoint.every",
+                                                 "train.log_every",       "model.gradient_checkpointing"};
   return kNeutral.count(key) > 0 || key.starts_with("output.");
 }
 

@@ -36,6 +36,7 @@ struct GroupState : torch::CustomClassHolder {
   int64_t in = 0, total = 0;
   int64_t ranks = 0;         // the adapted members' ranks summed: the width of the packed x A^T
   bool any_dropout = false;  // then each adapted member reads its own dropped-out copy of x
+  bool output_needed = true;  // false: forward computes only what backward reads (fused.h)
 };
 
 // The group's weights dequantized one under the other: [total, in] in `dtype`.
@@ -80,10 +81,14 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     at::Tensor y2 = y.view({n, st->total});
     ctx->saved_data["state"] = c10::IValue::make_capsule(st);
     // Backward dequantizes the weights again, unless a recomputation asked to keep them.
-    const at::Tensor w = dequantize_group(*st, dt, x.device());
-    const at::Tensor kept = t_keep_weights ? w : at::Tensor();
+    const bool compute_y = st->output_needed;
+    at::Tensor w, kept;
+    if (compute_y) {
+      w = dequantize_group(*st, dt, x.device());
+      if (t_keep_weights) kept = w;
+    }
     if (st->ranks == 0) {  // no adapter: backward needs only the weights
-      at::mm_out(y2, x2, w.t());
+      if (compute_y) at::mm_out(y2, x2, w.t());
       ctx->save_for_backward({kept});
       return y;
     }
@@ -97,7 +102,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     for (const auto& m : st->members) {
       at::Tensor ym = y2.narrow(1, m.offset, m.out);
       if (m.lora < 0) {
-        ym.zero_();  // the base GEMM below accumulates onto y
+        if (compute_y) ym.zero_();  // the base GEMM below accumulates onto y
         continue;
       }
       at::Tensor xam = xa.narrow(1, m.col, m.rank), mask;
@@ -107,10 +112,10 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
         mm_into(xam, h, a_cat.narrow(0, m.col, m.rank).t(), 1.0);
       }
       const at::Tensor b = lora[2 * m.lora + 1].to(dt);  // [out, r]
-      mm_into(ym, xam, b.t(), m.scaling);
+      if (compute_y) mm_into(ym, xam, b.t(), m.scaling);
       saved.insert(saved.end(), {b, mask});
     }
-    y2.addmm_(x2, w.t());
+    if (compute_y) y2.addmm_(x2, w.t());
     ctx->save_for_backward(saved);
     return y;
   }
@@ -231,10 +236,11 @@ KeepDequantizedWeights::~KeepDequantizedWeights() { t_keep_weights = previous_; 
 void set_fused_mode(FusedMode mode) { g_mode.store(mode); }
 FusedMode fused_mode() { return g_mode.load(); }
 
-at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::Tensor& x) {
+at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::Tensor& x, bool output_needed) {
   if (group.empty() || !x.defined() || x.dim() < 1 || !applies(x)) return {};
   auto st = c10::make_intrusive<GroupState>();
   st->in = x.size(-1);
+  st->output_needed = output_needed;
   std::vector<at::Tensor> lora;
   int next_lora = 0;
   for (const Linear* l : group) {
@@ -266,8 +272,8 @@ at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::
   return ProjectionGroupFunction::apply(x, at::TensorList(lora), st);
 }
 
-at::Tensor project(Linear& l, const at::Tensor& x) {
-  if (at::Tensor y = fused_projections({&l}, x); y.defined()) return y;
+at::Tensor project(Linear& l, const at::Tensor& x, bool output_needed) {
+  if (at::Tensor y = fused_projections({&l}, x, output_needed); y.defined()) return y;
   return l.forward(x);
 }
 

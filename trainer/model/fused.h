@@ -49,10 +49,15 @@ class KeepDequantizedWeights {
 
 // The group's outputs side by side: x [..., in] -> [..., sum of out], or an undefined tensor when the
 // fused path does not apply to this group and input (then call each member's forward).
-at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::Tensor& x);
+// output_needed = false: only the gradient path is wanted (a recomputation whose caller kept what the output
+// fed): the forward skips the dequantization, the base GEMM and the B products, and the returned tensor's
+// values are unspecified; its backward is exactly the one of the full forward.
+at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::Tensor& x,
+                             bool output_needed = true);
 
-// One projection: through the fused path when it applies, else the module's own forward.
-at::Tensor project(Linear& l, const at::Tensor& x);
+// One projection: through the fused path when it applies, else the module's own forward (which computes
+// the output whatever output_needed says).
+at::Tensor project(Linear& l, const at::Tensor& x, bool output_needed = true);
 
 // RoPE on the packed q|k|v output [B, T, (nq + 2 nk) D] with cos/sin [B, T, D]; returns q [B, T, nq, D],
 // k [B, T, nk, D] (rotated) and v [B, T, nk, D], each contiguous. Differentiable.

@@ -143,7 +143,7 @@ AttentionImpl::AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, s
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
-                                  at::Tensor* cache_v) {
+                                  at::Tensor* cache_v, bool output_needed) {
   const int64_t b = x.size(0), t = x.size(1);
   at::Tensor q, k, v;
   if (at::Tensor qkv = fused_projections({q_proj.get(), k_proj.get(), v_proj.get()}, x); qkv.defined()) {
@@ -174,7 +174,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const a
     out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/t > 1, scale);
   }
   out = out.transpose(1, 2).reshape({b, t, num_heads * head_dim});
-  return project(*o_proj, out);
+  return project(*o_proj, out, output_needed);
 }
 
 MLPImpl::MLPImpl(std::shared_ptr<Linear> gate, std::shared_ptr<Linear> up, std::shared_ptr<Linear> down) {
@@ -202,9 +202,9 @@ struct SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
 }  // namespace
 #endif
 
-at::Tensor MLPImpl::forward(const at::Tensor& x) {
+at::Tensor MLPImpl::forward(const at::Tensor& x, bool output_needed) {
   if (at::Tensor gu = fused_projections({gate_proj.get(), up_proj.get()}, x); gu.defined()) {
-    return project(*down_proj, swiglu_packed(gu));
+    return project(*down_proj, swiglu_packed(gu), output_needed);
   }
   at::Tensor g = gate_proj->forward(x), u = up_proj->forward(x);
 #ifdef QLORA_WITH_CUDA
@@ -221,8 +221,17 @@ DecoderLayerImpl::DecoderLayerImpl(Attention attn, MLP mlp_, RMSNorm input_norm,
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
                                      at::Tensor* cache_k, at::Tensor* cache_v) {
-  at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), rope, mask, cache_k, cache_v);
-  return h + mlp->forward(post_attention_layernorm->forward(h));
+  at::Tensor h = x + attention_branch(x, rope, mask, cache_k, cache_v);
+  return h + mlp_branch(h);
+}
+
+at::Tensor DecoderLayerImpl::attention_branch(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
+                                              at::Tensor* cache_k, at::Tensor* cache_v, bool output_needed) {
+  return self_attn->forward(input_layernorm->forward(x), rope, mask, cache_k, cache_v, output_needed);
+}
+
+at::Tensor DecoderLayerImpl::mlp_branch(const at::Tensor& h, bool output_needed) {
+  return mlp->forward(post_attention_layernorm->forward(h), output_needed);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -230,6 +239,14 @@ at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const Rope& rope, cons
 // Parameter gradients accumulate through the nested backward (PyTorch's reentrant checkpoint design),
 // so the Function itself returns only the input gradient. The RNG state of the layer's device is
 // replayed so dropout draws the same masks in the recomputation.
+//
+// Selective mode keeps the mid-layer residual h = x + attention_branch(x) as well and recomputes the two
+// branches one after the other, MLP first: each branch's last projection (o_proj, down_proj) is then needed
+// for its gradient only, so its GEMMs are skipped (output_needed = false), and only one branch's
+// activations live at a time. Each branch replays the RNG state its forward started from. The residual
+// adds stay in the recomputed graph as GradientOnlyAdd, so every gradient is accumulated in the order of
+// the graph without checkpointing (the same bits on the CPU, where RMSNorm's composite reads its input
+// three times).
 
 namespace {
 
@@ -239,38 +256,71 @@ struct MaskArg {
   at::Tensor mask;  // bool [B, 1, T, S] or undefined
 };
 
+// a + b for autograd only: the backward of an add, the forward's values unspecified (not computed). For a
+// recomputation whose sum was kept from the forward.
+struct GradientOnlyAdd : public torch::autograd::Function<GradientOnlyAdd> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& a, const at::Tensor& b) {
+    return at::empty_like(a);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grad) {
+    return {grad[0], grad[0]};
+  }
+};
+
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor x,
-                                                DecoderLayerImpl* layer, const Rope& rope, const MaskArg& m) {
+                                                DecoderLayerImpl* layer, const Rope& rope, const MaskArg& m,
+                                                bool keep_residual) {
     const at::Tensor& mask = m.mask;
-    ctx->save_for_backward({x});
+    at::Generator gen = at::globalContext().defaultGenerator(x.device());
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["cos"] = rope.cos;
     ctx->saved_data["sin"] = rope.sin;
     ctx->saved_data["mask"] = mask;
-    ctx->saved_data["rng"] = at::globalContext().defaultGenerator(x.device()).get_state();
+    ctx->saved_data["rng"] = gen.get_state();
     at::NoGradGuard no_grad;
-    return {layer->forward(x, rope, mask)};
+    if (!keep_residual) {
+      ctx->save_for_backward({x});
+      return {layer->forward(x, rope, mask)};
+    }
+    at::Tensor h = x + layer->attention_branch(x, rope, mask);
+    ctx->saved_data["rng_mlp"] = gen.get_state();
+    ctx->save_for_backward({x, h});
+    return {h + layer->mlp_branch(h)};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
-    at::Tensor x = ctx->get_saved_variables()[0];
+    const auto saved = ctx->get_saved_variables();  // x, and h when selective
+    const at::Tensor& x = saved[0];
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
     Rope rope{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()};
     at::Tensor mask = ctx->saved_data["mask"].toOptional<at::Tensor>().value_or(at::Tensor());
     at::Generator gen = at::globalContext().defaultGenerator(x.device());
     at::Tensor rng_now = gen.get_state();
-    gen.set_state(ctx->saved_data["rng"].toTensor());
-    at::Tensor xd = x.detach().requires_grad_(true);
+    at::Tensor dx;
     {
       at::AutoGradMode enable(true);
-      KeepDequantizedWeights keep;  // the backward below follows at once: no second dequantization
-      at::Tensor out = layer->forward(xd, rope, mask);
-      torch::autograd::backward({out}, {grad_out[0]});
+      KeepDequantizedWeights keep;  // each backward below follows its recomputation at once
+      at::Tensor xd = x.detach().requires_grad_(true);
+      if (saved.size() == 1) {
+        gen.set_state(ctx->saved_data["rng"].toTensor());
+        torch::autograd::backward({layer->forward(xd, rope, mask)}, {grad_out[0]});
+        dx = xd.grad();
+      } else {
+        gen.set_state(ctx->saved_data["rng_mlp"].toTensor());
+        at::Tensor hd = saved[1].detach().requires_grad_(true);
+        torch::autograd::backward({GradientOnlyAdd::apply(hd, layer->mlp_branch(hd, /*output_needed=*/false))},
+                                  {grad_out[0]});
+        gen.set_state(ctx->saved_data["rng"].toTensor());
+        at::Tensor attn = layer->attention_branch(xd, rope, mask, nullptr, nullptr, /*output_needed=*/false);
+        torch::autograd::backward({GradientOnlyAdd::apply(xd, attn)}, {hd.grad()});
+        dx = xd.grad();
+      }
     }
     gen.set_state(rng_now);
-    return {xd.grad(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -346,14 +396,15 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
     cache->k.resize(layer_list.size());
     cache->v.resize(layer_list.size());
   }
-  const bool recompute = checkpointing_ && at::GradMode::is_enabled() && !cache;
+  const bool recompute = checkpointing_ != Checkpointing::Off && at::GradMode::is_enabled() && !cache;
   if (recompute && !x.requires_grad()) {
     // The reentrant checkpoint only runs its backward when its input needs a gradient.
     x = x.detach().requires_grad_(true);
   }
   for (size_t i = 0; i < layer_list.size(); ++i) {
     if (recompute) {
-      x = CheckpointedLayer::apply(x, layer_list[i].get(), rope, MaskArg{mask})[0];
+      x = CheckpointedLayer::apply(x, layer_list[i].get(), rope, MaskArg{mask},
+                                   checkpointing_ == Checkpointing::Selective)[0];
     } else if (cache) {
       x = layer_list[i]->forward(x, rope, mask, &cache->k[i], &cache->v[i]);
     } else {

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "trainer/config/config.h"
 #include "trainer/model/hf_config.h"
 #include "trainer/model/linear.h"
 
@@ -56,9 +57,9 @@ class AttentionImpl : public torch::nn::Module {
   AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
                 std::shared_ptr<Linear> v, std::shared_ptr<Linear> o);
   // x [B, T, H]; mask: bool [B, 1, T, S] (true = attend) or undefined for plain causal;
-  // cache slots (k, v) are extended in place when given.
+  // cache slots (k, v) are extended in place when given. output_needed: see DecoderLayerImpl.
   at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
-                     at::Tensor* cache_v);
+                     at::Tensor* cache_v, bool output_needed = true);
   std::shared_ptr<Linear> q_proj, k_proj, v_proj, o_proj;
   int64_t num_heads, num_kv_heads, head_dim;
 };
@@ -67,7 +68,8 @@ TORCH_MODULE(Attention);
 class MLPImpl : public torch::nn::Module {
  public:
   MLPImpl(std::shared_ptr<Linear> gate, std::shared_ptr<Linear> up, std::shared_ptr<Linear> down);
-  at::Tensor forward(const at::Tensor& x);  // down(silu(gate(x)) * up(x))
+  // down(silu(gate(x)) * up(x)); output_needed: see DecoderLayerImpl.
+  at::Tensor forward(const at::Tensor& x, bool output_needed = true);
   std::shared_ptr<Linear> gate_proj, up_proj, down_proj;
 };
 TORCH_MODULE(MLP);
@@ -75,8 +77,16 @@ TORCH_MODULE(MLP);
 class DecoderLayerImpl : public torch::nn::Module {
  public:
   DecoderLayerImpl(Attention attn, MLP mlp, RMSNorm input_norm, RMSNorm post_norm);
+  // h + mlp_branch(h) with h = x + attention_branch(x).
   at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k = nullptr,
                      at::Tensor* cache_v = nullptr);
+  // The two residual branches. output_needed = false is for a recomputation that kept the branch's sum
+  // with the residual from its forward: the last projection (o_proj, down_proj) then skips its GEMMs where
+  // the fused path applies, and the returned tensor's values are unspecified; its gradient path is exact.
+  at::Tensor attention_branch(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
+                              at::Tensor* cache_k = nullptr, at::Tensor* cache_v = nullptr,
+                              bool output_needed = true);
+  at::Tensor mlp_branch(const at::Tensor& h, bool output_needed = true);
   Attention self_attn = nullptr;
   MLP mlp = nullptr;
   RMSNorm input_layernorm = nullptr, post_attention_layernorm = nullptr;
@@ -112,9 +122,10 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   at::Device device() const { return embed_tokens.device(); }
   at::ScalarType dtype() const { return embed_tokens.scalar_type(); }
 
-  // Per-layer activation recomputation in backward (gradient checkpointing).
-  void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
-  bool gradient_checkpointing() const { return checkpointing_; }
+  // Per-layer activation recomputation in backward (gradient checkpointing; config.h says what each
+  // mode keeps).
+  void set_gradient_checkpointing(Checkpointing mode) { checkpointing_ = mode; }
+  Checkpointing gradient_checkpointing() const { return checkpointing_; }
 
   at::Tensor embed_tokens;  // [V, H]
   torch::nn::ModuleList layers = nullptr;
@@ -124,7 +135,7 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
 
  private:
   LlamaArch arch_;
-  bool checkpointing_ = false;
+  Checkpointing checkpointing_ = Checkpointing::Off;
 };
 TORCH_MODULE(LlamaForCausalLM);
 
