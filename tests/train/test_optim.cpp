@@ -64,7 +64,7 @@ TEST(AdamW, ThreeStepsBitIdenticalToTorch) {
       for (int i = 0; i < kParams; ++i)
         params[i].second.mutable_grad() = fixture("grad." + std::to_string(k) + "." + std::to_string(i));
       if (max_norm > 0) {
-        const double norm = clip_grad_norm(params, max_norm);
+        const double norm = clip_grad_norm(params, max_norm).item<double>();
         EXPECT_EQ(static_cast<float>(norm), fixture(name + ".norm." + std::to_string(k)).item<float>());
       }
       // The lr the Python run used at this step: base lr x the schedule's multiplier, one double multiply.
@@ -104,7 +104,7 @@ TEST(AdamW, ClippingScalesOnlyAboveMaxNorm) {
       before.push_back(fixture("grad." + std::to_string(k) + "." + std::to_string(i)));
       params.back().second.mutable_grad() = before.back().clone();
     }
-    const double norm = clip_grad_norm(params, 1.0);
+    const double norm = clip_grad_norm(params, 1.0).item<double>();
     double sq = 0;
     for (auto& [n, p] : params) sq += p.grad().to(at::kDouble).pow(2).sum().item<double>();
     if (k == 0) {
@@ -115,6 +115,50 @@ TEST(AdamW, ClippingScalesOnlyAboveMaxNorm) {
       for (int i = 0; i < kParams; ++i) EXPECT_TRUE(at::equal(params[i].second.grad(), before[i]));
     }
   }
+}
+
+// A step with skip = 1 (the trainer's verdict on non-finite gradients, read on the device by the fused
+// CUDA kernel) leaves parameters, moments and the step count exactly as they were: the run continues as
+// if that step had not been taken. Against a twin optimizer that never saw it, bit for bit.
+void check_skip(at::Device dev) {
+  auto make = [&] {
+    NamedTensors params;
+    for (int i = 0; i < kParams; ++i)
+      params.emplace_back("p" + std::to_string(i), fixture("init." + std::to_string(i)).to(dev).set_requires_grad(true));
+    return params;
+  };
+  NamedTensors a = make(), b = make();
+  AdamW oa(a, AdamWOptions{1e-2, 0.9, 0.999, 1e-8, 0.01}), ob(b, AdamWOptions{1e-2, 0.9, 0.999, 1e-8, 0.01});
+  auto set_grads = [&](NamedTensors& ps, int k, bool poison) {
+    for (int i = 0; i < kParams; ++i) {
+      at::Tensor g = fixture("grad." + std::to_string(k) + "." + std::to_string(i)).to(dev);
+      if (poison) g.view(-1)[0] = std::nan("");
+      ps[i].second.mutable_grad() = g;
+    }
+  };
+  const at::Tensor zero = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(dev)), one = zero + 1;
+  set_grads(a, 0, false), set_grads(b, 0, false);
+  oa.step(1e-2, zero), ob.step(1e-2);
+  set_grads(a, 1, true);  // only a sees the poisoned step, and skips it
+  oa.step(1e-2, one);
+  oa.zero_grad(), ob.zero_grad();
+  set_grads(a, 2, false), set_grads(b, 2, false);
+  oa.step(1e-2, zero), ob.step(1e-2);
+  EXPECT_EQ(oa.steps(), 2);
+  EXPECT_EQ(ob.steps(), 2);
+  for (int i = 0; i < kParams; ++i) EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << dev << " param " << i;
+  NamedTensors sa = oa.state(), sb = ob.state();
+  ASSERT_EQ(sa.size(), sb.size());
+  for (size_t i = 0; i < sa.size(); ++i) EXPECT_TRUE(at::equal(sa[i].second, sb[i].second)) << dev << " " << sa[i].first;
+  // And the step did count for nothing: the twin that saw only steps 0 and 2 moved the parameters.
+  EXPECT_FALSE(at::equal(a[0].second.cpu(), fixture("init.0")));
+}
+
+TEST(AdamW, SkippedStepChangesNothing) { check_skip(at::kCPU); }
+
+TEST(AdamW, SkippedStepChangesNothingFusedGpu) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  check_skip(at::Device(at::kCUDA, 0));
 }
 
 TEST(Schedule, MultipliersEqualTransformers) {

@@ -13,14 +13,17 @@
 //       linear's forward + backward against a bf16 linear (cuBLAS) at 2048 and 8192 tokens; memory after
 //       loading the 7B shape against the theoretical size.
 //
-// Timing: warm-up iterations first, then the median of the timed ones; every phase ends in a device
-// synchronisation so the split is honest (the sync costs a few microseconds per phase).
+// Timing: warm-up iterations first, then the median of the timed ones. A step runs as the trainer runs
+// it, waiting for the GPU once at its end; the step time is host wall time between those waits, the
+// forward / backward / optimizer split comes from CUDA events between the phases.
 // Optional --json FILE writes every figure for scripts (scripts/gpu.sh collects them).
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <memory>
 #include <fstream>
 
 #include "trainer/cli/commands.h"
@@ -183,6 +186,42 @@ void print_profile_summary(const torch::autograd::profiler::ProfilerResult& r, d
   }
 }
 
+// Phase boundaries of a step, marked without making the host wait: CUDA events on the GPU's timeline, the
+// host clock on the CPU (where nothing runs ahead of the host).
+class PhaseMarks {
+ public:
+  explicit PhaseMarks(const at::Device& d) : cuda_(d.is_cuda()) {}
+  void mark() {
+#ifdef QLORA_WITH_CUDA
+    if (cuda_) {
+      events_.push_back(std::make_unique<at::cuda::CUDAEvent>(cudaEventDefault));
+      events_.back()->record();
+      return;
+    }
+#endif
+    host_.push_back(now_ms());
+  }
+  // Milliseconds between consecutive marks; on CUDA, call once the step's work has finished.
+  std::vector<double> spans_ms() const {
+    std::vector<double> out;
+#ifdef QLORA_WITH_CUDA
+    if (cuda_) {
+      for (size_t i = 1; i < events_.size(); ++i) out.push_back(events_[i - 1]->elapsed_time(*events_[i]));
+      return out;
+    }
+#endif
+    for (size_t i = 1; i < host_.size(); ++i) out.push_back(host_[i] - host_[i - 1]);
+    return out;
+  }
+
+ private:
+  bool cuda_;
+  std::vector<double> host_;
+#ifdef QLORA_WITH_CUDA
+  std::vector<std::unique_ptr<at::cuda::CUDAEvent>> events_;
+#endif
+};
+
 nlohmann::json bench_step(const StepOptions& so) {
   RunContext ctx = resolve_run_context(so.device == "cpu" ? Device::CPU : so.device == "cuda" ? Device::CUDA : Device::Auto,
                                        DType::Auto);
@@ -215,36 +254,41 @@ nlohmann::json bench_step(const StepOptions& so) {
   model->set_gradient_checkpointing(so.checkpointing);
   model->train();
 
-  auto gen = at::globalContext().defaultGenerator(ctx.device).clone();
-  gen.set_current_seed(42);
-  reset_peak(ctx.device);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(42);
+  // One step as Trainer::train_step runs it: the batch made on the CPU and copied without a wait, the
+  // labelled positions found on the CPU, the update skipped on the device if the loss or the gradient norm
+  // is not finite, and one wait for the GPU at the end (reading the loss and the norm). Phase boundaries
+  // are marked without waiting (PhaseMarks): forward (to the loss), backward, optimizer.
   std::vector<double> fwd, fwd_host, bwd, optim, total;
-  for (int64_t i = 0; i < so.warmup + so.steps; ++i) {
-    at::Tensor ids = at::randint(0, arch.vocab_size, {so.batch, so.seq}, gen,
-                                 at::TensorOptions().dtype(at::kLong).device(ctx.device));
+  auto step = [&](bool record) {
+    const at::Tensor ids = at::randint(0, arch.vocab_size, {so.batch, so.seq}, gen, at::kLong);
     sync(ctx.device);
+    PhaseMarks marks(ctx.device);
     const double t0 = now_ms();
-    at::Tensor hidden = model->hidden_states(ids);
-    // The CPU has issued the layers; the GPU may still be running them. (Measured before the loss: its
-    // selection of labelled rows waits for the GPU.)
-    const double t1_host = now_ms();
+    marks.mark();
+    at::Tensor hidden = model->hidden_states(train::to_device(ids, ctx.device));
+    const double t1_host = now_ms();  // the CPU has issued the layers; the GPU may still be running them
     auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
-    at::Tensor loss = sum / static_cast<double>(n);
-    sync(ctx.device);
-    const double t1 = now_ms();
-    loss.backward();
-    sync(ctx.device);
-    const double t2 = now_ms();
-    train::clip_grad_norm(params, 1.0);
-    opt.step(1e-4);
+    marks.mark();
+    (sum / static_cast<double>(n)).backward();
+    marks.mark();
+    const at::Tensor norm = train::clip_grad_norm(params, 1.0);
+    const at::Tensor status = at::stack({sum.detach(), norm});
+    opt.step(1e-4, at::logical_not(at::isfinite(status).all()).to(at::kFloat));
     opt.zero_grad();
-    sync(ctx.device);
+    marks.mark();
+    const at::Tensor host = status.cpu();  // the step's one wait
     const double t3 = now_ms();
-    if (i >= so.warmup) {
-      fwd.push_back(t1 - t0), bwd.push_back(t2 - t1), optim.push_back(t3 - t2), total.push_back(t3 - t0);
-      fwd_host.push_back(t1_host - t0);
-    }
-  }
+    QLORA_REQUIRE(std::isfinite(host[0].item<double>()) && std::isfinite(host[1].item<double>()),
+                  "bench: non-finite loss or gradient norm");
+    if (!record) return t3 - t0;
+    const std::vector<double> ms = marks.spans_ms();
+    fwd.push_back(ms[0]), bwd.push_back(ms[1]), optim.push_back(ms[2]), total.push_back(t3 - t0);
+    fwd_host.push_back(t1_host - t0);
+    return t3 - t0;
+  };
+  reset_peak(ctx.device);
+  for (int64_t i = 0; i < so.warmup + so.steps; ++i) step(i >= so.warmup);
   if (!so.profile.empty()) {
     // One more step under the Kineto profiler (CPU ops and CUDA activities); its trace opens in Perfetto or
     // chrome://tracing.
@@ -255,18 +299,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     if (ctx.device.is_cuda()) acts.insert(pi::ActivityType::CUDA);
     prepareProfiler(cfg, acts);
     enableProfiler(cfg, acts);
-    at::Tensor ids = at::randint(0, arch.vocab_size, {so.batch, so.seq}, gen,
-                                 at::TensorOptions().dtype(at::kLong).device(ctx.device));
-    sync(ctx.device);
-    const double t0 = now_ms();
-    at::Tensor hidden = model->hidden_states(ids);
-    auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
-    (sum / static_cast<double>(n)).backward();
-    train::clip_grad_norm(params, 1.0);
-    opt.step(1e-4);
-    opt.zero_grad();
-    sync(ctx.device);
-    const double wall = now_ms() - t0;
+    const double wall = step(false);
     auto result = disableProfiler();
     print_profile_summary(*result, wall);
     result->save(so.profile);

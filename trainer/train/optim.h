@@ -27,10 +27,14 @@ class AdamW {
   AdamW(NamedTensors params, AdamWOptions opts);
 
   // One update with learning rate `lr` using each parameter's .grad() (undefined grads are skipped,
-  // as torch does). Increments step().
-  void step(double lr);
+  // as torch does). Increments steps(). `skip`: an optional float32 scalar, 1 = leave everything as it is
+  // (non-finite gradients), 0 = update; on CUDA the kernel reads it (torch's found_inf), so queuing the
+  // step never waits for the GPU.
+  void step(double lr, const at::Tensor& skip = {});
   void zero_grad();
-  int64_t steps() const { return step_; }
+  // Updates applied so far (skipped ones not counted). On CUDA the count lives on the device: reading it
+  // waits for the queued steps.
+  int64_t steps() const;
 
   // Resume state: exp_avg / exp_avg_sq / master per parameter name, and the step count.
   NamedTensors state() const;
@@ -38,12 +42,15 @@ class AdamW {
   const NamedTensors& params() const { return params_; }
 
  private:
-  bool fused_step(double lr);  // the CUDA fused kernel; false when a parameter does not qualify
+  bool fused_step(double lr, const at::Tensor& skip);  // the CUDA fused kernel; false when it does not apply
 
   NamedTensors params_;
   std::vector<at::Tensor> master_, exp_avg_, exp_avg_sq_;  // float32, shaped like params_
   AdamWOptions opts_;
+  // The step count: on the host for the op-by-op path; for the fused kernel a float32 scalar on the device
+  // (defined only then), which it reads and a skipped step leaves unchanged.
   int64_t step_ = 0;
+  at::Tensor device_step_;
 };
 
 // The multiplier of the base lr at optimizer step `step` (0-based: the first update uses step 0), as
@@ -55,7 +62,8 @@ double lr_multiplier(Schedule s, int64_t step, int64_t warmup, int64_t total);
 int64_t warmup_steps(const TrainConfig& t, int64_t total);
 
 // Scales the gradients so their global L2 norm is at most max_norm (torch.nn.utils.clip_grad_norm_,
-// eps 1e-6); returns the norm before clipping (float32, as torch computes it). max_norm <= 0: no clip.
-double clip_grad_norm(const NamedTensors& params, double max_norm);
+// eps 1e-6); returns the norm before clipping as a float32 scalar on the gradients' device, as torch
+// does (nothing waits for the GPU). max_norm <= 0: no clip, the norm only.
+at::Tensor clip_grad_norm(const NamedTensors& params, double max_norm);
 
 }  // namespace qlora::train

@@ -65,18 +65,25 @@ int64_t loss_chunk_rows(int64_t vocab) {
   return std::max<int64_t>(64, (int64_t{64} << 20) / std::max<int64_t>(1, vocab));
 }
 
+at::Tensor to_device(const at::Tensor& t, at::Device device) {
+  if (!t.defined() || t.device() == device) return t;
+  if (device.is_cuda() && t.is_cpu()) return t.pin_memory().to(device, /*non_blocking=*/true);
+  return t.to(device);
+}
+
 std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
                                                   const at::Tensor& labels, int64_t chunk_rows) {
   // Shift: hidden at t predicts labels at t + 1. Only positions with a label get logits at all, so the
-  // logits cover the answer tokens, not the whole (mostly prompt) batch.
-  at::Tensor target = labels.slice(1, 1).to(hidden.device());           // [B, T-1]
-  at::Tensor h = hidden.slice(1, 0, hidden.size(1) - 1);                // [B, T-1, H]
-  at::Tensor keep = target.ne(-100);
-  at::Tensor idx = keep.reshape(-1).nonzero().squeeze(1);
+  // logits cover the answer tokens, not the whole (mostly prompt) batch. The labelled positions are
+  // found where the labels are: for the trainer's batches on the CPU, so the GPU is not waited for.
+  at::Tensor target = labels.slice(1, 1).reshape(-1);                   // [B (T-1)]
+  at::Tensor idx = target.ne(-100).nonzero().squeeze(1);
   const int64_t n = idx.numel();
   if (n == 0) return {hidden.sum() * 0.0, 0};
+  at::Tensor ts = to_device(target.index_select(0, idx), hidden.device());  // [N]
+  idx = to_device(idx, hidden.device());
+  at::Tensor h = hidden.slice(1, 0, hidden.size(1) - 1);                // [B, T-1, H]
   at::Tensor hs = h.reshape({-1, h.size(-1)}).index_select(0, idx);   // [N, H]
-  at::Tensor ts = target.reshape(-1).index_select(0, idx);             // [N]
   const at::Tensor& w = model.lm_head;                                  // [V, H]
   const int64_t chunk = chunk_rows > 0 ? chunk_rows : loss_chunk_rows(w.size(0));
   if (!at::GradMode::is_enabled() || (!hs.requires_grad() && !w.requires_grad())) {
@@ -95,7 +102,8 @@ std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& m
 std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const data::Batch& b) {
   at::NoGradGuard no_grad;
   const auto dev = model.device();
-  at::Tensor hidden = model.hidden_states(b.input_ids.to(dev), b.attention_mask.to(dev), b.position_ids.to(dev));
+  at::Tensor hidden = model.hidden_states(to_device(b.input_ids, dev), to_device(b.attention_mask, dev),
+                                          to_device(b.position_ids, dev));
   auto [sum, n] = causal_lm_loss_sum(model, hidden, b.labels);
   return {sum.item<double>(), n};
 }
@@ -165,42 +173,37 @@ double Trainer::train_step() {
     micro.push_back(batcher_.next());
     count += micro.back().tokens;
   }
-  double loss_sum = 0;
-  bool finite = true;
+  // Everything up to the update is queued without waiting for the GPU: the loss stays on the device, and a
+  // non-finite loss or gradient norm skips the update there (the optimizer's `skip`). The host learns the
+  // step's loss and norm in one read at the end.
+  at::Tensor loss_sum;  // float32 scalar on the device
   for (auto& b : micro) {
-    at::Tensor hidden =
-        model_->hidden_states(b.input_ids.to(dev), b.attention_mask.to(dev), b.position_ids.to(dev));
+    at::Tensor hidden = model_->hidden_states(to_device(b.input_ids, dev), to_device(b.attention_mask, dev),
+                                              to_device(b.position_ids, dev));
     auto [sum, n] = causal_lm_loss_sum(*model_, hidden, b.labels);
-    if (n == 0) continue;
-    double s = sum.item<double>();
-    if (!std::isfinite(s)) {
-      finite = false;
-      break;
-    }
-    loss_sum += s;
-    (sum / static_cast<double>(count)).backward();
     state_.tokens_seen += b.input_ids.numel();
+    if (n == 0) continue;
+    loss_sum = loss_sum.defined() ? loss_sum + sum.detach() : sum.detach();
+    (sum / static_cast<double>(count)).backward();
   }
   if (state_.step + 1 == kill_at_step()) std::raise(SIGKILL);
-  const double lr = current_lr();
-  if (finite) {
-    double norm = clip_grad_norm(trainable_, cfg_.train.max_grad_norm);
-    finite = std::isfinite(norm);
-  }
-  if (!finite) {
-    opt_.zero_grad();
+  const at::Tensor norm = clip_grad_norm(trainable_, cfg_.train.max_grad_norm);
+  const at::Tensor loss_now = loss_sum.defined() ? loss_sum : at::zeros({}, norm.options());
+  const at::Tensor status = at::stack({loss_now.to(norm.device(), at::kFloat), norm.to(at::kFloat)});
+  opt_.step(current_lr(), at::logical_not(at::isfinite(status).all()).to(at::kFloat));
+  opt_.zero_grad();
+  const at::Tensor host = status.cpu();  // the step's one wait for the GPU
+  const double loss = host[0].item<double>();
+  last_grad_norm_ = host[1].item<double>();
+  ++state_.step;  // a skipped step too: the schedule and the data move on, as if it had happened
+  state_.cursor = batcher_.state();
+  if (!std::isfinite(loss) || !std::isfinite(last_grad_norm_)) {
     ++state_.consecutive_nonfinite;
     ++state_.skipped_steps;
-    ++state_.step;  // the schedule and the data move on, as if the step had happened
-    state_.cursor = batcher_.state();
     return std::nan("");
   }
-  opt_.step(lr);
-  opt_.zero_grad();
   state_.consecutive_nonfinite = 0;
-  ++state_.step;
-  state_.cursor = batcher_.state();
-  return count > 0 ? loss_sum / count : 0.0;
+  return count > 0 ? loss / count : 0.0;
 }
 
 double Trainer::evaluate(const data::Dataset& data) {
@@ -257,8 +260,8 @@ void Trainer::run(const Hooks& hooks) {
                     state_.consecutive_nonfinite);
     } else if (state_.step % cfg_.train.log_every == 0 || state_.step == state_.total_steps) {
       if (hooks.on_metrics)
-        hooks.on_metrics({{"step", state_.step}, {"loss", loss}, {"lr", lr}, {"tokens_per_s", tps},
-                          {"epoch", state_.cursor.epoch}});
+        hooks.on_metrics({{"step", state_.step}, {"loss", loss}, {"lr", lr}, {"grad_norm", last_grad_norm_},
+                          {"tokens_per_s", tps}, {"epoch", state_.cursor.epoch}});
       std::string line = fmt::format("step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  eta {:.0f}s", state_.step,
                                      state_.total_steps, loss, lr, tps, eta);
       if (tty) {

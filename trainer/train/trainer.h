@@ -18,6 +18,10 @@
 
 namespace qlora::train {
 
+// `t` on `device`; a CPU tensor bound for CUDA goes through pinned memory asynchronously, so the copy
+// does not wait for the work already queued on the GPU.
+at::Tensor to_device(const at::Tensor& t, at::Device device);
+
 // Sum over the label tokens of -log p(label), logits computed from `hidden` [B, T, H] only at positions
 // whose shifted label carries loss (labels [B, T], -100 = none; logits[:, t] predicts labels[:, t + 1]),
 // in float32. Returns {sum (0-dim float32, differentiable in hidden and lm_head), count}. The logits are
@@ -57,8 +61,11 @@ class Trainer {
   // Mean loss over the eval set (or `data`), without gradients.
   double evaluate(const data::Dataset& data);
 
-  // One optimizer step over grad_accum micro-batches; returns the mean token loss (NaN if skipped).
+  // One optimizer step over grad_accum micro-batches; returns the mean token loss (NaN if skipped: a
+  // non-finite loss or gradient norm). It waits for the GPU once, at its end.
   double train_step();
+  // The gradient norm of the last step, before clipping.
+  double last_grad_norm() const { return last_grad_norm_; }
 
   // Resume state.
   const TrainerState& state() const { return state_; }
@@ -79,6 +86,7 @@ class Trainer {
   AdamW opt_;
   TrainerState state_;
   int64_t warmup_ = 0;
+  double last_grad_norm_ = 0;
 };
 
 // Steps for the whole run: max_steps if > 0, else epochs x ceil(batches per epoch / grad_accum).
