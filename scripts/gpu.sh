@@ -3,8 +3,8 @@
 #
 #   scripts/gpu.sh [tests|quick|full|long]     (default quick)
 #     tests  build + GPU tests only
-#     quick  + kernel benchmark + our training step (7B, r 16, checkpointing on/off) + transformers/PEFT bf16
-#     full   + r 64, the bitsandbytes 4-bit Python stack
+#     quick  + our training step (7B, r 16, checkpointing on/off) and transformers/PEFT bf16's
+#     full   + the kernel lab and benchmark, r 64, the per-projection path, the bitsandbytes 4-bit Python stack
 #     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
 #     profile build + GPU tests + one profiled 7B step (r 16) with and without checkpointing: the busiest
 #            kernels printed, the Chrome traces in results.tgz
@@ -82,11 +82,14 @@ Q="$BUILD/trainer/cli/qlora"
 if [ "$MODE" = long ]; then
   # One step per length and no warmup (memory is the question, not speed), from a length known to train
   # upwards until the first that does not; LONG_OURS / LONG_HF override the ladders (empty: skip).
-  echo "== longest sequence at batch 1 (llama2-7b, r 16, checkpointing on)"
+  # Ours recomputes in LONG_CKPT mode (default full: layer inputs only, the least memory).
+  LONG_CKPT="${LONG_CKPT:-full}"
+  echo "== longest sequence at batch 1 (llama2-7b, r 16; ours checkpointing $LONG_CKPT, theirs on)"
   try_len() {  # try_len ours|hf SEQ
     local who=$1 s=$2 log="$OUT/$1_seq$2.log" rc
     if [ "$who" = ours ]; then
-      "$Q" bench --shape llama2-7b --r 16 --seq "$s" --warmup 0 --steps 1 --json "$OUT/ours_seq$s.json" >"$log" 2>&1
+      "$Q" bench --shape llama2-7b --r 16 --seq "$s" --checkpointing "$LONG_CKPT" --warmup 0 --steps 1 \
+        --json "$OUT/ours_seq$s.json" >"$log" 2>&1
     else
       "$PY" scripts/bench_hf.py --shape llama2-7b --r 16 --seq "$s" --warmup 0 --steps 1 --json "$OUT/hf_seq$s.json" >"$log" 2>&1
     fi
@@ -118,10 +121,12 @@ if [ "$MODE" = profile ]; then
   exit $status
 fi
 
-echo "== kernel lab (every dequant variant, checked and timed)"
-"$BUILD/kernels/dev/qlora_dequant_bench" 2>&1 | tee "$OUT/lab.txt" | tail -12 || status=1
-echo "== kernels"
-"$Q" bench --kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+if [ "$MODE" = full ]; then
+  echo "== kernel lab (every dequant variant, checked and timed)"
+  "$BUILD/kernels/dev/qlora_dequant_bench" 2>&1 | tee "$OUT/lab.txt" | tail -12 || status=1
+  echo "== kernels"
+  "$Q" bench --kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+fi
 
 ours() {  # ours NAME ARGS...
   local name=$1; shift
@@ -135,8 +140,8 @@ echo "== training step, llama2-7b, seq 2048, batch 1"
 ours r16_ckpt --r 16 --checkpointing on
 ours r16_nockpt --r 16 --checkpointing off
 theirs bf16_r16_ckpt --r 16 --checkpointing on --base bf16
+theirs bf16_r16_nockpt --r 16 --checkpointing off --base bf16
 if [ "$MODE" = full ]; then
-  theirs bf16_r16_nockpt --r 16 --checkpointing off --base bf16
   ours r16_ckpt_unfused --r 16 --checkpointing on --fused off  # the per-projection path, for the fused gain
   ours r64_ckpt --r 64 --checkpointing on
   ours r64_nockpt --r 64 --checkpointing off

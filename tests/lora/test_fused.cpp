@@ -185,6 +185,28 @@ TEST(FusedPath, EvalModeIgnoresDropout) {
   EXPECT_LE(test::rel_err(got.logits, plain.logits), kF32Tol);
 }
 
+TEST(FusedPath, AdapterUpdatesReachTheForward) {
+  // The fused path casts the adapters once and reuses the copy until an adapter changes (its version
+  // counter moves): an in-place update, as the optimizer's, must show in the next forward.
+  ModeGuard guard(model::FusedMode::On);
+  auto m = make_model(at::kCPU, at::kFloat, 0.0);
+  m->eval();
+  at::NoGradGuard ng;
+  auto g = at::make_generator<at::CPUGeneratorImpl>(8);
+  at::Tensor ids = at::randint(0, tiny_arch().vocab_size, {2, 16}, g, at::kLong);
+  const at::Tensor before = m->forward(ids);
+  EXPECT_TRUE(test::same_bits(m->forward(ids), before));  // the cached copy, unchanged
+  for (auto& [name, l] : lora::lora_modules(*m)) {
+    if (name.find("layers.1.mlp.up_proj") != std::string::npos) l->lora_b().add_(0.05);
+    if (name.find("layers.0.self_attn.k_proj") != std::string::npos) l->lora_a().mul_(1.5);
+  }
+  const at::Tensor after = m->forward(ids);
+  model::set_fused_mode(model::FusedMode::Off);
+  const at::Tensor modules = m->forward(ids);
+  EXPECT_GT(test::rel_err(after, before), 1e-3);
+  EXPECT_LE(test::rel_err(after, modules), kF32Tol);
+}
+
 TEST(FusedPath, AutoModeStaysOffOnCpu) {
   // The CPU keeps the per-projection path (the one compared bit for bit with PEFT) unless asked.
   const at::Device cpu(at::kCPU);

@@ -11,6 +11,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <atomic>
+#include <mutex>
+#include <unordered_map>
 
 namespace qlora::model {
 
@@ -44,6 +46,93 @@ at::Tensor dequantize_group(const GroupState& s, at::ScalarType dtype, at::Devic
   at::Tensor w = at::empty({s.total, s.in}, at::TensorOptions().dtype(dtype).device(device));
   for (const auto& m : s.members) quant::dequantize_4bit_into(m.weight, w.narrow(0, m.offset, m.out));
   return w;
+}
+
+// The adapters of a group in the compute dtype, cast when they change instead of at every use: the casts
+// were about 13 launches a layer and pass at the 7B shape (a cat and a cast of the A's, a cast of each B),
+// now one per group and optimizer step, and none in a checkpointed layer's recomputation. An entry per
+// group, keyed by its first A; it stays valid while every adapter is the same tensor (weak references, so a
+// freed tensor's address cannot alias a new one) with the version counter it had when copied (an in-place
+// update bumps it: the optimizer's, a checkpoint load's copy_).
+class AdapterCasts {
+ public:
+  struct Group {
+    at::Tensor a_cat;            // [ranks, in]: the A's one under the other
+    std::vector<at::Tensor> bs;  // per adapter [out, r]
+  };
+
+  // lora = A0, B0, A1, B1, ... (float32); the result's tensors are views of one buffer in `dtype`.
+  Group get(at::TensorList lora, at::ScalarType dtype) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Entry& e = entry(lora, dtype);
+    bool stale = false;
+    for (size_t i = 0; i < lora.size(); ++i) stale = stale || e.versions[i] != lora[i]._version();
+    if (stale) {
+      at::NoGradGuard no_grad;
+      at::_foreach_copy_(e.dst, lora);  // one launch, casting
+      for (size_t i = 0; i < lora.size(); ++i) e.versions[i] = lora[i]._version();
+    }
+    return e.views;
+  }
+
+ private:
+  struct Entry {
+    std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> src;
+    std::vector<int64_t> versions;
+    std::vector<at::Tensor> dst;  // views of one buffer, shaped like src
+    Group views;
+  };
+
+  Entry& entry(at::TensorList lora, at::ScalarType dtype) {
+    const std::pair<const c10::TensorImpl*, at::ScalarType> key{lora[0].unsafeGetTensorImpl(), dtype};
+    auto it = entries_.find(key);
+    if (it != entries_.end() && same_tensors(it->second, lora)) return it->second;
+    // A new group (or one whose adapters were replaced): drop entries of freed adapters, then build.
+    for (auto e = entries_.begin(); e != entries_.end();) e = e->second.src[0].expired() ? entries_.erase(e) : ++e;
+    Entry e;
+    int64_t total = 0;
+    for (const auto& t : lora) total += t.numel();
+    at::Tensor buffer = at::empty({total}, lora[0].options().dtype(dtype));
+    // The A's first, one under the other (so that they form a_cat), then each B.
+    int64_t offset = 0;
+    e.dst.resize(lora.size());
+    for (size_t pass = 0; pass < 2; ++pass) {
+      for (size_t i = pass; i < lora.size(); i += 2) {
+        e.dst[i] = buffer.narrow(0, offset, lora[i].numel()).view(lora[i].sizes());
+        offset += lora[i].numel();
+      }
+    }
+    int64_t ranks = 0;
+    for (size_t i = 0; i < lora.size(); i += 2) ranks += lora[i].size(0);
+    e.views.a_cat = buffer.narrow(0, 0, ranks * lora[0].size(1)).view({ranks, lora[0].size(1)});
+    for (size_t i = 1; i < lora.size(); i += 2) e.views.bs.push_back(e.dst[i]);
+    for (const auto& t : lora) {
+      e.src.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()));
+      e.versions.push_back(-1);  // copied on first use
+    }
+    return entries_.insert_or_assign(key, std::move(e)).first->second;
+  }
+
+  static bool same_tensors(const Entry& e, at::TensorList lora) {
+    if (e.src.size() != lora.size()) return false;
+    for (size_t i = 0; i < lora.size(); ++i) {
+      if (e.src[i].lock().get() != lora[i].unsafeGetTensorImpl()) return false;
+    }
+    return true;
+  }
+
+  struct KeyHash {
+    size_t operator()(const std::pair<const c10::TensorImpl*, at::ScalarType>& k) const {
+      return std::hash<const void*>()(k.first) ^ static_cast<size_t>(k.second);
+    }
+  };
+  std::mutex mutex_;
+  std::unordered_map<std::pair<const c10::TensorImpl*, at::ScalarType>, Entry, KeyHash> entries_;
+};
+
+AdapterCasts& adapter_casts() {
+  static AdapterCasts casts;
+  return casts;
 }
 
 // a @ b with a float32 result (the adapters' gradients): cuBLAS accumulates in float32 and writes it
@@ -92,10 +181,8 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       ctx->save_for_backward({kept});
       return y;
     }
-    std::vector<at::Tensor> as;
-    for (const auto& m : st->members)
-      if (m.lora >= 0) as.push_back(lora[2 * m.lora]);
-    const at::Tensor a_cat = (as.size() == 1 ? as[0] : at::cat(as)).to(dt);  // [ranks, in]
+    const AdapterCasts::Group cast = adapter_casts().get(lora, dt);
+    const at::Tensor& a_cat = cast.a_cat;  // [ranks, in]
     at::Tensor xa = at::empty({n, st->ranks}, x.options());
     if (!st->any_dropout) at::mm_out(xa, x2, a_cat.t());
     variable_list saved{kept, x2, xa, a_cat};
@@ -111,7 +198,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
         if (m.dropout > 0.0) std::tie(h, mask) = at::native_dropout(x2, m.dropout, /*train=*/true);
         mm_into(xam, h, a_cat.narrow(0, m.col, m.rank).t(), 1.0);
       }
-      const at::Tensor b = lora[2 * m.lora + 1].to(dt);  // [out, r]
+      const at::Tensor& b = cast.bs[m.lora];  // [out, r]
       if (compute_y) mm_into(ym, xam, b.t(), m.scaling);
       saved.insert(saved.end(), {b, mask});
     }

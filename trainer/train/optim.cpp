@@ -47,6 +47,9 @@ bool AdamW::fused_step(double lr, const at::Tensor& skip) {
   at::_fused_adamw_(ps, gs, m, v, /*max_exp_avg_sqs=*/{}, steps, lr, opts_.beta1, opts_.beta2, opts_.weight_decay,
                     opts_.eps, /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt,
                     skip.defined() ? std::optional<at::Tensor>(skip) : std::nullopt);
+  // The kernel writes the parameters without moving their version counters (torch 2.11), which is how
+  // readers of derived copies see a change (the fused path's adapter casts, trainer/model/fused.cpp).
+  for (auto& p : ps) p.unsafeGetTensorImpl()->bump_version();
   return true;
 }
 
