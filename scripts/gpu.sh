@@ -142,6 +142,7 @@ ours r16_nockpt --r 16 --checkpointing off
 theirs bf16_r16_ckpt --r 16 --checkpointing on --base bf16
 theirs bf16_r16_nockpt --r 16 --checkpointing off --base bf16
 if [ "$MODE" = full ]; then
+  ours r16_ckpt_full --r 16 --checkpointing full  # recomputation from the layer inputs only, as HF's
   ours r16_ckpt_unfused --r 16 --checkpointing on --fused off  # the per-projection path, for the fused gain
   ours r64_ckpt --r 64 --checkpointing on
   ours r64_nockpt --r 64 --checkpointing off

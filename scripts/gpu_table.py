@@ -35,7 +35,8 @@ print(f"{'run':<22} {'tokens/s':>9} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':
 for r in ("r16", "r64"):
     for c in ("ckpt", "nockpt"):
         hf = load(f"hf_bf16_{r}_{c}")
-        for name in (f"ours_{r}_{c}", f"ours_{r}_{c}_unfused", f"hf_bf16_{r}_{c}", f"hf_bnb4_{r}_{c}"):
+        for name in (f"ours_{r}_{c}", f"ours_{r}_{c}_full", f"ours_{r}_{c}_unfused", f"hf_bf16_{r}_{c}",
+                     f"hf_bnb4_{r}_{c}"):
             v = load(name)
             if not v:
                 continue
@@ -47,10 +48,3 @@ for r in ("r16", "r64"):
             print(f"{name:<22} {v['tokens_per_s']:>9.0f} {v['step_ms']:>8.1f} {v['forward_ms']:>7.1f} "
                   f"{v['backward_ms']:>7.1f} {v['optimizer_ms']:>6.1f} {v['peak_bytes'] / 2**30:>9.2f} {mfu:>6} "
                   f"{speed:>10} {mem:>9}")
-longest = {}
-for who in ("ours", "hf"):
-    for s in (8192, 16384, 32768, 65536):
-        if load(f"{who}_seq{s}"):
-            longest[who] = s
-if longest:
-    print("longest sequence trained at batch 1 (of 8K/16K/32K/64K tried, stopping at the first failure):", longest)

@@ -182,6 +182,15 @@ TEST(Config, PyYamlReadsOurDump) {
   EXPECT_EQ(j["lora"]["rslora"], true);
   EXPECT_EQ(j["lora"]["target_modules"], nlohmann::json::array({"q_proj", "v_proj"}));
   EXPECT_EQ(j["output"]["merged_dtype"], "float32");
+  EXPECT_EQ(j["model"]["gradient_checkpointing"], "full");
+  // "off" is quoted: bare, YAML 1.1 reads it as the boolean false.
+  Config off = c;
+  off.model.gradient_checkpointing = Checkpointing::Off;
+  save_config(off, dir / "off.yaml");
+  auto off_out = run_python("import sys, json, yaml\nprint(json.dumps(yaml.safe_load(open(sys.argv[1], encoding='utf-8'))))\n",
+                            (dir / "off.yaml").string());
+  EXPECT_EQ(nlohmann::json::parse(off_out)["model"]["gradient_checkpointing"], "off");
+  EXPECT_EQ(load_config(dir / "off.yaml").model.gradient_checkpointing, Checkpointing::Off);
   // Every key, at its place.
   for (const auto& k : config_keys()) {
     auto dot = k.find('.');

@@ -236,7 +236,10 @@ std::string value_text(const T& v, bool yaml) {
     return out + "]";
   } else {
     static_assert(is_enum_field<T>, "config field of unsupported type");
-    return enum_name(v);
+    // Quoted where a YAML 1.1 reader (PyYAML) would take the bare word for a boolean ("off").
+    static const std::set<std::string> kYaml11Bools = {"y", "n", "yes", "no", "on", "off", "true", "false"};
+    const std::string name = enum_name(v);
+    return yaml && kYaml11Bools.count(name) ? quote(name) : name;
   }
 }
 
