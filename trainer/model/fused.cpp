@@ -50,7 +50,7 @@ at::Tensor dequantize_group(const GroupState& s, at::ScalarType dtype, at::Devic
 
 // The adapters of a group in the compute dtype, cast when they change instead of at every use: the casts
 // were about 13 launches a layer and pass at the 7B shape (a cat and a cast of the A's, a cast of each B),
-// now one per group and optimizer step, and none in a checkpointed layer's recomputation. An entry per
+// now one for all groups per optimizer step, and none in a checkpointed layer's recomputation. An entry per
 // group, keyed by its first A; it stays valid while every adapter is the same tensor (weak references, so a
 // freed tensor's address cannot alias a new one) with the version counter it had when copied (an in-place
 // update bumps it: the optimizer's, a checkpoint load's copy_).
@@ -65,23 +65,45 @@ class AdapterCasts {
   Group get(at::TensorList lora, at::ScalarType dtype) {
     std::lock_guard<std::mutex> lock(mutex_);
     Entry& e = entry(lora, dtype);
-    bool stale = false;
-    for (size_t i = 0; i < lora.size(); ++i) stale = stale || e.versions[i] != lora[i]._version();
-    if (stale) {
-      at::NoGradGuard no_grad;
-      at::_foreach_copy_(e.dst, lora);  // one launch, casting
-      for (size_t i = 0; i < lora.size(); ++i) e.versions[i] = lora[i]._version();
-    }
+    if (stale(e, lora)) refresh_all();  // after an update every adapter moved: all groups at once
     return e.views;
   }
 
  private:
+  using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Entry {
-    std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> src;
-    std::vector<int64_t> versions;
-    std::vector<at::Tensor> dst;  // views of one buffer, shaped like src
+    std::vector<WeakTensor> src;
+    std::vector<int64_t> versions;  // of src when last copied (-1: never)
+    std::vector<at::Tensor> dst;    // views of one buffer, shaped like src
     Group views;
   };
+
+  static bool stale(const Entry& e, at::TensorList now) {
+    for (size_t i = 0; i < now.size(); ++i)
+      if (e.versions[i] != now[i]._version()) return true;
+    return false;
+  }
+
+  // Every entry whose adapters moved, re-copied in one _foreach_copy_ (casting): a launch per group filled
+  // too little of the GPU (~15 us each for a few hundred thousand elements).
+  void refresh_all() {
+    std::vector<at::Tensor> dst, src;
+    std::vector<std::pair<Entry*, std::vector<at::Tensor>>> copied;
+    for (auto& [key, e] : entries_) {
+      std::vector<at::Tensor> now;
+      for (const auto& w : e.src) now.emplace_back(w.lock());
+      bool alive = true;
+      for (const auto& t : now) alive = alive && t.defined();
+      if (!alive || !stale(e, now)) continue;
+      dst.insert(dst.end(), e.dst.begin(), e.dst.end());
+      src.insert(src.end(), now.begin(), now.end());
+      copied.emplace_back(&e, std::move(now));
+    }
+    at::NoGradGuard no_grad;
+    at::_foreach_copy_(dst, src);
+    for (auto& [e, now] : copied)
+      for (size_t i = 0; i < now.size(); ++i) e->versions[i] = now[i]._version();
+  }
 
   Entry& entry(at::TensorList lora, at::ScalarType dtype) {
     const std::pair<const c10::TensorImpl*, at::ScalarType> key{lora[0].unsafeGetTensorImpl(), dtype};
@@ -107,7 +129,7 @@ class AdapterCasts {
     e.views.a_cat = buffer.narrow(0, 0, ranks * lora[0].size(1)).view({ranks, lora[0].size(1)});
     for (size_t i = 1; i < lora.size(); i += 2) e.views.bs.push_back(e.dst[i]);
     for (const auto& t : lora) {
-      e.src.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()));
+      e.src.emplace_back(WeakTensor(t.getIntrusivePtr()));
       e.versions.push_back(-1);  // copied on first use
     }
     return entries_.insert_or_assign(key, std::move(e)).first->second;
