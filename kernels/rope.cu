@@ -40,36 +40,51 @@ struct alignas(16) Pack {
 // The vector kernels: one thread rotates VEC elements of the first half of a head together with their
 // partners in the second half (so each value is loaded once), or copies VEC elements of v. Needs
 // (D / 2) % VEC == 0 and 16-byte aligned rows (rope_split checks; the scalar kernels below cover the rest).
+// The work of one packed row, shared by both directions: items [0, rotated) each rotate VEC elements of a
+// q or k head's first half with their partners in the second half; items [rotated, items) each move VEC
+// elements of v.
+struct VecRow {
+  int half, per_head, rotated, items, width;
+  __host__ __device__ VecRow(int nq, int nk, int d, int vec)
+      : half(d / 2), per_head(d / 2 / vec), rotated((nq + nk) * (d / 2 / vec)),
+        items((nq + nk) * (d / 2 / vec) + nk * d / vec), width((nq + 2 * nk) * d) {}
+};
+
+// cos and sin of row r at [j, j + VEC) (1) and [half + j, half + j + VEC) (2).
+template <typename P, typename T>
+struct Tables {
+  P c1, c2, s1, s2;
+  __device__ Tables(const T* cos, const T* sin, int64_t r, int d, int half, int j)
+      : c1(*reinterpret_cast<const P*>(cos + r * d + j)), c2(*reinterpret_cast<const P*>(cos + r * d + half + j)),
+        s1(*reinterpret_cast<const P*>(sin + r * d + j)), s2(*reinterpret_cast<const P*>(sin + r * d + half + j)) {}
+};
+
 template <typename T, int VEC>
 static __global__ void rope_split_fwd_vec(const T* __restrict__ y, const T* __restrict__ cos, const T* __restrict__ sin,
                                           int64_t rows, int nq, int nk, int d, T* __restrict__ q, T* __restrict__ k,
                                           T* __restrict__ v) {
   using P = Pack<T, VEC>;
-  const int half = d / 2, per_head = half / VEC, rotated = (nq + nk) * per_head, items = rotated + nk * d / VEC;
-  const int width = (nq + 2 * nk) * d;
+  const VecRow w(nq, nk, d, VEC);
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const T* yr = y + r * width;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < items; i += gridDim.x * blockDim.x) {
-      if (i < rotated) {
-        const int head = i / per_head, j = (i - head * per_head) * VEC;
+    const T* yr = y + r * w.width;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < w.items; i += gridDim.x * blockDim.x) {
+      if (i < w.rotated) {
+        const int head = i / w.per_head, j = (i - head * w.per_head) * VEC;
         const P x1 = *reinterpret_cast<const P*>(yr + head * d + j);
-        const P x2 = *reinterpret_cast<const P*>(yr + head * d + half + j);
-        const P c1 = *reinterpret_cast<const P*>(cos + r * d + j),
-                c2 = *reinterpret_cast<const P*>(cos + r * d + half + j);
-        const P s1 = *reinterpret_cast<const P*>(sin + r * d + j),
-                s2 = *reinterpret_cast<const P*>(sin + r * d + half + j);
+        const P x2 = *reinterpret_cast<const P*>(yr + head * d + w.half + j);
+        const Tables<P, T> t(cos, sin, r, d, w.half, j);
         P o1, o2;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const T neg2 = from_f32<T>(-to_f32(x2.v[e]));
-          o1.v[e] = from_f32<T>(__fadd_rn(round_mul(x1.v[e], c1.v[e]), round_mul(neg2, s1.v[e])));
-          o2.v[e] = from_f32<T>(__fadd_rn(round_mul(x2.v[e], c2.v[e]), round_mul(x1.v[e], s2.v[e])));
+          o1.v[e] = from_f32<T>(__fadd_rn(round_mul(x1.v[e], t.c1.v[e]), round_mul(neg2, t.s1.v[e])));
+          o2.v[e] = from_f32<T>(__fadd_rn(round_mul(x2.v[e], t.c2.v[e]), round_mul(x1.v[e], t.s2.v[e])));
         }
         T* dst = head < nq ? q + (r * nq + head) * d : k + (r * nk + head - nq) * d;
         *reinterpret_cast<P*>(dst + j) = o1;
-        *reinterpret_cast<P*>(dst + half + j) = o2;
+        *reinterpret_cast<P*>(dst + w.half + j) = o2;
       } else {
-        const int e = (i - rotated) * VEC;  // element within the row's v heads
+        const int e = (i - w.rotated) * VEC;  // element within the row's v heads
         *reinterpret_cast<P*>(v + r * nk * d + e) = *reinterpret_cast<const P*>(yr + (nq + nk) * d + e);
       }
     }
@@ -81,29 +96,25 @@ static __global__ void rope_split_bwd_vec(const T* __restrict__ dq, const T* __r
                                           const T* __restrict__ cos, const T* __restrict__ sin, int64_t rows, int nq,
                                           int nk, int d, T* __restrict__ dy) {
   using P = Pack<T, VEC>;
-  const int half = d / 2, per_head = half / VEC, rotated = (nq + nk) * per_head, items = rotated + nk * d / VEC;
-  const int width = (nq + 2 * nk) * d;
+  const VecRow w(nq, nk, d, VEC);
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    T* dyr = dy + r * width;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < items; i += gridDim.x * blockDim.x) {
-      if (i < rotated) {
-        const int head = i / per_head, j = (i - head * per_head) * VEC;
+    T* dyr = dy + r * w.width;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < w.items; i += gridDim.x * blockDim.x) {
+      if (i < w.rotated) {
+        const int head = i / w.per_head, j = (i - head * w.per_head) * VEC;
         const T* g = head < nq ? dq + (r * nq + head) * d : dk + (r * nk + head - nq) * d;
-        const P g1 = *reinterpret_cast<const P*>(g + j), g2 = *reinterpret_cast<const P*>(g + half + j);
-        const P c1 = *reinterpret_cast<const P*>(cos + r * d + j),
-                c2 = *reinterpret_cast<const P*>(cos + r * d + half + j);
-        const P s1 = *reinterpret_cast<const P*>(sin + r * d + j),
-                s2 = *reinterpret_cast<const P*>(sin + r * d + half + j);
+        const P g1 = *reinterpret_cast<const P*>(g + j), g2 = *reinterpret_cast<const P*>(g + w.half + j);
+        const Tables<P, T> t(cos, sin, r, d, w.half, j);
         P o1, o2;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          o1.v[e] = from_f32<T>(__fadd_rn(round_mul(g1.v[e], c1.v[e]), round_mul(g2.v[e], s2.v[e])));
-          o2.v[e] = from_f32<T>(__fsub_rn(round_mul(g2.v[e], c2.v[e]), round_mul(g1.v[e], s1.v[e])));
+          o1.v[e] = from_f32<T>(__fadd_rn(round_mul(g1.v[e], t.c1.v[e]), round_mul(g2.v[e], t.s2.v[e])));
+          o2.v[e] = from_f32<T>(__fsub_rn(round_mul(g2.v[e], t.c2.v[e]), round_mul(g1.v[e], t.s1.v[e])));
         }
         *reinterpret_cast<P*>(dyr + head * d + j) = o1;
-        *reinterpret_cast<P*>(dyr + head * d + half + j) = o2;
+        *reinterpret_cast<P*>(dyr + head * d + w.half + j) = o2;
       } else {
-        const int e = (i - rotated) * VEC;
+        const int e = (i - w.rotated) * VEC;
         *reinterpret_cast<P*>(dyr + (nq + nk) * d + e) = *reinterpret_cast<const P*>(dv + r * nk * d + e);
       }
     }
@@ -180,7 +191,7 @@ bool vector_ok(int d, std::initializer_list<const void*> ptrs) {
 // Work items of a row for the vector kernels: VEC-wide pairs of the rotated heads, VEC-wide pieces of v.
 template <typename T>
 int64_t vector_items(int nq, int nk, int d) {
-  return int64_t{nq + nk} * (d / 2) / kVec<T> + int64_t{nk} * d / kVec<T>;
+  return VecRow(nq, nk, d, kVec<T>).items;
 }
 
 template <typename T>
