@@ -275,6 +275,12 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
   expect_close(got, ref, kF32Tol, "gpu f32");
 }
 
+// The composite's input gradient is the sum of its slices' zero-padded gradients, so it carries +0 where
+// the packed kernels write a product that underflowed to -0 (IEEE: -0 + 0 = +0; one element in a few
+// million of these random tensors, seen once in a float16 SwiGLU gradient). So the kernels' gradient is
+// compared with that sum applied (+0 added): every other bit must be equal.
+at::Tensor as_summed_with_zero(const at::Tensor& grad) { return grad + 0; }
+
 // The RoPE-split kernel against the composite (view, transpose, x * cos + rotate_half(x) * sin) it
 // replaces, forward and backward, bit for bit, in bfloat16 and float32, GQA and plain.
 TEST(FusedPath, RopeSplitKernelMatchesCompositeBitForBit) {
@@ -308,7 +314,7 @@ TEST(FusedPath, RopeSplitKernelMatchesCompositeBitForBit) {
       EXPECT_TRUE(test::same_bits(q1.detach(), q2.detach().contiguous())) << c10::toString(dt) << " q";
       EXPECT_TRUE(test::same_bits(k1.detach(), k2.detach().contiguous())) << c10::toString(dt) << " k";
       EXPECT_TRUE(test::same_bits(v1.detach(), v2.detach().contiguous())) << c10::toString(dt) << " v";
-      EXPECT_TRUE(test::same_bits(y1.grad(), y2.grad())) << c10::toString(dt) << " grad";
+      EXPECT_TRUE(test::same_bits(as_summed_with_zero(y1.grad()), y2.grad())) << c10::toString(dt) << " grad";
     }
   }
 }
@@ -329,7 +335,7 @@ TEST(FusedPath, PackedSwiGLUMatchesCompositeBitForBit) {
     auto y2 = at::silu(b.narrow(-1, 0, i)) * b.narrow(-1, i, i);
     y2.backward(dy);
     EXPECT_TRUE(test::same_bits(y1.detach(), y2.detach())) << c10::toString(dt);
-    EXPECT_TRUE(test::same_bits(a.grad(), b.grad())) << c10::toString(dt);
+    EXPECT_TRUE(test::same_bits(as_summed_with_zero(a.grad()), b.grad())) << c10::toString(dt);
   }
 }
 
