@@ -15,6 +15,7 @@
      after train.max_nonfinite_steps in a row.
 Exits non-zero on the first failure.
 """
+import glob
 import json
 import os
 import shutil
@@ -156,6 +157,20 @@ def main():
         rc, err = train(work, diff, "checkpoint.resume=auto", "train.lr=5e-4", "train.weight_decay=0.1",
                         "checkpoint.force_resume=true")
         check(rc == 0 and "resumed from" in err, f"force_resume must resume ({rc}):\n{err[-2000:]}")
+        # ... and a hash taken by another build (over other keys) is refused with that reason, not an empty list
+        other = os.path.join(work, "other-build")
+        shutil.copytree(ref, other)
+        for step_dir in glob.glob(os.path.join(other, "checkpoints", "step-*")):
+            state = os.path.join(step_dir, "state.json")
+            with open(state) as f:
+                j = json.load(f)
+            j["config_hash"] = "0123456789abcdef"
+            with open(state, "w") as f:
+                json.dump(j, f)
+        rc, err = train(work, other, "checkpoint.resume=auto")
+        line = next((l for l in err.splitlines() if "different config" in l), "")
+        check(rc != 0 and "no key; its config hash comes from another build" in line,
+              f"a hash from another build must be named as such:\n{err[-2000:]}")
 
         # 4. a corrupt newest checkpoint: fall back to the previous one, say so, and still end identical
         corrupt = os.path.join(work, "corrupt")

@@ -101,9 +101,12 @@ void load_checkpoint(const fs::path& dir, train::Trainer& trainer, const Config&
       Config old = load_config(dir / "config.yaml");
       auto keys = config_diff(old, cfg);
       if (!cfg.checkpoint.force_resume) {
-        fail("{}: made with a different config (differs in: {}); set checkpoint.force_resume=true to resume "
-             "anyway",
-             dir.string(), fmt::join(keys, ", "));
+        // No key differs when the hash was taken over another set of keys (a build before a key became
+        // resume-neutral, e.g. model.gradient_checkpointing).
+        const std::string what = keys.empty() ? std::string("no key; its config hash comes from another build")
+                                              : fmt::format("differs in: {}", fmt::join(keys, ", "));
+        fail("{}: made with a different config ({}); set checkpoint.force_resume=true to resume anyway",
+             dir.string(), what);
       }
     }
     train::TrainerState s;
