@@ -272,10 +272,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     marks.mark();
     (sum / static_cast<double>(n)).backward();
     marks.mark();
-    const at::Tensor norm = train::clip_grad_norm(params, 1.0);
-    const at::Tensor status = at::stack({sum.detach(), norm});
-    opt.step(1e-4, at::logical_not(at::isfinite(status).all()).to(at::kFloat));
-    opt.zero_grad();
+    const at::Tensor status = train::queue_update(opt, params, /*max_grad_norm=*/1.0, /*lr=*/1e-4, sum.detach());
     marks.mark();
     const at::Tensor host = status.cpu();  // the step's one wait
     const double t3 = now_ms();

@@ -99,6 +99,16 @@ std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& m
   return {ChunkedLmLoss::apply(hs, w, ts, chunk), n};
 }
 
+at::Tensor queue_update(AdamW& opt, const NamedTensors& params, double max_grad_norm, double lr,
+                        const at::Tensor& loss_sum) {
+  const at::Tensor norm = clip_grad_norm(params, max_grad_norm);
+  const at::Tensor loss = loss_sum.defined() ? loss_sum : at::zeros({}, norm.options());
+  const at::Tensor status = at::stack({loss.to(norm.device(), at::kFloat), norm.to(at::kFloat)});
+  opt.step(lr, at::logical_not(at::isfinite(status).all()).to(at::kFloat));
+  opt.zero_grad();
+  return status;
+}
+
 std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const data::Batch& b) {
   at::NoGradGuard no_grad;
   const auto dev = model.device();
@@ -187,12 +197,8 @@ double Trainer::train_step() {
     (sum / static_cast<double>(count)).backward();
   }
   if (state_.step + 1 == kill_at_step()) std::raise(SIGKILL);
-  const at::Tensor norm = clip_grad_norm(trainable_, cfg_.train.max_grad_norm);
-  const at::Tensor loss_now = loss_sum.defined() ? loss_sum : at::zeros({}, norm.options());
-  const at::Tensor status = at::stack({loss_now.to(norm.device(), at::kFloat), norm.to(at::kFloat)});
-  opt_.step(current_lr(), at::logical_not(at::isfinite(status).all()).to(at::kFloat));
-  opt_.zero_grad();
-  const at::Tensor host = status.cpu();  // the step's one wait for the GPU
+  const at::Tensor host =
+      queue_update(opt_, trainable_, cfg_.train.max_grad_norm, current_lr(), loss_sum).cpu();  // the one wait
   const double loss = host[0].item<double>();
   last_grad_norm_ = host[1].item<double>();
   ++state_.step;  // a skipped step too: the schedule and the data move on, as if it had happened

@@ -22,6 +22,14 @@ namespace qlora::train {
 // does not wait for the work already queued on the GPU.
 at::Tensor to_device(const at::Tensor& t, at::Device device);
 
+// The end of a training step, queued without waiting for the GPU: clips the gradients to max_grad_norm
+// (<= 0: no clip), steps `opt` at `lr` unless the loss or the gradient norm is not finite (the update is
+// then skipped on the device), clears the gradients. loss_sum: the step's summed loss, or undefined when no
+// token carried a label. Returns [loss_sum, norm] as float32 on the gradients' device, for the host to read
+// once the step is queued.
+at::Tensor queue_update(AdamW& opt, const NamedTensors& params, double max_grad_norm, double lr,
+                        const at::Tensor& loss_sum);
+
 // Sum over the label tokens of -log p(label), logits computed from `hidden` [B, T, H] only at positions
 // whose shifted label carries loss (labels [B, T], -100 = none; logits[:, t] predicts labels[:, t + 1]),
 // in float32. Returns {sum (0-dim float32, differentiable in hidden and lm_head), count}. The logits are
