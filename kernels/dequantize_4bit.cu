@@ -3,7 +3,8 @@
 // and times every variant); this op launches the promoted variants for the aligned bulk, v11 for 2-byte
 // outputs (coalesced 4-byte loads and 16-byte evict-first stores, four words in flight per thread, the
 // CTA's scales decoded once with no dependent global load) and v3 for float32, and v1 for the tail. Variants tried and
-// dropped are in kernels/dev/NOTES.md.
+// dropped are in kernels/dev/NOTES.md. A 2-D `into` whose rows lie further apart than its width (the
+// first columns of a wider matrix) takes v11's pitched variant.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,10 +22,19 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T, fmt4::Code C>
 static void launch_dequant(const dequant::Args& a, T* out, bool aligned, cudaStream_t stream) {
   const int64_t words = aligned ? a.n / 8 : 0;  // 4-byte words of 8 codes
+  const unsigned grid = static_cast<unsigned>(ceil_div(words, dequant::kSpanThreads * dequant::kIlp));
+  if (a.pitch != 0) {  // the op checked: 2-byte T, aligned, cols % 8 == 0, so the words cover every element
+    if constexpr (sizeof(T) == 2) {
+      dequant::dequant_span_v9<T, C, dequant::kIlp, /*Streaming=*/true, /*Pitched=*/true>
+          <<<grid, dequant::kSpanThreads, 0, stream>>>(a, words, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return;
+  }
   if (words > 0) {
     if constexpr (sizeof(T) == 2) {
       dequant::dequant_span_v9<T, C, dequant::kIlp, /*Streaming=*/true>
-          <<<ceil_div(words, dequant::kSpanThreads * dequant::kIlp), dequant::kSpanThreads, 0, stream>>>(a, words, out);
+          <<<grid, dequant::kSpanThreads, 0, stream>>>(a, words, out);
     } else {  // float32: 32-byte stores per word want fewer words in flight (lab: v3 ahead of v4..v9)
       dequant::dequant_v3<T, C><<<ceil_div(words, kThreads), kThreads, 0, stream>>>(a, words, out);
     }
@@ -46,6 +56,12 @@ void check_cuda(const at::Tensor& t, at::ScalarType dt, const char* name, const 
 }
 
 }  // namespace
+
+bool pitched_ok(const at::Tensor& into) {
+  return into.dim() == 2 && into.element_size() == 2 && into.stride(1) == 1 && into.size(1) % 8 == 0 &&
+         into.size(1) > 0 && into.size(1) < (int64_t{1} << 30) && into.stride(0) >= into.size(1) &&
+         into.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(into.data_ptr()) % 16 == 0;
+}
 
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& nested_absmax,
                                 const at::Tensor& nested_code, float offset, fmt4::Code code, int64_t blocksize,
@@ -74,7 +90,16 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor y;
-  if (into.defined()) {
+  int64_t cols = 0, pitch = 0;
+  if (into.defined() && !into.is_contiguous()) {
+    TORCH_CHECK(into.is_cuda() && into.device() == packed.device() && into.scalar_type() == out,
+                "dequantize_4bit_cuda: into must be ", out, " on ", packed.device());
+    TORCH_CHECK(pitched_ok(into) && into.numel() == n, "dequantize_4bit_cuda: a non-contiguous into must be 2-D with ",
+                n, " elements, 2-byte elements, a width that is a multiple of 8, rows 16-byte aligned and "
+                "further apart than its width; got sizes ", into.sizes(), ", strides ", into.strides());
+    cols = into.size(1), pitch = into.stride(0);
+    y = into;
+  } else if (into.defined()) {
     check_cuda(into, out, "into", packed);
     TORCH_CHECK(into.numel() == n, "dequantize_4bit_cuda: into has ", into.numel(), " elements, expected ", n);
     y = into;
@@ -88,10 +113,13 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
                   dq ? nested_code.const_data_ptr<float>() : nullptr,
                   offset,
                   __builtin_ctzll(static_cast<unsigned long long>(blocksize)),
-                  n};
+                  n,
+                  cols,
+                  pitch};
   // The vector path needs 4-byte aligned codes and a 16-byte aligned output (true for fresh allocations,
   // not for every view).
   const bool aligned = reinterpret_cast<uintptr_t>(a.packed) % 4 == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0;
+  TORCH_CHECK(pitch == 0 || aligned, "dequantize_4bit_cuda: a pitched into needs 4-byte aligned codes");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto go = [&](auto* o) {
     using T = std::remove_pointer_t<decltype(o)>;

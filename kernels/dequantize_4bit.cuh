@@ -25,6 +25,9 @@ struct Args {
   float offset;
   int log2_block;          // blocksize = 1 << log2_block
   int64_t n;
+  // Pitched output (the span kernels' Pitched variant): the weight's rows of `cols` elements land `pitch`
+  // elements apart, e.g. in the first columns of a wider matrix. cols % 8 == 0 (a word never straddles rows).
+  int64_t cols = 0, pitch = 0;
 };
 
 __device__ __forceinline__ float scale_of(const Args& a, int64_t b) {
@@ -165,7 +168,9 @@ constexpr int kSpanThreads = 256;  // launch the span kernels with exactly this 
 // scale inputs of its span (uint8 code + nested float32, or the float32 scale) and, with double
 // quantization, the 256-entry map into shared memory; the map lookups then read shared memory.
 // v10 = v9 with ILP 8; v11 = v9 with evict-first (streaming) stores (the op's kernel for 2-byte outputs).
-template <typename T, fmt4::Code C, int ILP, bool Streaming = false>
+// Pitched: element e goes to out[(e / a.cols) * a.pitch + e % a.cols] (one 64-bit division per thread for
+// the span's first row, then a 32-bit one per word).
+template <typename T, fmt4::Code C, int ILP, bool Streaming = false, bool Pitched = false>
 static __global__ void dequant_span_v9(Args a, int64_t words, T* __restrict__ out) {
   static_assert(ILP % 4 == 0, "a span holds at most ILP / 4 scales per thread");
   constexpr int kPer = ILP / 4;
@@ -207,13 +212,25 @@ static __global__ void dequant_span_v9(Args a, int64_t words, T* __restrict__ ou
     if (i < count) scales[i] = a.qabsmax ? fmt4::add_rn(fmt4::mul_rn(map[qcode[p]], raw[p]), a.offset) : raw[p];
   }
   __syncthreads();
+  int64_t row0 = 0;
+  uint32_t col0 = 0;
+  if constexpr (Pitched) {
+    row0 = first_word * 8 / a.cols;
+    col0 = static_cast<uint32_t>(first_word * 8 - row0 * a.cols);
+  }
 #pragma unroll
   for (int k = 0; k < ILP; ++k) {
     const int64_t t = base + static_cast<int64_t>(k) * kSpanThreads;
     if (t < words) {
       float f[8];
       decode_word(w[k], table, scales[((t * 8) >> a.log2_block) - first_block], f);
-      store8<T, Streaming>(out + t * 8, f);
+      int64_t at = t * 8;
+      if constexpr (Pitched) {  // the span's offset (< 8192 + cols) fits 32 bits
+        const uint32_t e = col0 + static_cast<uint32_t>((t - first_word) * 8), cols = static_cast<uint32_t>(a.cols);
+        const uint32_t r = e / cols;
+        at = (row0 + r) * a.pitch + (e - r * cols);
+      }
+      store8<T, Streaming>(out + at, f);
     }
   }
 }

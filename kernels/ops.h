@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "kernels/format_4bit.h"
 
@@ -18,17 +19,24 @@ std::pair<at::Tensor, at::Tensor> quantize_nested_cuda(const at::Tensor& absmax,
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& nested_absmax,
                                 const at::Tensor& nested_code, float offset, fmt4::Code code, int64_t blocksize,
                                 int64_t n, at::ScalarType out, const at::Tensor& into = {});
+// Whether dequantize_4bit_cuda can write a non-contiguous `into` directly: 2-D [rows, cols] with cols % 8 == 0,
+// rows stride(0) >= cols elements apart (a multiple of 8), 2-byte elements, 16-byte aligned.
+bool pitched_ok(const at::Tensor& into);
 
 // RMSNorm (kernels/rmsnorm.cu): x [..., H], w [H], same dtype (bf16 / fp16 / fp32), contiguous.
-// Forward returns (y like x, rstd float32 [rows]); backward returns dx like x (no weight gradient).
-std::pair<at::Tensor, at::Tensor> rmsnorm_fwd_cuda(const at::Tensor& x, const at::Tensor& w, double eps);
+// Forward returns (y shaped like x, rstd float32 [rows]); y's rows lie H + spare apart in a buffer whose
+// last `spare` columns of each row are left unwritten for the caller. Backward returns dx like x (no
+// weight gradient).
+std::pair<at::Tensor, at::Tensor> rmsnorm_fwd_cuda(const at::Tensor& x, const at::Tensor& w, double eps,
+                                                   int64_t spare = 0);
 at::Tensor rmsnorm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd);
 
 // SwiGLU gate (kernels/swiglu.cu): silu(g) * u and its backward (dg, du); g, u, dy same shape and dtype.
 at::Tensor swiglu_fwd_cuda(const at::Tensor& g, const at::Tensor& u);
 std::pair<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u);
-// The same on a packed gate|up [..., 2I] (contiguous): forward -> [..., I]; backward -> dgu [..., 2I].
-at::Tensor swiglu_packed_fwd_cuda(const at::Tensor& gu);
+// The same on a packed gate|up [..., 2I] (contiguous): forward -> [..., I] (rows I + spare apart, the
+// spare columns left unwritten, as RMSNorm's); backward -> dgu [..., 2I].
+at::Tensor swiglu_packed_fwd_cuda(const at::Tensor& gu, int64_t spare = 0);
 at::Tensor swiglu_packed_bwd_cuda(const at::Tensor& dy, const at::Tensor& gu);
 
 // RoPE of the packed q|k|v projection output, split (kernels/rope.cu): y [..., (nq + 2 nk) d] and
@@ -40,5 +48,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split_fwd_cuda(const at::Ten
                                                                    int64_t d);
 at::Tensor rope_split_bwd_cuda(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& cos,
                                const at::Tensor& sin);
+
+// A projection group's LoRA B's as one block-diagonal matrix (kernels/lora.cu): out [total, ranks] (rows
+// of contiguous elements, any row stride; bf16 / fp16 / fp32) gets scale * B (float32 [rows, rank],
+// contiguous) at (offset, col) for each member, zeros elsewhere. At most kMaxBlockDiagMembers members.
+constexpr int kMaxBlockDiagMembers = 8;
+struct BlockDiagMember {
+  at::Tensor b;
+  int64_t offset = 0, col = 0;
+  double scale = 1.0;
+};
+void lora_block_diag_cuda(const at::Tensor& out, const std::vector<BlockDiagMember>& members);
 
 }  // namespace qlora::kernels

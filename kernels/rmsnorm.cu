@@ -6,6 +6,8 @@
 //   g = float(T(dy * w));  dx = rstd * g - rstd^3 * x * sum(g * x) / H,  rounded once to T.
 // One block per row; H up to any size (a strided loop), two passes over the row (the second from cache).
 // Shapes: x, dy [rows, H] contiguous (T = bfloat16, float16 or float32); w [H] (T); rstd float32 [rows].
+// The forward can leave `spare` columns right of each output row (y then has row stride H + spare): room
+// the next projection group writes its x A^T into (trainer/model/fused.h).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,10 +37,10 @@ __device__ __forceinline__ float block_sum(float v) {
 
 template <typename T>
 static __global__ void rmsnorm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w, int64_t h, float eps,
-                                          T* __restrict__ y, float* __restrict__ rstd) {
+                                          int64_t ldy, T* __restrict__ y, float* __restrict__ rstd) {
   const int64_t row = blockIdx.x;
   const T* xr = x + row * h;
-  T* yr = y + row * h;
+  T* yr = y + row * ldy;
   float ss = 0.0f;
   for (int64_t i = threadIdx.x; i < h; i += kThreads) {
     const float v = to_f32(xr[i]);
@@ -79,7 +81,8 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& ref) {
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> rmsnorm_fwd_cuda(const at::Tensor& x, const at::Tensor& w, double eps) {
+std::pair<at::Tensor, at::Tensor> rmsnorm_fwd_cuda(const at::Tensor& x, const at::Tensor& w, double eps,
+                                                   int64_t spare) {
   check(x, "x", x);
   check(w, "weight", x);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "rmsnorm_cuda: x must have a last dimension");
@@ -88,8 +91,10 @@ std::pair<at::Tensor, at::Tensor> rmsnorm_fwd_cuda(const at::Tensor& x, const at
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "rmsnorm_cuda: weight dtype ", w.scalar_type(), " != x dtype ",
               x.scalar_type());
   TORCH_CHECK(rows < (int64_t{1} << 31), "rmsnorm_cuda: too many rows");
+  TORCH_CHECK(spare >= 0, "rmsnorm_cuda: spare columns must be >= 0");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto y = at::empty_like(x);
+  const at::Tensor buffer = at::empty({rows, h + spare}, x.options());
+  const at::Tensor y = buffer.narrow(1, 0, h).view(x.sizes());
   auto rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   if (rows == 0) return {y, rstd};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -97,7 +102,7 @@ std::pair<at::Tensor, at::Tensor> rmsnorm_fwd_cuda(const at::Tensor& x, const at
     using T = std::remove_pointer_t<decltype(tag)>;
     rmsnorm_fwd_kernel<T><<<rows, kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(x.const_data_ptr()), reinterpret_cast<const T*>(w.const_data_ptr()), h,
-        static_cast<float>(eps), reinterpret_cast<T*>(y.data_ptr()), rstd.data_ptr<float>());
+        static_cast<float>(eps), h + spare, reinterpret_cast<T*>(buffer.data_ptr()), rstd.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, rstd};

@@ -178,18 +178,20 @@ void check_packed(const at::Tensor& gu, const char* name) {
 }
 }  // namespace
 
-at::Tensor swiglu_packed_fwd_cuda(const at::Tensor& gu) {
+at::Tensor swiglu_packed_fwd_cuda(const at::Tensor& gu, int64_t spare) {
   check_packed(gu, "gate|up");
+  TORCH_CHECK(spare >= 0, "swiglu_packed_cuda: spare columns must be >= 0");
   const c10::cuda::CUDAGuard guard(gu.device());
   const int64_t i = gu.size(-1) / 2, rows = i == 0 ? 0 : gu.numel() / (2 * i);
   auto sizes = gu.sizes().vec();
   sizes.back() = i;
-  auto out = at::empty(sizes, gu.options());
+  const at::Tensor buffer = at::empty({rows, i + spare}, gu.options());
+  const at::Tensor out = buffer.narrow(1, 0, i).view(sizes);
   if (rows == 0 || i == 0) return out;
   dispatch_float_types(gu.scalar_type(), "swiglu_packed_cuda", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* base = static_cast<const T*>(gu.const_data_ptr());
-    launch_fwd<T>(base, base + i, Layout{rows, i, 2 * i, i, 0}, static_cast<T*>(out.data_ptr()),
+    launch_fwd<T>(base, base + i, Layout{rows, i, 2 * i, i + spare, 0}, static_cast<T*>(buffer.data_ptr()),
                   at::cuda::getCurrentCUDAStream());
   });
   return out;

@@ -10,6 +10,9 @@
 #     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
 #     profile build + GPU tests + one profiled 7B step (r 16) with and without checkpointing: the busiest
 #            kernels printed, the Chrome traces in results.tgz
+#     ab     build + GPU tests + our step as is against with AB_FLAGS (default "--fold off"), ranks AB_R
+#            (default 16), with and without checkpointing, two interleaved rounds; AB_PROFILE=1 adds the
+#            profile of the step as is without checkpointing
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
@@ -120,6 +123,43 @@ if [ "$MODE" = profile ]; then
   done
   gzip -f "$OUT"/trace_*.json
   pack_results
+  exit $status
+fi
+
+if [ "$MODE" = ab ]; then
+  flags="${AB_FLAGS:---fold off}"
+  if [ -n "${AB_PROFILE:-}" ]; then
+    echo "== profile, llama2-7b, r 16, checkpointing off, as is"
+    "$Q" bench --shape llama2-7b --r 16 --checkpointing off --warmup 2 --steps 3 --profile "$OUT/trace_ckpt_off.json" \
+      2>&1 | grep -vE "^trace:" | head -40
+    gzip -f "$OUT"/trace_*.json
+  fi
+  echo "== A/B, llama2-7b, seq 2048: as is (a) against '$flags' (b), rounds interleaved"
+  for r in ${AB_R:-16}; do
+    for c in on off; do
+      for i in 1 2; do
+        "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" --json "$OUT/ab_r${r}_${c}_a.$i.json" >/dev/null 2>&1
+        # shellcheck disable=SC2086  # the flags are words
+        "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" $flags --json "$OUT/ab_r${r}_${c}_b.$i.json" \
+          >/dev/null 2>&1
+      done
+    done
+  done
+  "$PY" - "$OUT" "$flags" <<'PYEOF' | tee "$OUT/table.txt"
+import glob, json, os, sys
+out, flags = sys.argv[1], sys.argv[2]
+print(f"{'run':18s} {'a tok/s (runs)':>22s} {'b tok/s (runs)':>22s} {'a/b':>6s} {'a GiB':>6s} {'b GiB':>6s}   b = {flags}")
+for prefix in sorted({f.rsplit('_', 1)[0] for f in glob.glob(os.path.join(out, 'ab_*.json'))}):
+    runs = {v: [json.load(open(f)) for f in sorted(glob.glob(f"{prefix}_{v}.*.json"))] for v in "ab"}
+    if not runs["a"] or not runs["b"]:
+        print(os.path.basename(prefix), "missing runs"); continue
+    best = {v: max(runs[v], key=lambda j: j["tokens_per_s"]) for v in "ab"}
+    fmt = lambda v: f"{best[v]['tokens_per_s']:.0f} (" + ", ".join(f"{j['tokens_per_s']:.0f}" for j in runs[v]) + ")"
+    print(f"{os.path.basename(prefix)[3:]:18s} {fmt('a'):>22s} {fmt('b'):>22s} "
+          f"{best['a']['tokens_per_s'] / best['b']['tokens_per_s']:6.3f} {best['a']['peak_bytes'] / 2**30:6.2f} "
+          f"{best['b']['peak_bytes'] / 2**30:6.2f}")
+PYEOF
+  pack_results table.txt
   exit $status
 fi
 

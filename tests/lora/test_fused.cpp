@@ -123,9 +123,51 @@ TEST(FusedPath, MatchesModulesOnCpuFloat32) {
   const at::Device cpu(at::kCPU);
   for (Checkpointing ckpt : kCheckpointing) {
     StepResult ref = run_model(cpu, at::kFloat, model::FusedMode::Off, ckpt, 0.0, true, 1);
+    const int64_t folded_before = model::folded_group_calls();
     StepResult got = run_model(cpu, at::kFloat, model::FusedMode::On, ckpt, 0.0, true, 1);
     expect_close(got, ref, kF32Tol, ("cpu f32" + label(ckpt)).c_str());
+    // The adapters folded into the base GEMM where x's producer left room: q|k|v, gate|up and down in each
+    // of the 2 layers' forward; again in the recomputation, but for down there when selective (its output
+    // is not needed), and never o_proj (its input comes from attention).
+    const int64_t folded = model::folded_group_calls() - folded_before;
+    EXPECT_EQ(folded, ckpt == Off ? 6 : ckpt == Selective ? 10 : 12) << label(ckpt);
   }
+}
+
+// One group called directly, with x in a buffer that has room for x A^T (folded) and without (the B
+// products written into y first): the same outputs, input gradient and adapter gradients; q|v adapted, k
+// not (its rows of the block-diagonal operand are zero).
+TEST(FusedPath, FoldedGroupMatchesUnfolded) {
+  ModeGuard guard(model::FusedMode::On);
+  auto m = make_model(at::kCPU, at::kFloat, 0.0, {"q_proj", "v_proj"});
+  auto& attn = m->layer_list[0]->self_attn;
+  const std::vector<const model::Linear*> group{attn->q_proj.get(), attn->k_proj.get(), attn->v_proj.get()};
+  const int64_t spare = model::adapter_columns(group, at::zeros({1}));
+  ASSERT_EQ(spare, 8);  // ranks 4 + 4, a multiple of 8
+  auto g = at::make_generator<at::CPUGeneratorImpl>(6);
+  const at::Tensor x = at::randn({2, 9, tiny_arch().hidden_size}, g), dy = at::randn({2, 9, 256}, g);
+  struct Out { at::Tensor y, dx; std::vector<at::Tensor> grads; };
+  auto run = [&](bool fold) {
+    for (auto& [name, p] : lora::lora_named_parameters(*m)) p.mutable_grad() = at::Tensor();
+    at::Tensor xd = x.clone().requires_grad_(true);
+    at::Tensor in = fold ? model::with_spare_columns(xd, spare) : xd;
+    const int64_t before = model::folded_group_calls();
+    Out o;
+    o.y = model::fused_projections(group, in, true, fold ? spare : 0);
+    EXPECT_EQ(model::folded_group_calls() - before, fold ? 1 : 0);
+    o.y.backward(dy);
+    o.dx = xd.grad();
+    for (auto& [name, p] : lora::lora_named_parameters(*m))
+      if (p.grad().defined()) o.grads.push_back(p.grad().clone());
+    return o;
+  };
+  const Out folded = run(true), plain = run(false);
+  ASSERT_EQ(folded.y.sizes(), plain.y.sizes());
+  EXPECT_LE(test::rel_err(folded.y, plain.y), kF32Tol);
+  EXPECT_LE(test::rel_err(folded.dx, plain.dx), kF32Tol);
+  ASSERT_EQ(folded.grads.size(), 4u);  // q and v of layer 0: A and B
+  ASSERT_EQ(plain.grads.size(), 4u);
+  for (size_t i = 0; i < folded.grads.size(); ++i) EXPECT_LE(test::rel_err(folded.grads[i], plain.grads[i]), kF32Tol);
 }
 
 TEST(FusedPath, CheckpointingChangesNothingOnCpu) {

@@ -5,7 +5,11 @@
 
 #include <random>
 
+#ifdef QLORA_WITH_CUDA
+#include "kernels/ops.h"
+#endif
 #include "tests/test_util.h"
+#include "trainer/model/fused.h"
 #include "trainer/model/llama.h"
 
 namespace qlora {
@@ -98,6 +102,74 @@ TEST(FusedKernels, SwiGLUMatchesCompositeBitForBit) {
   };
   for (auto dt : {at::kFloat, at::kBFloat16, at::kHalf}) mlp_of(dt);
 }
+
+}  // namespace
+}  // namespace qlora
+
+namespace qlora {
+namespace {
+
+// RMSNorm and the packed SwiGLU leave spare columns right of their output rows for the next group's x A^T
+// (fused.h): the values are the ones without spare columns, bit for bit, the rows lie width + spare apart,
+// and the gradient is unchanged.
+TEST(FusedKernels, SpareColumnsChangeNoValue) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  for (auto dt : {at::kBFloat16, at::kFloat}) {
+    SCOPED_TRACE(c10::toString(dt));
+    const at::Tensor x = at::randn({3, 7, 96}, gen, at::kFloat).to(dt).to(dev);
+    const at::Tensor dy = at::randn({3, 7, 96}, gen, at::kFloat).to(dt).to(dev);
+    model::RMSNorm norm((1 + 0.3 * at::randn({96}, gen, at::kFloat)).to(dt).to(dev), 1e-5, false);
+    at::Tensor x0 = x.clone().requires_grad_(true), x1 = x.clone().requires_grad_(true);
+    const at::Tensor y0 = norm->forward(x0), y1 = norm->forward(x1, 24);
+    EXPECT_EQ(y1.sizes(), y0.sizes());
+    EXPECT_EQ(y1.stride(1), 96 + 24);
+    EXPECT_TRUE(test::same_bits(y1.contiguous(), y0));
+    y0.backward(dy), y1.backward(dy);
+    EXPECT_TRUE(test::same_bits(x1.grad(), x0.grad()));
+
+    const at::Tensor gu = at::randn({2, 5, 2 * 88}, gen, at::kFloat).to(dt).to(dev);
+    const at::Tensor s0 = model::swiglu_packed(gu), s1 = model::swiglu_packed(gu, 16);
+    EXPECT_EQ(s1.stride(1), 88 + 16);
+    EXPECT_TRUE(test::same_bits(s1.contiguous(), s0));
+  }
+}
+
+#ifdef QLORA_WITH_CUDA
+// The block-diagonal B operand in one launch against the composite it replaces (zeros, then each member's
+// s * B cast into its block), bit for bit, into the last columns of a wider matrix; the other columns kept.
+TEST(FusedKernels, BlockDiagonalAdaptersMatchComposite) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  // Three members (q, k, v shaped) with ranks 8, 0 (unadapted) and 16, and a lone member.
+  struct Member { int64_t rows, rank; double scale; };
+  const std::vector<std::vector<Member>> groups = {{{40, 8, 2.0}, {24, 0, 0.0}, {24, 16, 0.37}}, {{33, 4, 1.5}}};
+  for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const auto& group : groups) {
+      SCOPED_TRACE(c10::toString(dt));
+      int64_t total = 0, ranks = 0;
+      for (const auto& m : group) total += m.rows, ranks += m.rank;
+      std::vector<kernels::BlockDiagMember> blocks;
+      at::Tensor expected = at::zeros({total, ranks}, at::TensorOptions(dev).dtype(dt));
+      int64_t offset = 0, col = 0;
+      for (const auto& m : group) {
+        if (m.rank > 0) {
+          const at::Tensor b = at::randn({m.rows, m.rank}, gen, at::kFloat).to(dev);
+          blocks.push_back({b, offset, col, m.scale});
+          expected.narrow(0, offset, m.rows).narrow(1, col, m.rank).copy_(b * m.scale);
+        }
+        offset += m.rows, col += m.rank;
+      }
+      const at::Tensor wide = at::full({total, 64 + ranks}, 5.0, at::TensorOptions(dev).dtype(dt));
+      kernels::lora_block_diag_cuda(wide.narrow(1, 64, ranks), blocks);
+      EXPECT_TRUE(test::same_bits(wide.narrow(1, 64, ranks).contiguous(), expected));
+      EXPECT_TRUE(wide.narrow(1, 0, 64).eq(5.0).all().item<bool>());
+    }
+  }
+}
+#endif
 
 }  // namespace
 }  // namespace qlora

@@ -331,6 +331,25 @@ TEST(BnbState, WritesStateDictsForBitsandbytesReadback) {
 // ------------------------------------------------------------------------------------------------
 // (c) errors
 
+// dequantize_4bit_into a non-contiguous target (rows of a wider matrix): the values of dequantize_4bit, the
+// other columns untouched; a target that is not rows of contiguous elements is refused by name.
+TEST(Dequantize, IntoRowsOfAWiderMatrix) {
+  const Quantized4bit q = quantize_4bit(at::randn({12, 128}) * 0.02, QuantType::NF4, 64, true);
+  for (at::ScalarType out : {at::kFloat, at::kBFloat16}) {
+    const at::Tensor buffer = at::full({12, 136}, 3.0, at::TensorOptions().dtype(out));
+    dequantize_4bit_into(q, buffer.narrow(1, 0, 128));
+    EXPECT_TRUE(same_bits(buffer.narrow(1, 0, 128).contiguous(), dequantize_4bit(q, out))) << c10::toString(out);
+    EXPECT_TRUE(buffer.narrow(1, 128, 8).eq(3.0).all().item<bool>()) << c10::toString(out);
+  }
+  const at::Tensor wide = at::zeros({128, 24});
+  try {
+    dequantize_4bit_into(q, wide.narrow(0, 0, 128).t().narrow(0, 0, 12));  // [12, 128], columns strided
+    FAIL() << "a column-strided target was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("dequantize_4bit_into"), std::string::npos) << e.what();
+  }
+}
+
 TEST(QuantErrors, BadQuantizeArguments) {
   const auto w = weight({64, 64});
   for (int64_t bs : {48, 16, 8192, 0}) {

@@ -114,6 +114,31 @@ TEST(QuantGpu, DequantizeIsBitIdenticalToCpu) {
         }
 }
 
+// Into the first columns of a wider matrix (the fused path's [W | s B] buffer): the 2-byte dtypes take the
+// dequantize kernel's pitched stores, float32 goes through a contiguous copy; either way the values are the
+// contiguous dequantization's, bit for bit, and the columns right of the weight are left as they were.
+// Widths from one quantization block to the 7B MLP's (the kernel's 8192-element spans cross many rows of
+// 64 and a row boundary at an odd place for 11008), and a row block of a taller buffer (a group member).
+TEST(QuantGpu, DequantizeIntoPitchedRowsMatchesContiguous) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const std::vector<std::vector<int64_t>> shapes = {{130, 64}, {37, 200}, {24, 4096}, {9, 11008}};
+  for (bool dq : {false, true})
+    for (const auto& shape : shapes)
+      for (at::ScalarType out : {at::kBFloat16, at::kHalf, at::kFloat}) {
+        SCOPED_TRACE(describe(QuantType::NF4, dq, 64, out, shape));
+        const Quantized4bit gpu = to_device(quantize_4bit(weight(shape, at::kFloat), QuantType::NF4, 64, dq),
+                                            at::Device(at::kCUDA));
+        const int64_t rows = shape[0], cols = shape[1], spare = 24, above = 5;
+        const at::Tensor buffer = at::full({above + rows + 3, cols + spare}, 7.0, at::TensorOptions(at::kCUDA).dtype(out));
+        const at::Tensor into = buffer.narrow(0, above, rows).narrow(1, 0, cols);
+        dequantize_4bit_into(gpu, into);
+        EXPECT_TRUE(same_bits(into.contiguous(), dequantize_4bit(gpu, out)));
+        EXPECT_TRUE(buffer.narrow(1, cols, spare).eq(7.0).all().item<bool>()) << "spare columns written";
+        EXPECT_TRUE(buffer.narrow(0, 0, above).eq(7.0).all().item<bool>()) << "rows above written";
+        EXPECT_TRUE(buffer.narrow(0, above + rows, 3).eq(7.0).all().item<bool>()) << "rows below written";
+      }
+}
+
 // The packed buffer at an odd address (a view into a larger allocation): the op must take the byte path.
 TEST(QuantGpu, DequantizeFromUnalignedPackedBuffer) {
   QLORA_SKIP_WITHOUT_CUDA();

@@ -4,7 +4,8 @@
 //       A model of a named shape with random weights drawn on the device, NF4 (+ double quantization)
 //       base, LoRA on all seven projections, random tokens with every position trained. Prints tokens/s,
 //       the step split into forward / backward / optimizer, peak memory and MFU (formula below).
-//       --fused on|off|auto picks the projection path (trainer/model/fused.h); --profile FILE runs one
+//       --fused on|off|auto picks the projection path (trainer/model/fused.h), --fold on|off whether its
+//       groups fold the adapters into the base GEMM (A/B); --profile FILE runs one
 //       more step under the Kineto profiler, prints the GPU's busy time and busiest kernels, and writes
 //       the step's Chrome trace to FILE.
 //   qlora bench --kernels
@@ -134,6 +135,7 @@ struct StepOptions {
   std::string device = "auto";
   std::string json;
   std::string fused = "auto";  // the fused projection path (trainer/model/fused.h): auto | on | off
+  std::string fold = "on";     // adapters folded into the base GEMM where they can be (fused.h): on | off
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
 };
 
@@ -228,6 +230,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::LlamaArch arch = named_arch(so.shape);
   model::set_fused_mode(so.fused == "on" ? model::FusedMode::On : so.fused == "off" ? model::FusedMode::Off
                                                                                       : model::FusedMode::Auto);
+  model::set_fold_adapters(so.fold == "on");
   QLORA_REQUIRE(so.seq >= 2, "--seq: must be at least 2, got {}", so.seq);
   // Plain RoPE does not depend on the position limit: longer sequences measure memory and speed as is.
   arch.max_position_embeddings = std::max(arch.max_position_embeddings, so.seq);
@@ -315,6 +318,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"checkpointing", so.checkpointing != Checkpointing::Off},
                       {"checkpointing_mode", to_string(so.checkpointing)},
                       {"fused", so.fused},
+                      {"fold", so.fold},
                       {"device", ctx.device.str()},
                       {"lora_params", lora_params},
                       {"load_ms", load_ms},
@@ -328,8 +332,8 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
-  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} fused={} on {}\n", so.shape, so.base,
-             so.r, so.seq, so.batch, to_string(so.checkpointing), so.fused, ctx.device.str());
+  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} fused={} fold={} on {}\n", so.shape,
+             so.base, so.r, so.seq, so.batch, to_string(so.checkpointing), so.fused, so.fold, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
@@ -485,6 +489,11 @@ Runner add_bench(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--fused", so->fused, "Fused projection groups: auto (on CUDA) | on | off (per-projection modules)")
       ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
+  cmd->add_option("--fold", so->fold,
+                  "Adapters folded into the base GEMM's K dimension where the input's producer leaves room: on | off "
+                  "(the B products written first, the base GEMM accumulating onto them)")
+      ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps (the median is reported)")->capture_default_str();

@@ -19,6 +19,7 @@ namespace qlora::model {
 namespace {
 
 std::atomic<FusedMode> g_mode{FusedMode::Auto};
+std::atomic<bool> g_fold{true};
 thread_local bool t_keep_weights = false;  // KeepDequantizedWeights
 
 using torch::autograd::AutogradContext;
@@ -39,7 +40,12 @@ struct GroupState : torch::CustomClassHolder {
   int64_t ranks = 0;         // the adapted members' ranks summed: the width of the packed x A^T
   bool any_dropout = false;  // then each adapted member reads its own dropped-out copy of x
   bool output_needed = true;  // false: forward computes only what backward reads (fused.h)
+  bool folded = false;        // forward ran the base GEMM on [x | xa] [W | s B]^T (kept weights are W_ext)
 };
+
+int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
+
+std::atomic<int64_t> g_folded{0};
 
 // The group's weights dequantized one under the other: [total, in] in `dtype`.
 at::Tensor dequantize_group(const GroupState& s, at::ScalarType dtype, at::Device device) {
@@ -48,25 +54,21 @@ at::Tensor dequantize_group(const GroupState& s, at::ScalarType dtype, at::Devic
   return w;
 }
 
-// The adapters of a group in the compute dtype, cast when they change instead of at every use: the casts
-// were about 13 launches a layer and pass at the 7B shape (a cat and a cast of the A's, a cast of each B),
-// now one for all groups per optimizer step, and none in a checkpointed layer's recomputation. An entry per
-// group, keyed by its first A; it stays valid while every adapter is the same tensor (weak references, so a
-// freed tensor's address cannot alias a new one) with the version counter it had when copied (an in-place
+// The A's of a group in the compute dtype, one under the other ([ranks, in]: the x A^T GEMM's operand), cast
+// when they change instead of at every use (about 13 launches a layer and pass at the 7B shape before), one
+// _foreach_copy_ for all groups per optimizer step and none in a checkpointed layer's recomputation. (The B's
+// go into the block-diagonal operand that block_diag_into builds from the float32 masters at each use.) An
+// entry per group, keyed by its first A; it stays valid while every A is the same tensor (weak references, so
+// a freed tensor's address cannot alias a new one) with the version counter it had when copied (an in-place
 // update bumps it: the optimizer's, a checkpoint load's copy_).
 class AdapterCasts {
  public:
-  struct Group {
-    at::Tensor a_cat;            // [ranks, in]: the A's one under the other
-    std::vector<at::Tensor> bs;  // per adapter [out, r]
-  };
-
-  // lora = A0, B0, A1, B1, ... (float32); the result's tensors are views of one buffer in `dtype`.
-  Group get(at::TensorList lora, at::ScalarType dtype) {
+  // as = A0, A1, ... (float32 [r_i, in]); returns their cast, one under the other.
+  at::Tensor get(at::TensorList as, at::ScalarType dtype) {
     std::lock_guard<std::mutex> lock(mutex_);
-    Entry& e = entry(lora, dtype);
-    if (stale(e, lora)) refresh_all();  // after an update every adapter moved: all groups at once
-    return e.views;
+    Entry& e = entry(as, dtype);
+    if (stale(e, as)) refresh_all();  // after an update every adapter moved: all groups at once
+    return e.a_cat;
   }
 
  private:
@@ -74,8 +76,8 @@ class AdapterCasts {
   struct Entry {
     std::vector<WeakTensor> src;
     std::vector<int64_t> versions;  // of src when last copied (-1: never)
-    std::vector<at::Tensor> dst;    // views of one buffer, shaped like src
-    Group views;
+    std::vector<at::Tensor> dst;    // row blocks of a_cat, shaped like src
+    at::Tensor a_cat;
   };
 
   static bool stale(const Entry& e, at::TensorList now) {
@@ -105,40 +107,30 @@ class AdapterCasts {
       for (size_t i = 0; i < now.size(); ++i) e->versions[i] = now[i]._version();
   }
 
-  Entry& entry(at::TensorList lora, at::ScalarType dtype) {
-    const std::pair<const c10::TensorImpl*, at::ScalarType> key{lora[0].unsafeGetTensorImpl(), dtype};
+  Entry& entry(at::TensorList as, at::ScalarType dtype) {
+    const std::pair<const c10::TensorImpl*, at::ScalarType> key{as[0].unsafeGetTensorImpl(), dtype};
     auto it = entries_.find(key);
-    if (it != entries_.end() && same_tensors(it->second, lora)) return it->second;
+    if (it != entries_.end() && same_tensors(it->second, as)) return it->second;
     // A new group (or one whose adapters were replaced): drop entries of freed adapters, then build.
     for (auto e = entries_.begin(); e != entries_.end();) e = e->second.src[0].expired() ? entries_.erase(e) : ++e;
     Entry e;
-    int64_t total = 0;
-    for (const auto& t : lora) total += t.numel();
-    at::Tensor buffer = at::empty({total}, lora[0].options().dtype(dtype));
-    // The A's first, one under the other (so that they form a_cat), then each B.
-    int64_t offset = 0;
-    e.dst.resize(lora.size());
-    for (size_t pass = 0; pass < 2; ++pass) {
-      for (size_t i = pass; i < lora.size(); i += 2) {
-        e.dst[i] = buffer.narrow(0, offset, lora[i].numel()).view(lora[i].sizes());
-        offset += lora[i].numel();
-      }
-    }
     int64_t ranks = 0;
-    for (size_t i = 0; i < lora.size(); i += 2) ranks += lora[i].size(0);
-    e.views.a_cat = buffer.narrow(0, 0, ranks * lora[0].size(1)).view({ranks, lora[0].size(1)});
-    for (size_t i = 1; i < lora.size(); i += 2) e.views.bs.push_back(e.dst[i]);
-    for (const auto& t : lora) {
+    for (const auto& t : as) ranks += t.size(0);
+    e.a_cat = at::empty({ranks, as[0].size(1)}, as[0].options().dtype(dtype));
+    int64_t row = 0;
+    for (const auto& t : as) {
+      e.dst.push_back(e.a_cat.narrow(0, row, t.size(0)));
+      row += t.size(0);
       e.src.emplace_back(WeakTensor(t.getIntrusivePtr()));
       e.versions.push_back(-1);  // copied on first use
     }
     return entries_.insert_or_assign(key, std::move(e)).first->second;
   }
 
-  static bool same_tensors(const Entry& e, at::TensorList lora) {
-    if (e.src.size() != lora.size()) return false;
-    for (size_t i = 0; i < lora.size(); ++i) {
-      if (e.src[i].lock().get() != lora[i].unsafeGetTensorImpl()) return false;
+  static bool same_tensors(const Entry& e, at::TensorList as) {
+    if (e.src.size() != as.size()) return false;
+    for (size_t i = 0; i < as.size(); ++i) {
+      if (e.src[i].lock().get() != as[i].unsafeGetTensorImpl()) return false;
     }
     return true;
   }
@@ -170,21 +162,59 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double al
   at::addmm_out(out, out, a, b, /*beta=*/0.0, alpha);
 }
 
-// The LoRA branches ride on the base GEMM instead of costing passes over the activations of their own:
-//   forward   xa = x [A_0; A_1; ...]^T  one GEMM for the group (x read once), [n, ranks];
-//             y_i = s_i xa_i B_i^T      written into y's columns (write only, no read-modify-write);
-//             y += x W^T                the base GEMM accumulates onto them (beta 1, free in its epilogue);
-//   backward  dxa_i = s_i dy_i B_i, dB_i = s_i dy_i^T xa_i, dA = dxa^T x (one GEMM, x read once),
-//             dx = dxa [A_0; A_1; ...]  then dx += dy W (beta 1 again).
+// The group's B's as one block-diagonal matrix: out [total, ranks] gets s_i B_i in member i's rows and
+// adapter columns, zeros elsewhere (so an unadapted member's rows are zero). lora = A0, B0, A1, B1, ...
+void block_diag_into(const GroupState& s, at::TensorList lora, const at::Tensor& out) {
+#ifdef QLORA_WITH_CUDA
+  if (out.is_cuda() && s.members.size() <= static_cast<size_t>(kernels::kMaxBlockDiagMembers)) {
+    std::vector<kernels::BlockDiagMember> blocks;
+    for (const auto& m : s.members)
+      if (m.lora >= 0) blocks.push_back({lora[2 * m.lora + 1].contiguous(), m.offset, m.col, m.scaling});
+    kernels::lora_block_diag_cuda(out, blocks);
+    return;
+  }
+#endif
+  out.zero_();
+  for (const auto& m : s.members)  // the kernel's math: the product in float32, then one rounding
+    if (m.lora >= 0) out.narrow(0, m.offset, m.out).narrow(1, m.col, m.rank).copy_(lora[2 * m.lora + 1] * m.scaling);
+}
+
+// x [..., in] as rows [n, in] without a copy when its rows are contiguous elements any distance apart (the
+// layout of a producer that left spare columns), else contiguous.
+at::Tensor as_rows(const at::Tensor& x, int64_t in) {
+  at::Tensor x2 = x.reshape({-1, in});
+  if (x2.stride(1) != 1 || x2.stride(0) < in) x2 = x2.contiguous();
+  return x2;
+}
+
+// Whether the `spare` columns right of x2's rows can take the group's x A^T: x2's rows lie at least
+// in + ranks apart and the buffer extends past the last row's spare columns.
+bool can_fold(const GroupState& s, const at::Tensor& x2, int64_t spare) {
+  if (!g_fold.load() || spare < s.ranks || s.ranks == 0 || s.in % 8 != 0 || x2.stride(0) < s.in + spare) return false;
+  const int64_t end = x2.storage_offset() + (x2.size(0) - 1) * x2.stride(0) + s.in + s.ranks;
+  return end * static_cast<int64_t>(x2.element_size()) <= static_cast<int64_t>(x2.storage().nbytes());
+}
+
+// The LoRA branches ride on the base GEMM instead of costing passes over the activations of their own.
+// With bd = the block-diagonal [s_0 B_0; s_1 B_1; ...] (block_diag_into) and a_cat = [A_0; A_1; ...]:
+//   forward   xa = x a_cat^T            one GEMM for the group (x read once), [n, ranks];
+//             folded (the producer of x left `spare` columns right of its rows, fused.h): xa is written
+//             there and the base GEMM runs on the extended K: y = [x | xa] [W | bd]^T, W dequantized into
+//             the first columns of a wider buffer whose last columns get bd, so the branches cost only the
+//             extra K columns;
+//             else y = xa bd^T, then y += x W^T (the base GEMM accumulating onto it, beta 1);
+//   backward  dxa = dy bd (one GEMM for the group), dB_i = s_i dy_i^T xa_i, dA = dxa^T x (one GEMM, x read
+//             once), dx = dxa a_cat, then dx += dy W (beta 1 again).
 // With dropout each adapted member reads its own masked copy of x: its x A_i^T, dA_i and input gradient
 // are then computed per member (the masks are drawn in the modules' order, so the same seed gives the same
 // step as the per-projection path).
 struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGroupFunction> {
-  // x [..., in]; lora = A0, B0, A1, B1, ... for the adapted members in order (float32).
+  // x [..., in]; lora = A0, B0, A1, B1, ... for the adapted members in order (float32); spare: see fused.h.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList lora,
-                            const c10::intrusive_ptr<GroupState>& st) {
+                            const c10::intrusive_ptr<GroupState>& st, int64_t spare) {
     const auto dt = x.scalar_type();
-    const at::Tensor x2 = x.reshape({-1, st->in}).contiguous();  // [n, in]
+    // Detached: x may be a view (of a producer's wider buffer) whose spare columns are written below.
+    const at::Tensor x2 = as_rows(x.detach(), st->in);  // [n, in]
     const int64_t n = x2.size(0);
     auto out_sizes = x.sizes().vec();
     out_sizes.back() = st->total;
@@ -193,64 +223,92 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     ctx->saved_data["state"] = c10::IValue::make_capsule(st);
     // Backward dequantizes the weights again, unless a recomputation asked to keep them.
     const bool compute_y = st->output_needed;
-    at::Tensor w, kept;
-    if (compute_y) {
-      w = dequantize_group(*st, dt, x.device());
-      if (t_keep_weights) kept = w;
-    }
     if (st->ranks == 0) {  // no adapter: backward needs only the weights
-      if (compute_y) at::mm_out(y2, x2, w.t());
+      at::Tensor kept;
+      if (compute_y) {
+        const at::Tensor w = dequantize_group(*st, dt, x.device());
+        at::mm_out(y2, x2, w.t());
+        if (t_keep_weights) kept = w;
+      }
       ctx->save_for_backward({kept});
       return y;
     }
-    const AdapterCasts::Group cast = adapter_casts().get(lora, dt);
-    const at::Tensor& a_cat = cast.a_cat;  // [ranks, in]
-    at::Tensor xa = at::empty({n, st->ranks}, x.options());
-    if (!st->any_dropout) at::mm_out(xa, x2, a_cat.t());
-    variable_list saved{kept, x2, xa, a_cat};
-    for (const auto& m : st->members) {
-      at::Tensor ym = y2.narrow(1, m.offset, m.out);
-      if (m.lora < 0) {
-        if (compute_y) ym.zero_();  // the base GEMM below accumulates onto y
-        continue;
+    st->folded = compute_y && can_fold(*st, x2, spare);
+    std::vector<at::Tensor> as;
+    for (size_t i = 0; i < lora.size(); i += 2) as.push_back(lora[i]);
+    const at::Tensor a_cat = adapter_casts().get(as, dt);  // [ranks, in]
+    at::Tensor xa, w, bd, kept;
+    if (st->folded) {
+      xa = x2.as_strided({n, st->ranks}, {x2.stride(0), 1}, x2.storage_offset() + st->in);
+      // W_ext = [W | bd]: rows 8-element aligned for the dequantize kernel's pitched stores.
+      const at::Tensor buffer = at::empty({st->total, round_up8(st->in + st->ranks)}, x.options());
+      w = buffer.narrow(1, 0, st->in + st->ranks);
+      for (const auto& m : st->members)
+        quant::dequantize_4bit_into(m.weight, buffer.narrow(0, m.offset, m.out).narrow(1, 0, st->in));
+      block_diag_into(*st, lora, buffer.narrow(1, st->in, st->ranks));
+      if (t_keep_weights) kept = w, bd = buffer.narrow(1, st->in, st->ranks);  // else backward builds bd again
+      g_folded.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      xa = at::empty({n, st->ranks}, x.options());
+      bd = at::empty({st->total, st->ranks}, x.options());
+      block_diag_into(*st, lora, bd);
+      if (compute_y) {
+        w = dequantize_group(*st, dt, x.device());
+        if (t_keep_weights) kept = w;
       }
-      at::Tensor xam = xa.narrow(1, m.col, m.rank), mask;
+    }
+    if (!st->any_dropout) at::mm_out(xa, x2, a_cat.t());
+    variable_list saved{kept, x2, xa, a_cat, bd};
+    for (const auto& m : st->members) {
+      if (m.lora < 0) continue;
+      at::Tensor mask;
       if (st->any_dropout) {
         at::Tensor h = x2;
         if (m.dropout > 0.0) std::tie(h, mask) = at::native_dropout(x2, m.dropout, /*train=*/true);
-        mm_into(xam, h, a_cat.narrow(0, m.col, m.rank).t(), 1.0);
+        mm_into(xa.narrow(1, m.col, m.rank), h, a_cat.narrow(0, m.col, m.rank).t(), 1.0);
       }
-      const at::Tensor& b = cast.bs[m.lora];  // [out, r]
-      if (compute_y) mm_into(ym, xam, b.t(), m.scaling);
-      saved.insert(saved.end(), {b, mask});
+      saved.insert(saved.end(), {lora[2 * m.lora + 1], mask});
     }
-    if (compute_y) y2.addmm_(x2, w.t());
+    if (st->folded) {
+      at::mm_out(y2, x2.as_strided({n, st->in + st->ranks}, x2.strides(), x2.storage_offset()), w.t());
+    } else if (compute_y) {
+      at::mm_out(y2, xa, bd.t());
+      y2.addmm_(x2, w.t());
+    }
     ctx->save_for_backward(saved);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     const auto st = c10::static_intrusive_pointer_cast<GroupState>(ctx->saved_data["state"].toCapsule());
-    // The kept weights (or none), then with adapters x2, xa, a_cat and (B, mask) per adapted member, in
-    // the order of their lora index: member m's B is saved[4 + 2 m.lora], its mask the one after.
+    // The kept weights (or none), then with adapters x2, xa, a_cat, bd (undefined when folded without kept
+    // weights) and (B, mask) per adapted member, in the order of their lora index: member m's B is
+    // saved[5 + 2 m.lora], its mask the one after.
     const auto saved = ctx->get_saved_variables();
     const at::Tensor dy = grad[0].reshape({-1, st->total}).contiguous();  // [n, total]
     const int64_t n = dy.size(0);
     const bool need_dx = ctx->needs_input_grad(0);
     int64_t lora_count = 0;
     for (const auto& m : st->members) lora_count += m.lora >= 0;
-    variable_list grads(1 + 2 * lora_count + 1);  // x, each A and B, and the (non-tensor) state
+    variable_list grads(1 + 2 * lora_count + 2);  // x, each A and B, and the (non-tensor) state and spare
     at::Tensor dx;
     if (st->ranks > 0) {
       const at::Tensor &x2 = saved[1], &xa = saved[2], &a_cat = saved[3];
-      at::Tensor dxa = at::empty({n, st->ranks}, dy.options());  // gradient of xa
+      at::Tensor bd = saved[4];
+      if (!bd.defined()) {  // folded: the operand went with the dequantized weights
+        std::vector<at::Tensor> lora(2 * lora_count);
+        for (const auto& m : st->members)
+          if (m.lora >= 0) lora[2 * m.lora + 1] = saved[5 + 2 * m.lora];
+        bd = at::empty({st->total, st->ranks}, dy.options());
+        block_diag_into(*st, lora, bd);
+      }
+      const at::Tensor dxa = at::mm(dy, bd);  // gradient of xa, [n, ranks]
       bool need_da = false;
       for (const auto& m : st->members) {
         if (m.lora < 0) continue;
-        const at::Tensor& b = saved[4 + 2 * m.lora];
-        const at::Tensor dym = dy.narrow(1, m.offset, m.out), xam = xa.narrow(1, m.col, m.rank);
-        mm_into(dxa.narrow(1, m.col, m.rank), dym, b, m.scaling);
-        if (ctx->needs_input_grad(2 + 2 * m.lora)) grads[2 + 2 * m.lora] = mm_float(dym.t(), xam).mul_(m.scaling);
+        if (ctx->needs_input_grad(2 + 2 * m.lora)) {
+          grads[2 + 2 * m.lora] = mm_float(dy.narrow(1, m.offset, m.out).t(), xa.narrow(1, m.col, m.rank)).mul_(m.scaling);
+        }
         need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
       }
       if (!st->any_dropout) {
@@ -264,7 +322,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
         if (need_dx) dx = at::zeros({n, st->in}, dy.options());
         for (const auto& m : st->members) {
           if (m.lora < 0) continue;
-          const at::Tensor& mask = saved[5 + 2 * m.lora];
+          const at::Tensor& mask = saved[6 + 2 * m.lora];
           const double keep_scale = m.dropout > 0.0 ? 1.0 / (1.0 - m.dropout) : 1.0;
           const at::Tensor dxam = dxa.narrow(1, m.col, m.rank), am = a_cat.narrow(0, m.col, m.rank);
           if (ctx->needs_input_grad(1 + 2 * m.lora)) {
@@ -278,7 +336,9 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       }
     }
     if (need_dx) {
-      const at::Tensor w = saved[0].defined() ? saved[0] : dequantize_group(*st, dy.scalar_type(), dy.device());
+      at::Tensor w = saved[0];
+      if (!w.defined()) w = dequantize_group(*st, dy.scalar_type(), dy.device());
+      else if (st->folded) w = w.narrow(1, 0, st->in);  // W_ext = [W | bd]
       if (dx.defined()) dx.addmm_(dy, w);
       else dx = at::mm(dy, w);
     }
@@ -326,13 +386,13 @@ struct RopeSplitFunction : public torch::autograd::Function<RopeSplitFunction> {
 };
 
 struct SwiGLUPackedFunction : public torch::autograd::Function<SwiGLUPackedFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu, int64_t spare) {
     const at::Tensor c = gu.contiguous();
     ctx->save_for_backward({c});
-    return kernels::swiglu_packed_fwd_cuda(c);
+    return kernels::swiglu_packed_fwd_cuda(c, spare);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    return {kernels::swiglu_packed_bwd_cuda(grad[0].contiguous(), ctx->get_saved_variables()[0])};
+    return {kernels::swiglu_packed_bwd_cuda(grad[0].contiguous(), ctx->get_saved_variables()[0]), at::Tensor()};
   }
 };
 #endif
@@ -344,13 +404,17 @@ KeepDequantizedWeights::~KeepDequantizedWeights() { t_keep_weights = previous_; 
 
 void set_fused_mode(FusedMode mode) { g_mode.store(mode); }
 FusedMode fused_mode() { return g_mode.load(); }
+void set_fold_adapters(bool on) { g_fold.store(on); }
+bool fold_adapters() { return g_fold.load(); }
 
-at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::Tensor& x, bool output_needed) {
+namespace {
+// The group's state for inputs of `in` features in x's dtype on x's device, its adapters appended to lora;
+// null when the fused path does not apply.
+c10::intrusive_ptr<GroupState> group_state(const std::vector<const Linear*>& group, const at::Tensor& x, int64_t in,
+                                           std::vector<at::Tensor>& lora) {
   if (group.empty() || !x.defined() || x.dim() < 1 || !applies(x)) return {};
   auto st = c10::make_intrusive<GroupState>();
-  st->in = x.size(-1);
-  st->output_needed = output_needed;
-  std::vector<at::Tensor> lora;
+  st->in = in;
   int next_lora = 0;
   for (const Linear* l : group) {
     const Quant4Linear* base = l ? l->frozen_4bit() : nullptr;
@@ -377,14 +441,45 @@ at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::
     }
     st->members.push_back(std::move(m));
   }
-  // As a TensorList (not the vector) so that autograd sees the adapters as inputs.
-  return ProjectionGroupFunction::apply(x, at::TensorList(lora), st);
+  return st;
+}
+}  // namespace
+
+int64_t adapter_columns(const std::vector<const Linear*>& group, const at::Tensor& like) {
+  const Quant4Linear* first = group.empty() || !group[0] ? nullptr : group[0]->frozen_4bit();
+  if (!first) return 0;
+  std::vector<at::Tensor> lora;
+  const auto st = group_state(group, like, first->in_features(), lora);
+  if (!st || st->ranks == 0 || st->in % 8 != 0 || !g_fold.load()) return 0;
+  return round_up8(st->ranks);
 }
 
-at::Tensor project(Linear& l, const at::Tensor& x, bool output_needed) {
-  if (at::Tensor y = fused_projections({&l}, x, output_needed); y.defined()) return y;
+at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::Tensor& x, bool output_needed,
+                             int64_t spare) {
+  if (!x.defined() || x.dim() < 1) return {};
+  std::vector<at::Tensor> lora;
+  auto st = group_state(group, x, x.size(-1), lora);
+  if (!st) return {};
+  st->output_needed = output_needed;
+  // As a TensorList (not the vector) so that autograd sees the adapters as inputs.
+  return ProjectionGroupFunction::apply(x, at::TensorList(lora), st, spare);
+}
+
+at::Tensor project(Linear& l, const at::Tensor& x, bool output_needed, int64_t spare) {
+  if (at::Tensor y = fused_projections({&l}, x, output_needed, spare); y.defined()) return y;
   return l.forward(x);
 }
+
+at::Tensor with_spare_columns(const at::Tensor& x, int64_t spare) {
+  if (spare <= 0 || !x.defined() || x.dim() < 1) return x;
+  const int64_t in = x.size(-1), rows = in == 0 ? 0 : x.numel() / in;
+  const at::Tensor buffer = at::empty({rows, in + spare}, x.options().requires_grad(false));
+  at::Tensor out = buffer.narrow(1, 0, in);
+  out.copy_(x.reshape({rows, in}));  // differentiable: the gradient flows back to x
+  return out.view(x.sizes());
+}
+
+int64_t folded_group_calls() { return g_folded.load(std::memory_order_relaxed); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split(const at::Tensor& qkv, const at::Tensor& cos,
                                                           const at::Tensor& sin, int64_t nq, int64_t nk, int64_t d) {
@@ -404,13 +499,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split(const at::Tensor& qkv,
   return {rotated(0, nq), rotated(nq, nk), heads.narrow(2, nq + nk, nk).contiguous()};
 }
 
-at::Tensor swiglu_packed(const at::Tensor& gu) {
+at::Tensor swiglu_packed(const at::Tensor& gu, int64_t spare) {
   TORCH_CHECK(gu.dim() >= 1 && gu.size(-1) % 2 == 0, "swiglu_packed: the last dimension must be gate | up");
 #ifdef QLORA_WITH_CUDA
-  if (gu.is_cuda()) return SwiGLUPackedFunction::apply(gu);
+  if (gu.is_cuda()) return SwiGLUPackedFunction::apply(gu, spare);
 #endif
   const int64_t i = gu.size(-1) / 2;
-  return at::silu(gu.narrow(-1, 0, i)) * gu.narrow(-1, i, i);
+  return with_spare_columns(at::silu(gu.narrow(-1, 0, i)) * gu.narrow(-1, i, i), spare);
 }
 
 }  // namespace qlora::model

@@ -5,9 +5,12 @@
 //           RoPE and the split into q, k, v in one kernel (rope_split);
 //   gate|up one [2 I, H] GEMM likewise, then SwiGLU reads the packed halves (swiglu_packed);
 //   o, down the same group machinery with one member.
+// The adapters' B products ride on the base GEMM: folded into its K dimension when the producer of x left
+// room for x A^T (RMSNorm before q|k|v and gate|up, SwiGLU before down), else written into the output first
+// for the base GEMM to accumulate onto.
 // Backward mirrors it: the LoRA input gradient of the whole group first, then one dequantize and one GEMM
-// accumulating the base input gradient onto it; adapter gradients produced in float32 directly, one dA GEMM
-// per group. fused.cpp spells out each GEMM.
+// accumulating the base input gradient onto it; adapter gradients produced in float32 directly, one dxa and
+// one dA GEMM per group. fused.cpp spells out each GEMM.
 //
 // Numerics: the same math as the per-projection modules (LoraLinear over Quant4Linear); rounding differs
 // within the compute dtype (the base GEMM adds onto the rounded LoRA branch, whose scaling its own GEMM
@@ -31,6 +34,10 @@ namespace qlora::model {
 enum class FusedMode { Auto, On, Off };
 void set_fused_mode(FusedMode mode);
 FusedMode fused_mode();
+// Whether groups fold their adapters into the base GEMM where x's producer left room (default on; off is
+// for A/B measurements: `qlora bench --fold off`).
+void set_fold_adapters(bool on);
+bool fold_adapters();
 
 // While one lives (on this thread), a group's forward keeps its dequantized weights for its backward instead
 // of dequantizing them again there. For a checkpointed layer's recomputation, whose backward follows at
@@ -52,19 +59,37 @@ class KeepDequantizedWeights {
 // output_needed = false: only the gradient path is wanted (a recomputation whose caller kept what the output
 // fed): the forward skips the dequantization, the base GEMM and the B products, and the returned tensor's
 // values are unspecified; its backward is exactly the one of the full forward.
+// spare: the number of columns right of each of x's rows that the producer of x left for this group (x is
+// then the first columns of a wider buffer: RMSNorm's and SwiGLU's `spare`, with_spare_columns). When it
+// covers the group's adapters, x A^T is written there and the adapters fold into the base GEMM's K
+// dimension: y = [x | x A^T] [W | s B]^T, one GEMM, no pass of their own over y. The caller promises that
+// nothing else reads or writes those columns.
 at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::Tensor& x,
-                             bool output_needed = true);
+                             bool output_needed = true, int64_t spare = 0);
+
+// The spare columns a producer of this group's input should leave (adapter ranks rounded up to 8, so rows
+// stay 16-byte aligned), or 0 when the fused path would not apply to an input of like's dtype and device, or
+// there is nothing to fold.
+int64_t adapter_columns(const std::vector<const Linear*>& group, const at::Tensor& like);
 
 // One projection: through the fused path when it applies, else the module's own forward (which computes
 // the output whatever output_needed says).
-at::Tensor project(Linear& l, const at::Tensor& x, bool output_needed = true);
+at::Tensor project(Linear& l, const at::Tensor& x, bool output_needed = true, int64_t spare = 0);
+
+// x's values in the first columns of a new buffer with `spare` more columns a row (differentiable; x itself
+// when spare is 0): for producers without a kernel that writes that layout (the CPU composites).
+at::Tensor with_spare_columns(const at::Tensor& x, int64_t spare);
+
+// How many group forwards ran folded since the process started (tests check the path is taken).
+int64_t folded_group_calls();
 
 // RoPE on the packed q|k|v output [B, T, (nq + 2 nk) D] with cos/sin [B, T, D]; returns q [B, T, nq, D],
 // k [B, T, nk, D] (rotated) and v [B, T, nk, D], each contiguous. Differentiable.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split(const at::Tensor& qkv, const at::Tensor& cos,
                                                           const at::Tensor& sin, int64_t nq, int64_t nk, int64_t d);
 
-// silu(gate) * up on the packed gate|up output [..., 2 I] -> [..., I]. Differentiable.
-at::Tensor swiglu_packed(const at::Tensor& gu);
+// silu(gate) * up on the packed gate|up output [..., 2 I] -> [..., I], leaving `spare` columns right of
+// each row for the next group (see fused_projections). Differentiable.
+at::Tensor swiglu_packed(const at::Tensor& gu, int64_t spare = 0);
 
 }  // namespace qlora::model

@@ -99,9 +99,9 @@ namespace {
 // below, one launch each way. Saves x and the per-row rstd.
 struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
-                            double eps) {
+                            double eps, int64_t spare) {
     at::Tensor xc = x.contiguous();
-    auto [y, rstd] = kernels::rmsnorm_fwd_cuda(xc, w.contiguous(), eps);
+    auto [y, rstd] = kernels::rmsnorm_fwd_cuda(xc, w.contiguous(), eps, spare);
     ctx->save_for_backward({xc, w, rstd});
     return y;
   }
@@ -117,20 +117,20 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       at::Tensor normed = (x.reshape({-1, h}).to(at::kFloat) * rstd.unsqueeze(1)).to(x.scalar_type());
       dw = (dy.reshape({-1, h}).to(at::kFloat) * normed.to(at::kFloat)).sum(0).to(w.scalar_type());
     }
-    return {dx, dw, at::Tensor()};
+    return {dx, dw, at::Tensor(), at::Tensor()};
   }
 };
 }  // namespace
 #endif
 
-at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+at::Tensor RMSNormImpl::forward(const at::Tensor& x, int64_t spare) {
 #ifdef QLORA_WITH_CUDA
-  if (x.is_cuda() && weight.scalar_type() == x.scalar_type()) return RMSNormFunction::apply(x, weight, eps);
+  if (x.is_cuda() && weight.scalar_type() == x.scalar_type()) return RMSNormFunction::apply(x, weight, eps, spare);
 #endif
   at::Tensor h = x.to(at::kFloat);
   at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(variance + eps);
-  return weight * h.to(x.scalar_type());
+  return with_spare_columns(weight * h.to(x.scalar_type()), spare);
 }
 
 AttentionImpl::AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
@@ -142,11 +142,16 @@ AttentionImpl::AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, s
   o_proj = register_module("o_proj", std::move(o));
 }
 
+int64_t AttentionImpl::input_spare(const at::Tensor& like) const {
+  return adapter_columns({q_proj.get(), k_proj.get(), v_proj.get()}, like);
+}
+
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
-                                  at::Tensor* cache_v, bool output_needed) {
+                                  at::Tensor* cache_v, bool output_needed, int64_t spare) {
   const int64_t b = x.size(0), t = x.size(1);
   at::Tensor q, k, v;
-  if (at::Tensor qkv = fused_projections({q_proj.get(), k_proj.get(), v_proj.get()}, x); qkv.defined()) {
+  if (at::Tensor qkv = fused_projections({q_proj.get(), k_proj.get(), v_proj.get()}, x, true, spare);
+      qkv.defined()) {
     std::tie(q, k, v) = rope_split(qkv, rope.cos, rope.sin, num_heads, num_kv_heads, head_dim);  // [B, T, n, D]
     q = q.transpose(1, 2), k = k.transpose(1, 2), v = v.transpose(1, 2);
   } else {
@@ -202,9 +207,15 @@ struct SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
 }  // namespace
 #endif
 
-at::Tensor MLPImpl::forward(const at::Tensor& x, bool output_needed) {
-  if (at::Tensor gu = fused_projections({gate_proj.get(), up_proj.get()}, x); gu.defined()) {
-    return project(*down_proj, swiglu_packed(gu), output_needed);
+int64_t MLPImpl::input_spare(const at::Tensor& like) const {
+  return adapter_columns({gate_proj.get(), up_proj.get()}, like);
+}
+
+at::Tensor MLPImpl::forward(const at::Tensor& x, bool output_needed, int64_t spare) {
+  if (at::Tensor gu = fused_projections({gate_proj.get(), up_proj.get()}, x, true, spare); gu.defined()) {
+    // down's x A^T folds only where its output is computed.
+    const int64_t down_spare = output_needed ? adapter_columns({down_proj.get()}, gu) : 0;
+    return project(*down_proj, swiglu_packed(gu, down_spare), output_needed, down_spare);
   }
   at::Tensor g = gate_proj->forward(x), u = up_proj->forward(x);
 #ifdef QLORA_WITH_CUDA
@@ -227,11 +238,13 @@ at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const Rope& rope, cons
 
 at::Tensor DecoderLayerImpl::attention_branch(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
                                               at::Tensor* cache_k, at::Tensor* cache_v, bool output_needed) {
-  return self_attn->forward(input_layernorm->forward(x), rope, mask, cache_k, cache_v, output_needed);
+  const int64_t spare = self_attn->input_spare(x);
+  return self_attn->forward(input_layernorm->forward(x, spare), rope, mask, cache_k, cache_v, output_needed, spare);
 }
 
 at::Tensor DecoderLayerImpl::mlp_branch(const at::Tensor& h, bool output_needed) {
-  return mlp->forward(post_attention_layernorm->forward(h), output_needed);
+  const int64_t spare = mlp->input_spare(h);
+  return mlp->forward(post_attention_layernorm->forward(h, spare), output_needed, spare);
 }
 
 // ---------------------------------------------------------------------------------------------------

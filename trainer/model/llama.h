@@ -46,8 +46,9 @@ at::Tensor apply_rope(const at::Tensor& x, const Rope& rope);
 class RMSNormImpl : public torch::nn::Module {
  public:
   RMSNormImpl(at::Tensor weight, double eps, bool trainable);
-  at::Tensor forward(const at::Tensor& x);  // x [..., H]
-  at::Tensor weight;                        // [H]
+  // x [..., H]; spare: columns left right of each output row for the next projection group (fused.h).
+  at::Tensor forward(const at::Tensor& x, int64_t spare = 0);
+  at::Tensor weight;  // [H]
   double eps;
 };
 TORCH_MODULE(RMSNorm);
@@ -57,9 +58,12 @@ class AttentionImpl : public torch::nn::Module {
   AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
                 std::shared_ptr<Linear> v, std::shared_ptr<Linear> o);
   // x [B, T, H]; mask: bool [B, 1, T, S] (true = attend) or undefined for plain causal;
-  // cache slots (k, v) are extended in place when given. output_needed: see DecoderLayerImpl.
+  // cache slots (k, v) are extended in place when given. output_needed: see DecoderLayerImpl. spare: the
+  // columns x's producer left for q|k|v's adapters (input_spare; fused.h).
   at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
-                     at::Tensor* cache_v, bool output_needed = true);
+                     at::Tensor* cache_v, bool output_needed = true, int64_t spare = 0);
+  // The spare columns the input's producer should leave for q|k|v (like: an input's dtype and device).
+  int64_t input_spare(const at::Tensor& like) const;
   std::shared_ptr<Linear> q_proj, k_proj, v_proj, o_proj;
   int64_t num_heads, num_kv_heads, head_dim;
 };
@@ -68,8 +72,9 @@ TORCH_MODULE(Attention);
 class MLPImpl : public torch::nn::Module {
  public:
   MLPImpl(std::shared_ptr<Linear> gate, std::shared_ptr<Linear> up, std::shared_ptr<Linear> down);
-  // down(silu(gate(x)) * up(x)); output_needed: see DecoderLayerImpl.
-  at::Tensor forward(const at::Tensor& x, bool output_needed = true);
+  // down(silu(gate(x)) * up(x)); output_needed: see DecoderLayerImpl; spare: as AttentionImpl's.
+  at::Tensor forward(const at::Tensor& x, bool output_needed = true, int64_t spare = 0);
+  int64_t input_spare(const at::Tensor& like) const;
   std::shared_ptr<Linear> gate_proj, up_proj, down_proj;
 };
 TORCH_MODULE(MLP);

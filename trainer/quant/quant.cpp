@@ -177,10 +177,23 @@ at::Tensor dequantize_4bit(const Quantized4bit& q, at::ScalarType out) {
 }
 
 void dequantize_4bit_into(const Quantized4bit& q, const at::Tensor& into) {
-  QLORA_REQUIRE(into.defined() && into.is_contiguous() && into.numel() == q.numel() && into.device() == q.device(),
-                "dequantize_4bit_into: target must be a contiguous tensor of {} elements on {}", q.numel(),
-                q.device().str());
-  dequantize_impl(q, into.scalar_type(), into.view({-1}));
+  QLORA_REQUIRE(into.defined() && into.numel() == q.numel() && into.device() == q.device(),
+                "dequantize_4bit_into: target must be a tensor of {} elements on {}", q.numel(), q.device().str());
+  if (into.is_contiguous()) {
+    dequantize_impl(q, into.scalar_type(), into.view({-1}));
+    return;
+  }
+  QLORA_REQUIRE(into.dim() == 2 && into.stride(1) == 1 && into.stride(0) >= into.size(1),
+                "dequantize_4bit_into: a non-contiguous target must be 2-D rows of contiguous elements, got sizes {}",
+                c10::str(into.sizes()));
+#ifdef QLORA_WITH_CUDA
+  if (into.is_cuda() && kernels::pitched_ok(into)) {
+    dequantize_impl(q, into.scalar_type(), into);
+    return;
+  }
+#endif
+  at::NoGradGuard no_grad;
+  into.copy_(dequantize_impl(q, into.scalar_type(), {}).view(into.sizes()));
 }
 
 at::Tensor absmax_float(const Quantized4bit& q) {

@@ -47,8 +47,10 @@ Quantized4bit quantize_4bit(const at::Tensor& w, QuantType type, int64_t blocksi
 // The weight back in `out` (float32, bfloat16 or float16), shape `q.shape`, on q's device.
 at::Tensor dequantize_4bit(const Quantized4bit& q, at::ScalarType out);
 
-// The same into `into` (contiguous, q.numel() elements, float32 / bfloat16 / float16, on q's device), for
-// example rows [o, o + out) of a buffer that holds several weights one after another.
+// The same into `into` (q.numel() elements, float32 / bfloat16 / float16, on q's device), for example rows
+// [o, o + out) of a buffer that holds several weights one after another: contiguous, or 2-D [rows, cols]
+// rows further apart than cols (the first columns of a wider matrix; written directly by the CUDA kernel
+// where it can, else through a contiguous copy).
 void dequantize_4bit_into(const Quantized4bit& q, const at::Tensor& into);
 
 // The float32 per-block scales [blocks], decoding the double quantization if present.

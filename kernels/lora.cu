@@ -1,0 +1,74 @@
+// Op: a projection group's LoRA B matrices as one block-diagonal matrix in the compute dtype, in one launch
+// (trainer/model/fused.cpp: the columns the base GEMM reads for the adapters, and the dxa GEMM's operand).
+//   out[i, j] = T(scale_m * B_m[i - offset_m, j - col_m])  inside member m's block, else 0,
+// with the product in float32 and one rounding to T: what ATen's `(b * scale)` followed by a cast gives.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels/convert.cuh"
+#include "kernels/ops.h"
+
+namespace qlora::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Blocks {
+  const float* b[kMaxBlockDiagMembers];
+  int64_t offset[kMaxBlockDiagMembers], rows[kMaxBlockDiagMembers], col[kMaxBlockDiagMembers];
+  int64_t rank[kMaxBlockDiagMembers];
+  float scale[kMaxBlockDiagMembers];
+  int count;
+};
+
+template <typename T>
+static __global__ void block_diag_kernel(Blocks m, int64_t total, int64_t ranks, int64_t ld, T* __restrict__ out) {
+  const int64_t n = total * ranks;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = e / ranks, j = e - i * ranks;
+    float v = 0.0f;
+    for (int k = 0; k < m.count; ++k) {
+      const int64_t r = i - m.offset[k], c = j - m.col[k];
+      if (r >= 0 && r < m.rows[k] && c >= 0 && c < m.rank[k]) v = m.scale[k] * m.b[k][r * m.rank[k] + c];
+    }
+    out[i * ld + j] = from_f32<T>(v);
+  }
+}
+
+}  // namespace
+
+void lora_block_diag_cuda(const at::Tensor& out, const std::vector<BlockDiagMember>& members) {
+  TORCH_CHECK(out.defined() && out.is_cuda() && out.dim() == 2 && out.stride(1) == 1 && out.stride(0) >= out.size(1),
+              "lora_block_diag_cuda: out must be a 2-D CUDA tensor of contiguous rows");
+  TORCH_CHECK(members.size() <= static_cast<size_t>(kMaxBlockDiagMembers), "lora_block_diag_cuda: at most ",
+              kMaxBlockDiagMembers, " members, got ", members.size());
+  Blocks m{};
+  m.count = static_cast<int>(members.size());
+  for (size_t k = 0; k < members.size(); ++k) {
+    const BlockDiagMember& b = members[k];
+    TORCH_CHECK(b.b.defined() && b.b.device() == out.device() && b.b.scalar_type() == at::kFloat &&
+                    b.b.is_contiguous() && b.b.dim() == 2,
+                "lora_block_diag_cuda: member ", k, "'s B must be a contiguous float32 matrix on ", out.device());
+    TORCH_CHECK(b.offset >= 0 && b.offset + b.b.size(0) <= out.size(0) && b.col >= 0 &&
+                    b.col + b.b.size(1) <= out.size(1),
+                "lora_block_diag_cuda: member ", k, "'s block ", b.b.sizes(), " at (", b.offset, ", ", b.col,
+                ") does not fit ", out.sizes());
+    m.b[k] = b.b.const_data_ptr<float>();
+    m.offset[k] = b.offset, m.rows[k] = b.b.size(0), m.col[k] = b.col, m.rank[k] = b.b.size(1);
+    m.scale[k] = static_cast<float>(b.scale);
+  }
+  const int64_t total = out.size(0), ranks = out.size(1);
+  if (total == 0 || ranks == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t blocks = std::min<int64_t>((total * ranks + kThreads - 1) / kThreads, 65535);
+  dispatch_float_types(out.scalar_type(), "lora_block_diag_cuda", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    block_diag_kernel<T><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        m, total, ranks, out.stride(0), static_cast<T*>(out.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace qlora::kernels
