@@ -12,8 +12,6 @@
 namespace qlora::kernels {
 namespace {
 
-constexpr int kThreads = 256;
-
 struct Blocks {
   const float* b[kMaxBlockDiagMembers];
   int64_t offset[kMaxBlockDiagMembers], rows[kMaxBlockDiagMembers], col[kMaxBlockDiagMembers];
@@ -22,12 +20,14 @@ struct Blocks {
   int count;
 };
 
+// Threads along a row's columns (coalesced stores), warps along rows; no index division.
+constexpr int kCols = 32, kRows = 8;
 template <typename T>
 static __global__ void block_diag_kernel(Blocks m, int64_t total, int64_t ranks, int64_t ld, T* __restrict__ out) {
-  const int64_t n = total * ranks;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = e / ranks, j = e - i * ranks;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
+  if (j >= ranks) return;
+  for (int64_t i = static_cast<int64_t>(blockIdx.y) * kRows + threadIdx.y; i < total;
+       i += static_cast<int64_t>(gridDim.y) * kRows) {
     float v = 0.0f;
     for (int k = 0; k < m.count; ++k) {
       const int64_t r = i - m.offset[k], c = j - m.col[k];
@@ -62,10 +62,11 @@ void lora_block_diag_cuda(const at::Tensor& out, const std::vector<BlockDiagMemb
   const int64_t total = out.size(0), ranks = out.size(1);
   if (total == 0 || ranks == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t blocks = std::min<int64_t>((total * ranks + kThreads - 1) / kThreads, 65535);
+  const dim3 grid(static_cast<unsigned>((ranks + kCols - 1) / kCols),
+                  static_cast<unsigned>(std::min<int64_t>((total + kRows - 1) / kRows, 65535)));
   dispatch_float_types(out.scalar_type(), "lora_block_diag_cuda", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    block_diag_kernel<T><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    block_diag_kernel<T><<<grid, dim3(kCols, kRows), 0, at::cuda::getCurrentCUDAStream()>>>(
         m, total, ranks, out.stride(0), static_cast<T*>(out.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

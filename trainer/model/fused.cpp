@@ -149,11 +149,18 @@ AdapterCasts& adapter_casts() {
   return casts;
 }
 
-// a @ b with a float32 result (the adapters' gradients): cuBLAS accumulates in float32 and writes it
-// without a round trip through the compute dtype; elsewhere the product is cast.
-at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b) {
-  if (a.is_cuda() && a.scalar_type() != at::kFloat) return at::mm(a, b, at::kFloat);
-  return at::mm(a, b).to(at::kFloat);
+// alpha * a @ b with a float32 result (the adapters' gradients): cuBLAS accumulates in float32, scales in its
+// epilogue and writes float32 without a round trip through the compute dtype; elsewhere the product is cast
+// and scaled.
+at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b, double alpha = 1.0) {
+  if (a.is_cuda() && a.scalar_type() != at::kFloat) {
+    if (alpha == 1.0) return at::mm(a, b, at::kFloat);
+    at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));
+    // beta 0: `self` (one element of a, in the inputs' dtype as the op requires) is never read.
+    return at::addmm_out(out, a.as_strided({1}, {1}), a, b, at::kFloat, /*beta=*/0.0, alpha);
+  }
+  at::Tensor out = at::mm(a, b).to(at::kFloat);
+  return alpha == 1.0 ? out : out.mul_(alpha);
 }
 
 // out = alpha * a @ b, written without reading out (beta 0): into a column block of a wider matrix, whose
@@ -259,12 +266,16 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     }
     if (!st->any_dropout) at::mm_out(xa, x2, a_cat.t());
     variable_list saved{kept, x2, xa, a_cat, bd};
+    // Masks are drawn on contiguous rows: CUDA's dropout assigns its random numbers by layout, and the same
+    // seed must give the same masks whether or not x's producer left spare columns (the modules' masks, and
+    // a recomputation's, where down_proj's input has none).
+    const at::Tensor xc = st->any_dropout ? x2.contiguous() : at::Tensor();
     for (const auto& m : st->members) {
       if (m.lora < 0) continue;
       at::Tensor mask;
       if (st->any_dropout) {
-        at::Tensor h = x2;
-        if (m.dropout > 0.0) std::tie(h, mask) = at::native_dropout(x2, m.dropout, /*train=*/true);
+        at::Tensor h = xc;
+        if (m.dropout > 0.0) std::tie(h, mask) = at::native_dropout(xc, m.dropout, /*train=*/true);
         mm_into(xa.narrow(1, m.col, m.rank), h, a_cat.narrow(0, m.col, m.rank).t(), 1.0);
       }
       saved.insert(saved.end(), {lora[2 * m.lora + 1], mask});
@@ -307,7 +318,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       for (const auto& m : st->members) {
         if (m.lora < 0) continue;
         if (ctx->needs_input_grad(2 + 2 * m.lora)) {
-          grads[2 + 2 * m.lora] = mm_float(dy.narrow(1, m.offset, m.out).t(), xa.narrow(1, m.col, m.rank)).mul_(m.scaling);
+          grads[2 + 2 * m.lora] = mm_float(dy.narrow(1, m.offset, m.out).t(), xa.narrow(1, m.col, m.rank), m.scaling);
         }
         need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
       }
