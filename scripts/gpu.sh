@@ -10,9 +10,11 @@
 #     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
 #     profile build + GPU tests + one profiled 7B step (r 16) with and without checkpointing: the busiest
 #            kernels printed, the Chrome traces in results.tgz
-#     ab     build + GPU tests + our step as is against with AB_FLAGS (default "--fold off"), ranks AB_R
-#            (default 16), with and without checkpointing, two interleaved rounds; AB_PROFILE=1 adds the
-#            profile of the step as is without checkpointing
+#     ab     build + GPU tests + our step as is (a) against b, ranks AB_R (default 16), with and without
+#            checkpointing, two interleaved rounds. b = this build with AB_FLAGS (default "--fold off"), or,
+#            when .deps/base-src holds an older tree (`scripts/gpu.sh --prepare-base REV`), that tree's
+#            build with AB_FLAGS (default none). AB_PROFILE=1 adds the profile of a's step without
+#            checkpointing
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
@@ -34,6 +36,14 @@ if [ "${1:-}" = "--prepare" ]; then
   find .deps/py/bitsandbytes \( -name 'libbitsandbytes_cuda1[1-2]*' -o -name 'libbitsandbytes_cuda132*' \
     -o -name 'libbitsandbytes_rocm*' -o -name __pycache__ \) -prune -exec rm -rf {} +
   du -sh .deps
+  exit 0
+fi
+if [ "${1:-}" = "--prepare-base" ]; then
+  # On the development machine: the tracked files of revision $2 into .deps/base-src, for `ab` to build.
+  rm -rf .deps/base-src && mkdir -p .deps/base-src
+  git archive "${2:?usage: scripts/gpu.sh --prepare-base REV}" | tar -x -C .deps/base-src
+  git rev-parse "$2" >.deps/base-src/REVISION
+  du -sh .deps/base-src
   exit 0
 fi
 
@@ -127,25 +137,38 @@ if [ "$MODE" = profile ]; then
 fi
 
 if [ "$MODE" = ab ]; then
-  flags="${AB_FLAGS:---fold off}"
+  QB="$Q"
+  if [ -f .deps/base-src/REVISION ]; then
+    echo "== build of the base $(cat .deps/base-src/REVISION) (build-base)"
+    ln -sfn "$PWD/.deps" .deps/base-src/.deps  # its headers (CLI11) as for this tree
+    if cmake -S .deps/base-src -B build-base -G Ninja -DQLORA_PYTHON="$PY" -DQLORA_SANITIZE=OFF -DQLORA_WITH_CUDA=ON \
+         -DCMAKE_BUILD_TYPE=Release >"$OUT/cmake-base.log" 2>&1 &&
+       ninja -C build-base -j "$(nproc)" qlora >"$OUT/build-base.log" 2>&1; then
+      QB=build-base/trainer/cli/qlora
+      flags="${AB_FLAGS:-}"
+    else
+      echo "the base did not build (build-base.log); b = this build"; tail -5 "$OUT/build-base.log"
+    fi
+  fi
+  flags="${flags-${AB_FLAGS:---fold off}}"
   if [ -n "${AB_PROFILE:-}" ]; then
     echo "== profile, llama2-7b, r 16, checkpointing off, as is"
     "$Q" bench --shape llama2-7b --r 16 --checkpointing off --warmup 2 --steps 3 --profile "$OUT/trace_ckpt_off.json" \
       2>&1 | grep -vE "^trace:" | head -40
     gzip -f "$OUT"/trace_*.json
   fi
-  echo "== A/B, llama2-7b, seq 2048: as is (a) against '$flags' (b), rounds interleaved"
+  echo "== A/B, llama2-7b, seq 2048: as is (a) against $QB '$flags' (b), rounds interleaved"
   for r in ${AB_R:-16}; do
     for c in on off; do
       for i in 1 2; do
         "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" --json "$OUT/ab_r${r}_${c}_a.$i.json" >/dev/null 2>&1
         # shellcheck disable=SC2086  # the flags are words
-        "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" $flags --json "$OUT/ab_r${r}_${c}_b.$i.json" \
+        "$QB" bench --shape llama2-7b --r "$r" --checkpointing "$c" $flags --json "$OUT/ab_r${r}_${c}_b.$i.json" \
           >/dev/null 2>&1
       done
     done
   done
-  "$PY" - "$OUT" "$flags" <<'PYEOF' | tee "$OUT/table.txt"
+  "$PY" - "$OUT" "$QB $flags" <<'PYEOF' | tee "$OUT/table.txt"
 import glob, json, os, sys
 out, flags = sys.argv[1], sys.argv[2]
 print(f"{'run':18s} {'a tok/s (runs)':>22s} {'b tok/s (runs)':>22s} {'a/b':>6s} {'a GiB':>6s} {'b GiB':>6s}   b = {flags}")
