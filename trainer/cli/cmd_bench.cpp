@@ -258,6 +258,8 @@ nlohmann::json bench_step(const StepOptions& so) {
   model->train();
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(42);
+  const at::Tensor attention_mask = at::ones({so.batch, so.seq}, at::kLong);
+  const at::Tensor position_ids = at::arange(so.seq, at::kLong).unsqueeze(0).expand({so.batch, so.seq}).contiguous();
   // One step as Trainer::train_step runs it: the batch made on the CPU and copied without a wait, the
   // labelled positions found on the CPU, the update skipped on the device if the loss or the gradient norm
   // is not finite, and one wait for the GPU at the end (reading the loss and the norm). Phase boundaries
@@ -269,7 +271,8 @@ nlohmann::json bench_step(const StepOptions& so) {
     PhaseMarks marks(ctx.device);
     const double t0 = now_ms();
     marks.mark();
-    at::Tensor hidden = model->hidden_states(train::to_device(ids, ctx.device));
+    // The batcher's tensors, on the CPU as the trainer passes them: no padding, one example a row.
+    at::Tensor hidden = model->hidden_states(ids, attention_mask, position_ids);
     const double t1_host = now_ms();  // the CPU has issued the layers; the GPU may still be running them
     auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
     marks.mark();

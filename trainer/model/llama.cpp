@@ -49,9 +49,11 @@ at::Tensor rope_inv_freq(const LlamaArch& arch, int64_t seq_len, at::Device devi
   return inv_freq;
 }
 
-Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype) {
+Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype, int64_t max_position) {
   at::NoGradGuard no_grad;
-  int64_t seq_len = arch.rope.type == RopeType::Dynamic ? position_ids.max().item<int64_t>() + 1 : 0;
+  int64_t seq_len = 0;
+  if (arch.rope.type == RopeType::Dynamic)
+    seq_len = (max_position >= 0 ? max_position : position_ids.max().item<int64_t>()) + 1;
   at::Tensor inv_freq = rope_inv_freq(arch, seq_len, position_ids.device());  // [D/2]
   const int64_t b = position_ids.size(0);
   // HF: (inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)
@@ -362,15 +364,23 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(LlamaArch arch, at::Tensor embed, std
   }
 }
 
+at::Tensor to_device(const at::Tensor& t, at::Device device) {
+  if (!t.defined() || t.device() == device) return t;
+  if (device.is_cuda() && t.is_cpu()) return t.pin_memory().to(device, /*non_blocking=*/true);
+  return t.to(device);
+}
+
 at::Tensor build_attention_mask(const at::Tensor& attention_mask, const at::Tensor& position_ids, int64_t batch,
                                 int64_t t, int64_t past, at::Device device) {
   const int64_t s = past + t;
+  // The two questions below are answered where the tensors live: on the CPU (the trainer's batches) without
+  // waiting for the GPU.
   bool padded = attention_mask.defined() && !attention_mask.to(at::kBool).all().item<bool>();
   // Packed rows: a position id of 0 after the first token starts a new example.
   at::Tensor segments;
   if (position_ids.defined() && past == 0 && t > 1 &&
       (position_ids.slice(1, 1) == 0).any().item<bool>()) {
-    segments = (position_ids.to(device) == 0).cumsum(-1);  // [B, T]
+    segments = (to_device(position_ids, device) == 0).cumsum(-1);  // [B, T]
   }
   if (!padded && !segments.defined() && (past == 0 || t == 1)) return {};  // plain causal
   auto opts = at::TensorOptions().device(device);
@@ -381,7 +391,7 @@ at::Tensor build_attention_mask(const at::Tensor& attention_mask, const at::Tens
   if (padded) {
     TORCH_CHECK(attention_mask.size(0) == batch && attention_mask.size(1) == s,
                 "attention_mask must be [B, past + T]");
-    at::Tensor keys = attention_mask.to(device, at::kBool).view({batch, 1, 1, s});
+    at::Tensor keys = to_device(attention_mask, device).to(at::kBool).view({batch, 1, 1, s});
     // A query whose every key is padding (a fully padded row) would make softmax NaN: let it see
     // itself. Its output is never used (its labels are masked), but NaNs would poison the batch.
     at::Tensor self = (kpos == qpos).view({1, 1, t, s});
@@ -402,8 +412,11 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
   if (!pos.defined()) {
     pos = at::arange(past, past + t, at::TensorOptions().dtype(at::kLong).device(device())).unsqueeze(0).expand({b, t});
   }
-  at::Tensor x = at::embedding(embed_tokens, input_ids.to(device()));
-  Rope rope = rope_tables(arch_, pos.to(device()), x.scalar_type());
+  at::Tensor x = at::embedding(embed_tokens, to_device(input_ids, device()));
+  // Dynamic RoPE's scaling depends on the largest position: read from CPU positions, it needs no wait.
+  const int64_t max_position =
+      arch_.rope.type == RopeType::Dynamic && pos.is_cpu() ? pos.max().item<int64_t>() : int64_t{-1};
+  Rope rope = rope_tables(arch_, to_device(pos, device()), x.scalar_type(), max_position);
   at::Tensor mask = build_attention_mask(attention_mask, position_ids, b, t, past, device());
   if (cache && cache->k.empty()) {
     cache->k.resize(layer_list.size());

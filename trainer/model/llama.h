@@ -38,8 +38,10 @@ struct Rope {
 
 // inv_freq [D/2] float32, HF's rope initialisation for `type`; seq_len matters only for dynamic NTK.
 at::Tensor rope_inv_freq(const LlamaArch& arch, int64_t seq_len, at::Device device);
-// cos/sin for position_ids [B, T] (int64), cast to dtype.
-Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype);
+// cos/sin for position_ids [B, T] (int64), cast to dtype, on position_ids' device. max_position: the largest
+// position if the caller knows it (dynamic RoPE needs it; else it is read from position_ids, a wait on a GPU).
+Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype,
+                 int64_t max_position = -1);
 // HF's x * cos + rotate_half(x) * sin on x [B, n, T, D] (the composite that rope_split's kernel replaces).
 at::Tensor apply_rope(const at::Tensor& x, const Rope& rope);
 
@@ -114,6 +116,9 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
 
   // input_ids [B, T] int64; attention_mask [B, S] bool/int (1 = real token; undefined = all real);
   // position_ids [B, T] (undefined = past..past+T-1). Returns logits [B, T, V] in the compute dtype.
+  // The inputs may be on the CPU: they are copied to the model's device without waiting for it, and what
+  // the forward must know of the mask and positions is read from the CPU copies (a training step then
+  // never waits for the GPU before its end).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& attention_mask = {},
                      const at::Tensor& position_ids = {}, KVCache* cache = nullptr);
   // The final normed hidden states [B, T, H] (what lm_head reads); used by chunked losses.
@@ -144,9 +149,14 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlamaForCausalLM);
 
-// Builds the bool attention mask [B, 1, T, S] (causal within the new tokens, all past keys visible,
-// padded keys hidden; with packed rows, whose position_ids restart at 0 for every example, each example
-// sees only itself) or an undefined tensor when plain causal attention is exact.
+// `t` on `device`; a CPU tensor bound for CUDA goes through pinned memory asynchronously, so the copy
+// does not wait for the work already queued on the GPU.
+at::Tensor to_device(const at::Tensor& t, at::Device device);
+
+// Builds the bool attention mask [B, 1, T, S] on `device` (causal within the new tokens, all past keys
+// visible, padded keys hidden; with packed rows, whose position_ids restart at 0 for every example, each
+// example sees only itself) or an undefined tensor when plain causal attention is exact. The mask and
+// positions may be on the CPU (then nothing waits for the GPU) or on `device`.
 at::Tensor build_attention_mask(const at::Tensor& attention_mask, const at::Tensor& position_ids, int64_t batch,
                                 int64_t t, int64_t past, at::Device device);
 

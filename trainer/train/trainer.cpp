@@ -65,11 +65,7 @@ int64_t loss_chunk_rows(int64_t vocab) {
   return std::max<int64_t>(64, (int64_t{64} << 20) / std::max<int64_t>(1, vocab));
 }
 
-at::Tensor to_device(const at::Tensor& t, at::Device device) {
-  if (!t.defined() || t.device() == device) return t;
-  if (device.is_cuda() && t.is_cpu()) return t.pin_memory().to(device, /*non_blocking=*/true);
-  return t.to(device);
-}
+at::Tensor to_device(const at::Tensor& t, at::Device device) { return model::to_device(t, device); }
 
 std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
                                                   const at::Tensor& labels, int64_t chunk_rows) {
@@ -111,9 +107,7 @@ at::Tensor queue_update(AdamW& opt, const NamedTensors& params, double max_grad_
 
 std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const data::Batch& b) {
   at::NoGradGuard no_grad;
-  const auto dev = model.device();
-  at::Tensor hidden = model.hidden_states(to_device(b.input_ids, dev), to_device(b.attention_mask, dev),
-                                          to_device(b.position_ids, dev));
+  at::Tensor hidden = model.hidden_states(b.input_ids, b.attention_mask, b.position_ids);  // copied there
   auto [sum, n] = causal_lm_loss_sum(model, hidden, b.labels);
   return {sum.item<double>(), n};
 }
@@ -174,7 +168,6 @@ double Trainer::current_lr() const {
 
 double Trainer::train_step() {
   model_->train();
-  const auto dev = model_->device();
   // Gather the step's micro-batches first: the loss is the mean over every label token of the step,
   // so each micro-batch's sum is divided by the step's total count (exact under accumulation).
   std::vector<data::Batch> micro;
@@ -188,8 +181,9 @@ double Trainer::train_step() {
   // step's loss and norm in one read at the end.
   at::Tensor loss_sum;  // float32 scalar on the device
   for (auto& b : micro) {
-    at::Tensor hidden = model_->hidden_states(to_device(b.input_ids, dev), to_device(b.attention_mask, dev),
-                                              to_device(b.position_ids, dev));
+    // The batch stays on the CPU: hidden_states copies it over and reads the mask's and the positions'
+    // layout from the CPU copies, so no micro-batch waits for the previous one's backward.
+    at::Tensor hidden = model_->hidden_states(b.input_ids, b.attention_mask, b.position_ids);
     auto [sum, n] = causal_lm_loss_sum(*model_, hidden, b.labels);
     state_.tokens_seen += b.input_ids.numel();
     if (n == 0) continue;
