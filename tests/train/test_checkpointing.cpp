@@ -134,9 +134,10 @@ TEST(TrainingStep, QueuedFromTheCpuBatchWithoutWaiting) {
       o.quantize = true;
       auto m = model::init_llama(tiny_arch(), o, 31);
       LoraConfig lc;
-      lc.r = 4, lc.alpha = 8;
+      lc.r = 4, lc.alpha = 8, lc.dropout = 0.1;
       lora::apply_lora(*m, lc, 31);
       m->set_gradient_checkpointing(mode);
+      at::manual_seed(5);  // the dropout masks: the same in both steps
       m->train();
       auto params = lora::lora_named_parameters(*m);
       train::AdamW opt(params, train::AdamWOptions{1e-3, 0.9, 0.999, 1e-8, 0.0});
