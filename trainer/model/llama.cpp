@@ -413,9 +413,11 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
     pos = at::arange(past, past + t, at::TensorOptions().dtype(at::kLong).device(device())).unsqueeze(0).expand({b, t});
   }
   at::Tensor x = at::embedding(embed_tokens, to_device(input_ids, device()));
-  // Dynamic RoPE's scaling depends on the largest position: read from CPU positions, it needs no wait.
-  const int64_t max_position =
-      arch_.rope.type == RopeType::Dynamic && pos.is_cpu() ? pos.max().item<int64_t>() : int64_t{-1};
+  // Dynamic RoPE's scaling depends on the largest position: known for the default positions, read from CPU
+  // ones without a wait (from device ones, rope_tables reads it).
+  int64_t max_position = -1;
+  if (arch_.rope.type == RopeType::Dynamic)
+    max_position = !position_ids.defined() ? past + t - 1 : pos.is_cpu() ? pos.max().item<int64_t>() : -1;
   Rope rope = rope_tables(arch_, to_device(pos, device()), x.scalar_type(), max_position);
   at::Tensor mask = build_attention_mask(attention_mask, position_ids, b, t, past, device());
   if (cache && cache->k.empty()) {
