@@ -89,6 +89,34 @@ TEST(LlamaParity, KvCacheDecodingEqualsFullRecompute) {
   EXPECT_LT(test::rel_err(inc, full), 1e-5);
 }
 
+// The model's cached RoPE tables (LlamaForCausalLMImpl::rope) against the per-forward computation that the
+// logits tests above check against transformers (rope_tables), bit for bit: default positions after a KV
+// cache (the table grows past its first 256 rows), packed CPU positions, two dtypes, every rope type of the
+// fixtures (dynamic NTK past max_position_embeddings too, where its scaling changes with the length).
+TEST(LlamaParity, CachedRopeTablesEqualThePerForwardComputation) {
+  at::NoGradGuard no_grad;
+  for (const auto& name : variants()) {
+    SCOPED_TRACE(name);
+    auto model = load_llama(test::data_dir() / "llama" / name, LoadOptions{});
+    const LlamaArch& arch = model->arch();
+    auto expect_same = [&](const Rope& got, const Rope& want, const std::string& what) {
+      EXPECT_TRUE(test::same_bits(got.cos.contiguous(), want.cos) && test::same_bits(got.sin.contiguous(), want.sin))
+          << what;
+    };
+    for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
+      for (auto [past, t] : std::vector<std::pair<int64_t, int64_t>>{{0, 12}, {5, 3}, {300, 4}, {20, 1}, {0, 9}}) {
+        const at::Tensor pos = at::arange(past, past + t, at::kLong).unsqueeze(0).expand({2, t});
+        expect_same(model->rope({}, 2, t, past, dt), rope_tables(arch, pos, dt),
+                    "past " + std::to_string(past) + ", T " + std::to_string(t) + ", " + c10::toString(dt));
+      }
+      const at::Tensor packed =
+          at::cat({at::arange(6, at::kLong), at::arange(6, at::kLong), at::arange(12, at::kLong)}).view({2, 12});
+      expect_same(model->rope(packed, 2, 12, 0, dt), rope_tables(arch, packed, dt),
+                  std::string("packed, ") + c10::toString(dt));
+    }
+  }
+}
+
 TEST(LlamaParity, SaveThenLoadRoundTrips) {
   at::NoGradGuard no_grad;
   const std::string name = "tied_dynamic_bf16";

@@ -71,6 +71,12 @@ class AdapterCasts {
     return e.a_cat;
   }
 
+  // Re-copies every group whose adapters moved, now (refresh_adapter_casts).
+  void refresh() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    refresh_all();
+  }
+
  private:
   using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Entry {
@@ -101,6 +107,7 @@ class AdapterCasts {
       src.insert(src.end(), now.begin(), now.end());
       copied.emplace_back(&e, std::move(now));
     }
+    if (dst.empty()) return;
     at::NoGradGuard no_grad;
     at::_foreach_copy_(dst, src);
     for (auto& [e, now] : copied)
@@ -415,6 +422,7 @@ KeepDequantizedWeights::~KeepDequantizedWeights() { t_keep_weights = previous_; 
 
 void set_fused_mode(FusedMode mode) { g_mode.store(mode); }
 FusedMode fused_mode() { return g_mode.load(); }
+void refresh_adapter_casts() { adapter_casts().refresh(); }
 void set_fold_adapters(bool on) { g_fold.store(on); }
 bool fold_adapters() { return g_fold.load(); }
 

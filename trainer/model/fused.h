@@ -34,6 +34,11 @@ namespace qlora::model {
 enum class FusedMode { Auto, On, Off };
 void set_fused_mode(FusedMode mode);
 FusedMode fused_mode();
+// Casts the adapters that changed since their last use into the compute dtype now, instead of at the next
+// forward's first group. The trainer calls it right after the optimizer step, where the copy queues behind the
+// update while the GPU is still busy, instead of on the CPU's path at the start of the next step.
+void refresh_adapter_casts();
+
 // Whether groups fold their adapters into the base GEMM where x's producer left room (default on; off is
 // for A/B measurements: `qlora bench --fold off`).
 void set_fold_adapters(bool on);

@@ -49,11 +49,9 @@ at::Tensor rope_inv_freq(const LlamaArch& arch, int64_t seq_len, at::Device devi
   return inv_freq;
 }
 
-Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype, int64_t max_position) {
+Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype) {
   at::NoGradGuard no_grad;
-  int64_t seq_len = 0;
-  if (arch.rope.type == RopeType::Dynamic)
-    seq_len = (max_position >= 0 ? max_position : position_ids.max().item<int64_t>()) + 1;
+  int64_t seq_len = arch.rope.type == RopeType::Dynamic ? position_ids.max().item<int64_t>() + 1 : 0;
   at::Tensor inv_freq = rope_inv_freq(arch, seq_len, position_ids.device());  // [D/2]
   const int64_t b = position_ids.size(0);
   // HF: (inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)
@@ -408,17 +406,8 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [B, T]");
   const int64_t b = input_ids.size(0), t = input_ids.size(1);
   const int64_t past = cache ? cache->length() : 0;
-  at::Tensor pos = position_ids;
-  if (!pos.defined()) {
-    pos = at::arange(past, past + t, at::TensorOptions().dtype(at::kLong).device(device())).unsqueeze(0).expand({b, t});
-  }
   at::Tensor x = at::embedding(embed_tokens, to_device(input_ids, device()));
-  // Dynamic RoPE's scaling depends on the largest position: known for the default positions, read from CPU
-  // ones without a wait (from device ones, rope_tables reads it).
-  int64_t max_position = -1;
-  if (arch_.rope.type == RopeType::Dynamic)
-    max_position = !position_ids.defined() ? past + t - 1 : pos.is_cpu() ? pos.max().item<int64_t>() : -1;
-  Rope rope = rope_tables(arch_, to_device(pos, device()), x.scalar_type(), max_position);
+  Rope rope = this->rope(position_ids, b, t, past, x.scalar_type());
   at::Tensor mask = build_attention_mask(attention_mask, position_ids, b, t, past, device());
   if (cache && cache->k.empty()) {
     cache->k.resize(layer_list.size());
@@ -440,6 +429,40 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
     }
   }
   return norm->forward(x);
+}
+
+Rope LlamaForCausalLMImpl::rope(const at::Tensor& position_ids, int64_t batch, int64_t t, int64_t past,
+                                at::ScalarType dtype) {
+  at::NoGradGuard no_grad;
+  // Positions on the device: their largest is not known without a wait; the per-forward computation.
+  if (position_ids.defined() && !position_ids.is_cpu()) return rope_tables(arch_, position_ids, dtype);
+  const int64_t needed =
+      position_ids.defined() ? (position_ids.numel() > 0 ? position_ids.max().item<int64_t>() + 1 : 1) : past + t;
+  // Dynamic RoPE scales inv_freq for max(sequence, max_position_embeddings): one table per such length.
+  const int64_t scaling =
+      arch_.rope.type == RopeType::Dynamic ? std::max<int64_t>(needed, arch_.max_position_embeddings) : 0;
+  RopeTable& tab = rope_table_;
+  if (!tab.cos.defined() || tab.cos.scalar_type() != dtype || tab.cos.device() != device() || tab.scaling != scaling ||
+      tab.cos.size(0) < needed) {
+    // rope_tables' math on positions 0..L-1: each frequency times each position, rounded once (its matmul
+    // has K = 1), then cos / sin in float32 and one cast. L rounded up so that generation rarely rebuilds.
+    const int64_t rows = (std::max<int64_t>(needed, tab.cos.defined() ? tab.cos.size(0) : 0) + 255) / 256 * 256;
+    const at::Tensor inv_freq = rope_inv_freq(arch_, needed, device());  // [D/2]
+    const at::Tensor positions = at::arange(rows, at::TensorOptions().dtype(at::kLong).device(device())).to(at::kFloat);
+    const at::Tensor freqs = at::outer(positions, inv_freq);                // [L, D/2]
+    const at::Tensor emb = at::cat({freqs, freqs}, -1);                     // [L, D]
+    tab = RopeTable{emb.cos().to(dtype), emb.sin().to(dtype), scaling};
+  }
+  const int64_t d = tab.cos.size(1);
+  if (!position_ids.defined()) {
+    return {tab.cos.narrow(0, past, t).unsqueeze(0).expand({batch, t, d}),
+            tab.sin.narrow(0, past, t).unsqueeze(0).expand({batch, t, d})};
+  }
+  TORCH_CHECK(position_ids.dim() == 2 && position_ids.size(0) == batch && position_ids.size(1) == t,
+              "position_ids must be [B, T] = [", batch, ", ", t, "], got ", position_ids.sizes());
+  TORCH_CHECK(position_ids.numel() == 0 || position_ids.min().item<int64_t>() >= 0, "position_ids must be >= 0");
+  const at::Tensor idx = to_device(position_ids.reshape(-1), device());
+  return {tab.cos.index_select(0, idx).view({batch, t, d}), tab.sin.index_select(0, idx).view({batch, t, d})};
 }
 
 at::Tensor LlamaForCausalLMImpl::lm_logits(const at::Tensor& hidden) const { return at::matmul(hidden, lm_head.t()); }

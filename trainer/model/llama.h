@@ -38,10 +38,9 @@ struct Rope {
 
 // inv_freq [D/2] float32, HF's rope initialisation for `type`; seq_len matters only for dynamic NTK.
 at::Tensor rope_inv_freq(const LlamaArch& arch, int64_t seq_len, at::Device device);
-// cos/sin for position_ids [B, T] (int64), cast to dtype, on position_ids' device. max_position: the largest
-// position if the caller knows it (dynamic RoPE needs it; else it is read from position_ids, a wait on a GPU).
-Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype,
-                 int64_t max_position = -1);
+// cos/sin for position_ids [B, T] (int64), cast to dtype, on position_ids' device (HF's computation; the
+// model's rope() gives the same values from cached tables).
+Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype);
 // HF's x * cos + rotate_half(x) * sin on x [B, n, T, D] (the composite that rope_split's kernel replaces).
 at::Tensor apply_rope(const at::Tensor& x, const Rope& rope);
 
@@ -137,6 +136,12 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   void set_gradient_checkpointing(Checkpointing mode) { checkpointing_ = mode; }
   Checkpointing gradient_checkpointing() const { return checkpointing_; }
 
+  // cos/sin [B, T, D] in `dtype` for a forward of T tokens after `past` cached ones: at position_ids
+  // [B, T] (on the CPU or the model's device) or, undefined, at past..past+T-1. The same values as
+  // rope_tables, bit for bit, gathered from tables of positions 0..L-1 kept across forwards (a dozen ops
+  // at the start of every forward before, on the CPU's critical path; every token in generation).
+  Rope rope(const at::Tensor& position_ids, int64_t batch, int64_t t, int64_t past, at::ScalarType dtype);
+
   at::Tensor embed_tokens;  // [V, H]
   torch::nn::ModuleList layers = nullptr;
   std::vector<DecoderLayer> layer_list;
@@ -146,6 +151,10 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
  private:
   LlamaArch arch_;
   Checkpointing checkpointing_ = Checkpointing::Off;
+  struct RopeTable {
+    at::Tensor cos, sin;     // [L, D] for positions 0..L-1, in their dtype on the model's device
+    int64_t scaling = -1;    // dynamic RoPE: the sequence length its inv_freq was scaled for (else 0)
+  } rope_table_;
 };
 TORCH_MODULE(LlamaForCausalLM);
 

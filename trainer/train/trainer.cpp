@@ -10,6 +10,7 @@
 #include <cstdlib>
 
 #include "trainer/core/error.h"
+#include "trainer/model/fused.h"
 
 namespace qlora::train {
 
@@ -102,6 +103,7 @@ at::Tensor queue_update(AdamW& opt, const NamedTensors& params, double max_grad_
   const at::Tensor status = at::stack({loss.to(norm.device(), at::kFloat), norm.to(at::kFloat)});
   opt.step(lr, at::logical_not(at::isfinite(status).all()).to(at::kFloat));
   opt.zero_grad();
+  model::refresh_adapter_casts();  // the next forward's casts, queued now instead of at its start
   return status;
 }
 
