@@ -49,10 +49,9 @@ at::Tensor rope_inv_freq(const LlamaArch& arch, int64_t seq_len, at::Device devi
   return inv_freq;
 }
 
-Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype) {
-  at::NoGradGuard no_grad;
-  int64_t seq_len = arch.rope.type == RopeType::Dynamic ? position_ids.max().item<int64_t>() + 1 : 0;
-  at::Tensor inv_freq = rope_inv_freq(arch, seq_len, position_ids.device());  // [D/2]
+namespace {
+// cos/sin [B, T, D] of position_ids [B, T] for inv_freq [D/2], as HF computes them.
+Rope rope_of(const at::Tensor& inv_freq, const at::Tensor& position_ids, at::ScalarType dtype) {
   const int64_t b = position_ids.size(0);
   // HF: (inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)
   at::Tensor inv = inv_freq.view({1, -1, 1}).expand({b, -1, 1});
@@ -60,6 +59,13 @@ Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::Scal
   at::Tensor freqs = at::matmul(inv, pos).transpose(1, 2);  // [B, T, D/2]
   at::Tensor emb = at::cat({freqs, freqs}, -1);              // [B, T, D]
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+}  // namespace
+
+Rope rope_tables(const LlamaArch& arch, const at::Tensor& position_ids, at::ScalarType dtype) {
+  at::NoGradGuard no_grad;
+  int64_t seq_len = arch.rope.type == RopeType::Dynamic ? position_ids.max().item<int64_t>() + 1 : 0;
+  return rope_of(rope_inv_freq(arch, seq_len, position_ids.device()), position_ids, dtype);
 }
 
 namespace {
@@ -444,14 +450,12 @@ Rope LlamaForCausalLMImpl::rope(const at::Tensor& position_ids, int64_t batch, i
   RopeTable& tab = rope_table_;
   if (!tab.cos.defined() || tab.cos.scalar_type() != dtype || tab.cos.device() != device() || tab.scaling != scaling ||
       tab.cos.size(0) < needed) {
-    // rope_tables' math on positions 0..L-1: each frequency times each position, rounded once (its matmul
-    // has K = 1), then cos / sin in float32 and one cast. L rounded up so that generation rarely rebuilds.
+    // rope_tables' math on positions 0..L-1, with inv_freq scaled for `needed` (not L). L rounded up so that
+    // generation rarely rebuilds.
     const int64_t rows = (std::max<int64_t>(needed, tab.cos.defined() ? tab.cos.size(0) : 0) + 255) / 256 * 256;
-    const at::Tensor inv_freq = rope_inv_freq(arch_, needed, device());  // [D/2]
-    const at::Tensor positions = at::arange(rows, at::TensorOptions().dtype(at::kLong).device(device())).to(at::kFloat);
-    const at::Tensor freqs = at::outer(positions, inv_freq);                // [L, D/2]
-    const at::Tensor emb = at::cat({freqs, freqs}, -1);                     // [L, D]
-    tab = RopeTable{emb.cos().to(dtype), emb.sin().to(dtype), scaling};
+    const Rope all = rope_of(rope_inv_freq(arch_, needed, device()),
+                             at::arange(rows, at::TensorOptions().dtype(at::kLong).device(device())).unsqueeze(0), dtype);
+    tab = RopeTable{all.cos[0], all.sin[0], scaling};
   }
   const int64_t d = tab.cos.size(1);
   if (!position_ids.defined()) {

@@ -66,8 +66,6 @@ int64_t loss_chunk_rows(int64_t vocab) {
   return std::max<int64_t>(64, (int64_t{64} << 20) / std::max<int64_t>(1, vocab));
 }
 
-at::Tensor to_device(const at::Tensor& t, at::Device device) { return model::to_device(t, device); }
-
 std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
                                                   const at::Tensor& labels, int64_t chunk_rows) {
   // Shift: hidden at t predicts labels at t + 1. Only positions with a label get logits at all, so the
@@ -77,8 +75,8 @@ std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& m
   at::Tensor idx = target.ne(-100).nonzero().squeeze(1);
   const int64_t n = idx.numel();
   if (n == 0) return {hidden.sum() * 0.0, 0};
-  at::Tensor ts = to_device(target.index_select(0, idx), hidden.device());  // [N]
-  idx = to_device(idx, hidden.device());
+  at::Tensor ts = model::to_device(target.index_select(0, idx), hidden.device());  // [N]
+  idx = model::to_device(idx, hidden.device());
   at::Tensor h = hidden.slice(1, 0, hidden.size(1) - 1);                // [B, T-1, H]
   at::Tensor hs = h.reshape({-1, h.size(-1)}).index_select(0, idx);   // [N, H]
   const at::Tensor& w = model.lm_head;                                  // [V, H]

@@ -18,10 +18,6 @@
 
 namespace qlora::train {
 
-// `t` on `device`; a CPU tensor bound for CUDA goes through pinned memory asynchronously, so the copy
-// does not wait for the work already queued on the GPU.
-at::Tensor to_device(const at::Tensor& t, at::Device device);
-
 // The end of a training step, queued without waiting for the GPU: clips the gradients to max_grad_norm
 // (<= 0: no clip), steps `opt` at `lr` unless the loss or the gradient norm is not finite (the update is
 // then skipped on the device), clears the gradients. loss_sum: the step's summed loss, or undefined when no
