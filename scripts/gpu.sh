@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's one call: build for sm_90a, run the GPU tests, run the benchmarks, print a table last.
 #
-#   scripts/gpu.sh [tests|quick|compare|full|long|profile]     (default quick)
+#   scripts/gpu.sh [tests|quick|compare|full|long|profile|layers|ab]     (default quick)
 #     tests  build + GPU tests only
 #     quick  + our training step (7B, r 16, checkpointing on/off) and transformers/PEFT bf16's
 #     compare + r 64 (the eight steps that make the comparison table; with BEST_OF=2 it fits one call)
@@ -10,6 +10,8 @@
 #     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
 #     profile build + GPU tests + one profiled 7B step (r 16) with and without checkpointing: the busiest
 #            kernels printed, the Chrome traces in results.tgz
+#     layers build + GPU tests + our step (r LAYERS_R, default 16) with the first N of 32 layers recomputing,
+#            N in LAYERS (default 32 24 16 8 0): tokens/s against peak memory
 #     ab     build + GPU tests + our step as is (a) against b, ranks AB_R (default 16), with and without
 #            checkpointing, two interleaved rounds. b = this build with AB_FLAGS (default "--fold off"), or,
 #            when .deps/base-src holds an older tree (`scripts/gpu.sh --prepare-base REV`), that tree's
@@ -133,6 +135,29 @@ if [ "$MODE" = profile ]; then
   done
   gzip -f "$OUT"/trace_*.json
   pack_results
+  exit $status
+fi
+
+if [ "$MODE" = layers ]; then
+  # Speed against memory as fewer layers recompute (--checkpoint-layers N: the first N of 32 recompute, the
+  # others keep their activations), selective recomputation, r in LAYERS_R (default 16).
+  echo "== checkpointed layers, llama2-7b, seq 2048"
+  for r in ${LAYERS_R:-16}; do
+    for n in ${LAYERS:-32 24 16 8 0}; do
+      "$Q" bench --shape llama2-7b --r "$r" --checkpointing on --checkpoint-layers "$n" \
+        --json "$OUT/layers_r${r}_$n.json" >"$OUT/layers_r${r}_$n.log" 2>&1 || tail -3 "$OUT/layers_r${r}_$n.log"
+    done
+  done
+  "$PY" - "$OUT" <<'PYEOF' | tee "$OUT/table.txt"
+import glob, json, os, sys
+rows = [json.load(open(f)) for f in glob.glob(os.path.join(sys.argv[1], "layers_r*.json"))]
+rows.sort(key=lambda j: (j["r"], -j["recomputed_layers"]))
+print(f"{'r':>3s} {'recomputed':>10s} {'tok/s':>7s} {'step ms':>8s} {'peak GiB':>8s} {'MFU':>6s}")
+for j in rows:
+    print(f"{j['r']:3d} {j['recomputed_layers']:10d} {j['tokens_per_s']:7.0f} {j['step_ms']:8.1f} "
+          f"{j['peak_bytes'] / 2**30:8.2f} {100 * j['mfu']:5.1f}%")
+PYEOF
+  pack_results table.txt
   exit $status
 fi
 

@@ -37,6 +37,7 @@ const std::vector<std::pair<std::string, std::string>> kEveryKey = {
     {"model.dtype", "float16"},
     {"model.device", "cpu"},
     {"model.gradient_checkpointing", "full"},
+    {"model.gradient_checkpointing_layers", "12"},
     {"quant.type", "fp4"},
     {"quant.block_size", "128"},
     {"quant.double_quant", "false"},
@@ -313,7 +314,8 @@ TEST(Config, DiffAndHash) {
       EXPECT_EQ(config_diff(base, changed), std::vector<std::string>{key}) << key;
     }
   }
-  EXPECT_EQ(neutral, (std::vector<std::string>{"model.gradient_checkpointing", "train.log_every", "checkpoint.every", "checkpoint.keep_last",
+  EXPECT_EQ(neutral, (std::vector<std::string>{"model.gradient_checkpointing", "model.gradient_checkpointing_layers",
+                                               "train.log_every", "checkpoint.every", "checkpoint.keep_last",
                                                "checkpoint.resume", "checkpoint.force_resume", "output.dir",
                                                "output.export_adapter", "output.export_merged",
                                                "output.merged_dtype"}));

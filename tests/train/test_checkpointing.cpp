@@ -1,5 +1,6 @@
 // Gradient checkpointing (per-layer recomputation in backward) changes memory, never results: the LoRA
-// gradients of one QLoRA step are the same with it off, selective and full, on a fresh random tiny model, with LoRA
+// gradients of one QLoRA step are the same with it off, selective and full, in every layer or in the first
+// few only (model.gradient_checkpointing_layers), on a fresh random tiny model, with LoRA
 // dropout on (so the recomputation must replay the RNG) and with and without a padding mask (the plain
 // causal path passes no mask at all). On the CPU in float32, and on a GPU in bfloat16 where there is one.
 // Also on a GPU: a training step queued from the CPU batch (padded, packed rows) never waits for the GPU
@@ -7,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <set>
 
 #ifdef QLORA_WITH_CUDA
 #include <c10/cuda/CUDAFunctions.h>
@@ -28,10 +30,25 @@ model::LlamaArch tiny_arch() {
   return a;
 }
 
+// How many checkpointed layers the graph behind `out` holds (the nodes of CheckpointedLayer).
+int64_t checkpointed_nodes(const at::Tensor& out) {
+  std::vector<torch::autograd::Node*> todo{out.grad_fn().get()};
+  std::set<torch::autograd::Node*> seen;
+  int64_t n = 0;
+  while (!todo.empty()) {
+    torch::autograd::Node* node = todo.back();
+    todo.pop_back();
+    if (!node || !seen.insert(node).second) continue;
+    n += node->name().find("CheckpointedLayer") != std::string::npos;
+    for (const auto& e : node->next_edges()) todo.push_back(e.function.get());
+  }
+  return n;
+}
+
 // LoRA gradients (by name) of one loss.backward() on a fixed batch. Everything random is drawn from
-// `seed`, so two calls differ only in `checkpointing`.
+// `seed`, so two calls differ only in `checkpointing` and in how many layers recompute (`layers`, -1 = all).
 std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::ScalarType dtype, Checkpointing checkpointing,
-                                                           bool padded, uint64_t seed) {
+                                                           bool padded, uint64_t seed, int64_t layers = -1) {
   model::LoadOptions o;
   o.device = dev;
   o.dtype = dtype;
@@ -48,7 +65,7 @@ std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::S
       p.copy_(at::randn(p.sizes(), gen, at::kFloat).mul_(0.05));
     }
   }
-  m->set_gradient_checkpointing(checkpointing);
+  m->set_gradient_checkpointing(checkpointing, layers);
   m->train();
   const int64_t B = 3, T = 40;
   auto ids = at::randint(3, 200, {B, T}, gen, at::kLong);
@@ -59,6 +76,9 @@ std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::S
 
   at::manual_seed(seed + 2);  // the dropout masks
   auto hidden = m->hidden_states(ids.to(dev), padded ? mask.to(dev) : at::Tensor());
+  const int64_t all = tiny_arch().num_layers;
+  EXPECT_EQ(checkpointed_nodes(hidden),
+            checkpointing == Checkpointing::Off ? 0 : layers < 0 ? all : std::min(layers, all));
   auto [sum, n] = train::causal_lm_loss_sum(*m, hidden, labels);
   (sum / static_cast<double>(n)).backward();
   std::vector<std::pair<std::string, at::Tensor>> out;
@@ -73,8 +93,10 @@ void compare(at::Device dev, at::ScalarType dtype, double tol) {
   for (bool padded : {false, true}) {
     const uint64_t seed = std::random_device{}();
     auto off = lora_grads(dev, dtype, Checkpointing::Off, padded, seed);
-    for (Checkpointing mode : {Checkpointing::Selective, Checkpointing::Full}) {
-      auto on = lora_grads(dev, dtype, mode, padded, seed);
+    // Every layer recomputing, and some of them only (the others keep their activations).
+    for (auto [mode, layers] : {std::pair{Checkpointing::Selective, int64_t{-1}}, {Checkpointing::Full, int64_t{-1}},
+                                {Checkpointing::Selective, int64_t{1}}, {Checkpointing::Full, int64_t{2}}}) {
+      auto on = lora_grads(dev, dtype, mode, padded, seed, layers);
       ASSERT_EQ(off.size(), on.size());
       double worst = 0;
       for (size_t i = 0; i < off.size(); ++i) {
@@ -82,12 +104,12 @@ void compare(at::Device dev, at::ScalarType dtype, double tol) {
         ASSERT_GT(off[i].second.abs().max().item<double>(), 0.0) << off[i].first << ": zero gradient proves nothing";
         const double e = test::rel_err(on[i].second, off[i].second);
         worst = std::max(worst, e);
-        EXPECT_LE(e, tol) << off[i].first << " " << to_string(mode) << (padded ? " (padded)" : " (causal)")
-                          << " seed " << seed;
+        EXPECT_LE(e, tol) << off[i].first << " " << to_string(mode) << " in " << layers << " layers"
+                          << (padded ? " (padded)" : " (causal)") << " seed " << seed;
       }
-      std::printf("checkpointing %s vs off, %s %s %s: worst relative gradient difference %.3g over %zu tensors\n",
-                  to_string(mode).c_str(), dev.str().c_str(), c10::toString(dtype), padded ? "padded" : "causal",
-                  worst, off.size());
+      std::printf("checkpointing %s in %lld layers vs off, %s %s %s: worst relative gradient difference %.3g over %zu "
+                  "tensors\n", to_string(mode).c_str(), static_cast<long long>(layers), dev.str().c_str(),
+                  c10::toString(dtype), padded ? "padded" : "causal", worst, off.size());
     }
   }
 }

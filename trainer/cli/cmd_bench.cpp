@@ -1,6 +1,7 @@
 // `qlora bench`: speed and memory of the training step and of the 4-bit kernels, on synthetic data.
 //
-//   qlora bench [--shape llama2-7b] [--r 16] [--seq 2048] [--batch 1] [--checkpointing on|off|full] ...
+//   qlora bench [--shape llama2-7b] [--r 16] [--seq 2048] [--batch 1] [--checkpointing on|off|full]
+//               [--checkpoint-layers N] ...
 //       A model of a named shape with random weights drawn on the device, NF4 (+ double quantization)
 //       base, LoRA on all seven projections, random tokens with every position trained. Prints tokens/s,
 //       the step split into forward / backward / optimizer, peak memory and MFU (formula below).
@@ -24,8 +25,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <memory>
 #include <fstream>
+#include <limits>
+#include <memory>
 
 #include "trainer/cli/commands.h"
 #include "trainer/cli/run_context.h"
@@ -130,6 +132,7 @@ struct StepOptions {
   int64_t seq = 2048;
   int64_t batch = 1;
   Checkpointing checkpointing = Checkpointing::Selective;
+  int64_t checkpoint_layers = -1;  // how many layers recompute (the first N); -1 = all
   int64_t warmup = 3;
   int64_t steps = 10;
   std::string device = "auto";
@@ -254,7 +257,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   int64_t lora_params = 0;
   for (auto& [n, p] : params) lora_params += p.numel();
   train::AdamW opt(params, train::AdamWOptions{1e-4, 0.9, 0.999, 1e-8, 0.0});
-  model->set_gradient_checkpointing(so.checkpointing);
+  model->set_gradient_checkpointing(so.checkpointing, so.checkpoint_layers);
   model->train();
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(42);
@@ -320,6 +323,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"batch", so.batch},
                       {"checkpointing", so.checkpointing != Checkpointing::Off},
                       {"checkpointing_mode", to_string(so.checkpointing)},
+                      {"recomputed_layers", model->recomputed_layers()},
                       {"fused", so.fused},
                       {"fold", so.fold},
                       {"device", ctx.device.str()},
@@ -335,8 +339,9 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
-  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} fused={} fold={} on {}\n", so.shape,
-             so.base, so.r, so.seq, so.batch, to_string(so.checkpointing), so.fused, so.fold, ctx.device.str());
+  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} ({} of {} layers) fused={} fold={} on {}\n",
+             so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing), model->recomputed_layers(),
+             arch.num_layers, so.fused, so.fold, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
@@ -489,6 +494,10 @@ Runner add_bench(CLI::App& app) {
   cmd->add_option("--checkpointing", *ckpt,
                   "Gradient checkpointing: on (= selective, the trainer's default) | off | full (layer inputs only)")
       ->check(CLI::IsMember({"on", "selective", "off", "full"}))
+      ->capture_default_str();
+  cmd->add_option("--checkpoint-layers", so->checkpoint_layers,
+                  "How many decoder layers recompute (the first N; model.gradient_checkpointing_layers): -1 = all")
+      ->check(CLI::Range(int64_t{-1}, std::numeric_limits<int64_t>::max()))
       ->capture_default_str();
   cmd->add_option("--fused", so->fused, "Fused projection groups: auto (on CUDA) | on | off (per-projection modules)")
       ->check(CLI::IsMember({"auto", "on", "off"}))

@@ -54,6 +54,7 @@ void for_each_field(C& c, V&& v) {
   v("model.dtype", c.model.dtype, any());
   v("model.device", c.model.device, any());
   v("model.gradient_checkpointing", c.model.gradient_checkpointing, any());
+  v("model.gradient_checkpointing_layers", c.model.gradient_checkpointing_layers, at_least(-1));
 
   v("quant.type", c.quant.type, any());
   v("quant.block_size", c.quant.block_size, in_closed(32, 4096));  // + power of two, in validate()
@@ -612,10 +613,11 @@ std::string to_yaml(const Config& cfg) {
 }
 
 bool is_resume_neutral(const std::string& key) {
-  // model.gradient_checkpointing changes memory, not results: a resume may switch it to fit.
-  static const std::set<std::string> kNeutral = {"checkpoint.resume",     "checkpoint.force_resume",
-                                                 "checkpoint.keep_last",  "checkpoint.every",
-                                                 "train.log_every",       "model.gradient_checkpointing"};
+  // model.gradient_checkpointing(_layers) changes memory, not results: a resume may switch it to fit.
+  static const std::set<std::string> kNeutral = {"checkpoint.resume",    "checkpoint.force_resume",
+                                                 "checkpoint.keep_last", "checkpoint.every",
+                                                 "train.log_every",      "model.gradient_checkpointing",
+                                                 "model.gradient_checkpointing_layers"};
   return kNeutral.count(key) > 0 || key.starts_with("output.");
 }
 

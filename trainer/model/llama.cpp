@@ -419,13 +419,13 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
     cache->k.resize(layer_list.size());
     cache->v.resize(layer_list.size());
   }
-  const bool recompute = checkpointing_ != Checkpointing::Off && at::GradMode::is_enabled() && !cache;
-  if (recompute && !x.requires_grad()) {
+  const int64_t recomputed = at::GradMode::is_enabled() && !cache ? recomputed_layers() : 0;
+  if (recomputed > 0 && !x.requires_grad()) {
     // The reentrant checkpoint only runs its backward when its input needs a gradient.
     x = x.detach().requires_grad_(true);
   }
   for (size_t i = 0; i < layer_list.size(); ++i) {
-    if (recompute) {
+    if (static_cast<int64_t>(i) < recomputed) {
       x = CheckpointedLayer::apply(x, layer_list[i].get(), rope, MaskArg{mask},
                                    checkpointing_ == Checkpointing::Selective)[0];
     } else if (cache) {
@@ -435,6 +435,12 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
     }
   }
   return norm->forward(x);
+}
+
+int64_t LlamaForCausalLMImpl::recomputed_layers() const {
+  const auto n = static_cast<int64_t>(layer_list.size());
+  if (checkpointing_ == Checkpointing::Off) return 0;
+  return checkpointing_layers_ < 0 ? n : std::min(checkpointing_layers_, n);
 }
 
 Rope LlamaForCausalLMImpl::rope(const at::Tensor& position_ids, int64_t batch, int64_t t, int64_t past,

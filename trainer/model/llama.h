@@ -132,9 +132,14 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   at::ScalarType dtype() const { return embed_tokens.scalar_type(); }
 
   // Per-layer activation recomputation in backward (gradient checkpointing; config.h says what each
-  // mode keeps).
-  void set_gradient_checkpointing(Checkpointing mode) { checkpointing_ = mode; }
+  // mode keeps), in the first `layers` decoder layers (-1: all); the others keep their activations.
+  void set_gradient_checkpointing(Checkpointing mode, int64_t layers = -1) {
+    checkpointing_ = mode;
+    checkpointing_layers_ = layers;
+  }
   Checkpointing gradient_checkpointing() const { return checkpointing_; }
+  // How many decoder layers recompute in a training forward.
+  int64_t recomputed_layers() const;
 
   // cos/sin [B, T, D] in `dtype` for a forward of T tokens after `past` cached ones: at position_ids
   // [B, T] (on the CPU or the model's device) or, undefined, at past..past+T-1. The same values as
@@ -151,6 +156,7 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
  private:
   LlamaArch arch_;
   Checkpointing checkpointing_ = Checkpointing::Off;
+  int64_t checkpointing_layers_ = -1;
   struct RopeTable {
     at::Tensor cos, sin;     // [L, D] for positions 0..L-1, in their dtype on the model's device
     int64_t scaling = -1;    // dynamic RoPE: the sequence length its inv_freq was scaled for (else 0)

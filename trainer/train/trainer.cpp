@@ -159,7 +159,7 @@ Trainer::Trainer(const Config& cfg, model::LlamaForCausalLM model, NamedTensors 
   QLORA_REQUIRE(!trainable_.empty(), "nothing to train: no trainable parameters (check lora.target_modules)");
   state_.total_steps = total_steps(cfg.train, batcher_.batches_per_epoch());
   warmup_ = warmup_steps(cfg.train, state_.total_steps);
-  model_->set_gradient_checkpointing(cfg.model.gradient_checkpointing);
+  model_->set_gradient_checkpointing(cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_layers);
 }
 
 double Trainer::current_lr() const {
