@@ -60,4 +60,10 @@ struct BlockDiagMember {
 };
 void lora_block_diag_cuda(const at::Tensor& out, const std::vector<BlockDiagMember>& members);
 
+// Token cross-entropy and its gradient in one pass (kernels/cross_entropy.cu): logits [rows, V]
+// contiguous (bf16 / fp16 / fp32), targets int64 [rows] in [0, V) -> float32 [rows] of lse - logit[target]
+// (float32 math); the logits are overwritten with softmax(row) - onehot(target), rounded to their dtype.
+// The CPU reference is the composite in ChunkedLmLoss (trainer/train/trainer.cpp).
+at::Tensor cross_entropy_fwd_bwd_cuda(at::Tensor& logits, const at::Tensor& targets);
+
 }  // namespace qlora::kernels

@@ -12,6 +12,10 @@
 #include "trainer/core/error.h"
 #include "trainer/model/fused.h"
 
+#ifdef QLORA_WITH_CUDA
+#include "kernels/ops.h"
+#endif
+
 namespace qlora::train {
 
 namespace {
@@ -22,6 +26,8 @@ namespace {
 // same pass and kept as [N, H] (and [V, H] when the head is trained), then scaled by the incoming
 // gradient in backward, so nothing of size V is saved. Same math as cross_entropy(logits.float()):
 //   d/dlogits = softmax(logits) - onehot(target), cast to the compute dtype as autograd's cast would.
+// On the GPU one kernel (kernels/cross_entropy.cu) does the composite below on the compute-dtype logits,
+// overwriting them with that gradient, so no float32 copy exists there; the composite is the CPU path.
 struct ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& hs, const at::Tensor& w,
                             const at::Tensor& targets, int64_t chunk) {
@@ -33,14 +39,23 @@ struct ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
     for (int64_t s = 0; s < n; s += chunk) {
       const int64_t e = std::min(n, s + chunk);
       at::Tensor h = hs.slice(0, s, e);                                   // [c, H]
-      at::Tensor t = targets.slice(0, s, e).unsqueeze(1);                 // [c, 1]
-      at::Tensor logits = at::matmul(h, w.t()).to(at::kFloat);            // [c, V]
-      at::Tensor lse = at::logsumexp(logits, 1, /*keepdim=*/true);        // [c, 1]
-      total.add_((lse - logits.gather(1, t)).sum());
-      if (!need_h && !need_w) continue;
-      at::Tensor g = logits.sub_(lse).exp_();                             // softmax, in place of the logits
-      g.scatter_add_(1, t, at::full_like(t, -1, g.options()));            // - onehot
-      at::Tensor gl = g.to(hs.scalar_type());
+      at::Tensor gl;                                                      // [c, V] d/dlogits, compute dtype
+#ifdef QLORA_WITH_CUDA
+      if (h.is_cuda()) {
+        gl = at::matmul(h, w.t());                                        // logits, then their gradient
+        total.add_(kernels::cross_entropy_fwd_bwd_cuda(gl, targets.slice(0, s, e)).sum());
+      }
+#endif
+      if (!gl.defined()) {
+        at::Tensor t = targets.slice(0, s, e).unsqueeze(1);               // [c, 1]
+        at::Tensor logits = at::matmul(h, w.t()).to(at::kFloat);          // [c, V]
+        at::Tensor lse = at::logsumexp(logits, 1, /*keepdim=*/true);      // [c, 1]
+        total.add_((lse - logits.gather(1, t)).sum());
+        if (!need_h && !need_w) continue;
+        at::Tensor g = logits.sub_(lse).exp_();                           // softmax, in place of the logits
+        g.scatter_add_(1, t, at::full_like(t, -1, g.options()));          // - onehot
+        gl = g.to(hs.scalar_type());
+      }
       if (need_h) grad_h.slice(0, s, e).copy_(at::matmul(gl, w));
       if (need_w) grad_w.add_(at::matmul(gl.t(), h).to(at::kFloat));
     }
