@@ -26,10 +26,16 @@ bool pitched_ok(const at::Tensor& into);
 // RMSNorm (kernels/rmsnorm.cu): x [..., H], w [H], same dtype (bf16 / fp16 / fp32), contiguous.
 // Forward returns (y shaped like x, rstd float32 [rows]); y's rows lie H + spare apart in a buffer whose
 // last `spare` columns of each row are left unwritten for the caller. Backward returns dx like x (no
-// weight gradient).
+// weight gradient), plus residual_grad (like x) when given: the gradient of a residual stream whose value
+// the norm read.
 std::pair<at::Tensor, at::Tensor> rmsnorm_fwd_cuda(const at::Tensor& x, const at::Tensor& w, double eps,
                                                    int64_t spare = 0);
-at::Tensor rmsnorm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd);
+at::Tensor rmsnorm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                            const at::Tensor& residual_grad = {});
+// The residual add fused in front: s = a + b (rounded as the composite's add), then RMSNorm(s). Returns
+// (s, y, rstd); a and b alike, contiguous. Its backward is rmsnorm_bwd_cuda(dy, s, w, rstd, ds).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_fwd_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                                    const at::Tensor& w, double eps, int64_t spare = 0);
 
 // SwiGLU gate (kernels/swiglu.cu): silu(g) * u and its backward (dg, du); g, u, dy same shape and dtype.
 at::Tensor swiglu_fwd_cuda(const at::Tensor& g, const at::Tensor& u);

@@ -1,7 +1,9 @@
 // The fused CUDA kernels of the model (kernels/rmsnorm.cu, used by RMSNormImpl on the GPU) against a
 // float64 reference of Hugging Face's LlamaRMSNorm, forward and input gradient, on fresh random inputs
-// (rows of odd widths too), in float32 and bfloat16. Skips without a GPU.
+// (rows of odd widths too), in float32 and bfloat16; the residual add fused into it against the add and the
+// norm. Skips without a GPU.
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <random>
 
@@ -133,6 +135,43 @@ TEST(FusedKernels, SpareColumnsChangeNoValue) {
     const at::Tensor s0 = model::swiglu_packed(gu), s1 = model::swiglu_packed(gu, 16);
     EXPECT_EQ(s1.stride(1), 88 + 16);
     EXPECT_TRUE(test::same_bits(s1.contiguous(), s0));
+  }
+}
+
+// The residual add fused into the norm that reads its sum (RMSNorm::add_forward, kernels/rmsnorm.cu) against
+// the add, the norm and autograd's sum of the two gradients of s, bit for bit: s, y (with spare columns),
+// and the gradients of both addends when s feeds the residual stream as well as the norm; and when only the
+// norm's output is used (the residual gradient then undefined).
+TEST(FusedKernels, AddRMSNormMatchesAddThenNormBitForBit) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  for (auto dt : {at::kBFloat16, at::kFloat}) {
+    for (int64_t h : {96, 4096, 1000}) {
+      SCOPED_TRACE(std::string(c10::toString(dt)) + " H " + std::to_string(h));
+      auto rnd = [&](std::vector<int64_t> sizes) { return at::randn(sizes, gen, at::kFloat).to(dt).to(dev); };
+      const at::Tensor a = rnd({2, 9, h}), b = rnd({2, 9, h}), ds = rnd({2, 9, h}), dy = rnd({2, 9, h});
+      model::RMSNorm norm((1 + 0.3 * at::randn({h}, gen, at::kFloat)).to(dt).to(dev), 1e-5, false);
+      for (bool residual_used : {true, false}) {
+        at::Tensor a0 = a.clone().requires_grad_(true), b0 = b.clone().requires_grad_(true);
+        at::Tensor a1 = a.clone().requires_grad_(true), b1 = b.clone().requires_grad_(true);
+        const at::Tensor s0 = a0 + b0, y0 = norm->forward(s0, 8);
+        const auto [s1, y1] = norm->add_forward(a1, b1, 8);
+        EXPECT_EQ(y1.stride(1), h + 8);
+        EXPECT_TRUE(test::same_bits(s1, s0));
+        EXPECT_TRUE(test::same_bits(y1.contiguous(), y0.contiguous()));
+        if (residual_used) {
+          torch::autograd::backward({s0, y0}, {ds, dy});
+          torch::autograd::backward({s1, y1}, {ds, dy});
+        } else {
+          y0.backward(dy), y1.backward(dy);
+        }
+        EXPECT_TRUE(test::same_bits(a1.grad(), a0.grad())) << "residual used: " << residual_used;
+        EXPECT_TRUE(test::same_bits(b1.grad(), b0.grad())) << "residual used: " << residual_used;
+        // The gradient carries both paths (the check above would pass if neither did).
+        EXPECT_GT((a1.grad().to(at::kFloat) - (residual_used ? ds : dy).to(at::kFloat)).abs().max().item<double>(), 0.0);
+      }
+    }
   }
 }
 

@@ -126,6 +126,37 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     return {dx, dw, at::Tensor(), at::Tensor()};
   }
 };
+
+// s = a + b and y = RMSNorm(s) in one kernel (kernels/rmsnorm.cu), the gradient of s from both of its uses
+// (the residual stream, ds, and the norm) summed in the norm's backward kernel: bit for bit the add, the
+// norm and autograd's sum of the two gradients. Saves s and the per-row rstd.
+struct AddRMSNormFunction : public torch::autograd::Function<AddRMSNormFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a,
+                                                const at::Tensor& b, const at::Tensor& w, double eps, int64_t spare) {
+    auto [s, y, rstd] = kernels::add_rmsnorm_fwd_cuda(a.contiguous(), b.contiguous(), w.contiguous(), eps, spare);
+    ctx->save_for_backward({s, w, rstd});
+    return {s, y};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &s = saved[0], &w = saved[1], &rstd = saved[2];
+    const at::Tensor ds = grad[0].defined() ? grad[0].contiguous() : at::Tensor();
+    at::Tensor d, dw;
+    if (grad[1].defined()) {
+      const at::Tensor dy = grad[1].contiguous();
+      d = kernels::rmsnorm_bwd_cuda(dy, s, w.contiguous(), rstd, ds);
+      if (ctx->needs_input_grad(2)) {  // method full, as RMSNormFunction
+        const int64_t h = s.size(-1);
+        at::Tensor normed = (s.reshape({-1, h}).to(at::kFloat) * rstd.unsqueeze(1)).to(s.scalar_type());
+        dw = (dy.reshape({-1, h}).to(at::kFloat) * normed.to(at::kFloat)).sum(0).to(w.scalar_type());
+      }
+    } else {
+      d = ds;
+    }
+    return {d, d, dw, at::Tensor(), at::Tensor()};
+  }
+};
 }  // namespace
 #endif
 
@@ -137,6 +168,18 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x, int64_t spare) {
   at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(variance + eps);
   return with_spare_columns(weight * h.to(x.scalar_type()), spare);
+}
+
+std::pair<at::Tensor, at::Tensor> RMSNormImpl::add_forward(const at::Tensor& a, const at::Tensor& b, int64_t spare) {
+#ifdef QLORA_WITH_CUDA
+  if (a.is_cuda() && weight.scalar_type() == a.scalar_type() && b.sizes() == a.sizes() &&
+      b.scalar_type() == a.scalar_type()) {
+    auto out = AddRMSNormFunction::apply(a, b, weight, eps, spare);
+    return {out[0], out[1]};
+  }
+#endif
+  at::Tensor s = a + b;
+  return {s, forward(s, spare)};
 }
 
 AttentionImpl::AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
@@ -238,8 +281,23 @@ DecoderLayerImpl::DecoderLayerImpl(Attention attn, MLP mlp_, RMSNorm input_norm,
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
                                      at::Tensor* cache_k, at::Tensor* cache_v) {
-  at::Tensor h = x + attention_branch(x, rope, mask, cache_k, cache_v);
-  return h + mlp_branch(h);
+  auto [h, m] = forward_pending(x, at::Tensor(), rope, mask, cache_k, cache_v);
+  return h + m;
+}
+
+std::pair<at::Tensor, at::Tensor> DecoderLayerImpl::forward_pending(const at::Tensor& x_in, const at::Tensor& pending,
+                                                                    const Rope& rope, const at::Tensor& mask,
+                                                                    at::Tensor* cache_k, at::Tensor* cache_v) {
+  // Each residual add fused into the norm that reads its sum: x = x_in + pending into the input norm,
+  // h = x + attention_branch(x) into the MLP's.
+  const int64_t spare_qkv = self_attn->input_spare(x_in);
+  at::Tensor x = x_in, normed;
+  if (pending.defined()) std::tie(x, normed) = input_layernorm->add_forward(x_in, pending, spare_qkv);
+  else normed = input_layernorm->forward(x_in, spare_qkv);
+  const at::Tensor a = self_attn->forward(normed, rope, mask, cache_k, cache_v, true, spare_qkv);
+  const int64_t spare_mlp = mlp->input_spare(x);
+  auto [h, normed_h] = post_attention_layernorm->add_forward(x, a, spare_mlp);
+  return {h, mlp->forward(normed_h, true, spare_mlp)};
 }
 
 at::Tensor DecoderLayerImpl::attention_branch(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
@@ -303,10 +361,12 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       ctx->save_for_backward({x});
       return {layer->forward(x, rope, mask)};
     }
-    at::Tensor h = x + layer->attention_branch(x, rope, mask);
+    // DecoderLayerImpl::forward's steps, with the RNG state between the halves taken for the recomputation.
+    const int64_t spare = layer->mlp->input_spare(x);
+    auto [h, normed] = layer->post_attention_layernorm->add_forward(x, layer->attention_branch(x, rope, mask), spare);
     ctx->saved_data["rng_mlp"] = gen.get_state();
     ctx->save_for_backward({x, h});
-    return {h + layer->mlp_branch(h)};
+    return {h + layer->mlp->forward(normed, true, spare)};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -424,17 +484,19 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
     // The reentrant checkpoint only runs its backward when its input needs a gradient.
     x = x.detach().requires_grad_(true);
   }
+  // The residual stream is x + pending: a layer that is not recomputed hands on its MLP output unadded, for
+  // the next norm to add in its kernel (forward_pending); a checkpointed layer takes and gives whole inputs.
+  at::Tensor pending;
   for (size_t i = 0; i < layer_list.size(); ++i) {
     if (static_cast<int64_t>(i) < recomputed) {
       x = CheckpointedLayer::apply(x, layer_list[i].get(), rope, MaskArg{mask},
                                    checkpointing_ == Checkpointing::Selective)[0];
-    } else if (cache) {
-      x = layer_list[i]->forward(x, rope, mask, &cache->k[i], &cache->v[i]);
     } else {
-      x = layer_list[i]->forward(x, rope, mask);
+      std::tie(x, pending) = layer_list[i]->forward_pending(x, pending, rope, mask, cache ? &cache->k[i] : nullptr,
+                                                            cache ? &cache->v[i] : nullptr);
     }
   }
-  return norm->forward(x);
+  return pending.defined() ? norm->add_forward(x, pending).second : norm->forward(x);
 }
 
 int64_t LlamaForCausalLMImpl::recomputed_layers() const {

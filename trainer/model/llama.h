@@ -49,6 +49,9 @@ class RMSNormImpl : public torch::nn::Module {
   RMSNormImpl(at::Tensor weight, double eps, bool trainable);
   // x [..., H]; spare: columns left right of each output row for the next projection group (fused.h).
   at::Tensor forward(const at::Tensor& x, int64_t spare = 0);
+  // (s, forward(s, spare)) with s = a + b: a residual add and the norm that reads its sum, one kernel each
+  // way on the GPU (the same values as the add, then forward).
+  std::pair<at::Tensor, at::Tensor> add_forward(const at::Tensor& a, const at::Tensor& b, int64_t spare = 0);
   at::Tensor weight;  // [H]
   double eps;
 };
@@ -86,6 +89,12 @@ class DecoderLayerImpl : public torch::nn::Module {
   // h + mlp_branch(h) with h = x + attention_branch(x).
   at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k = nullptr,
                      at::Tensor* cache_v = nullptr);
+  // The same on the input x + pending (pending undefined: x), returning the output unadded as (h, mlp
+  // output): each residual add then happens inside the norm that reads its sum (one kernel on the GPU), the
+  // next layer's or the final one.
+  std::pair<at::Tensor, at::Tensor> forward_pending(const at::Tensor& x, const at::Tensor& pending, const Rope& rope,
+                                                    const at::Tensor& mask, at::Tensor* cache_k = nullptr,
+                                                    at::Tensor* cache_v = nullptr);
   // The two residual branches. output_needed = false is for a recomputation that kept the branch's sum
   // with the residual from its forward: the last projection (o_proj, down_proj) then skips its GEMMs where
   // the fused path applies, and the returned tensor's values are unspecified; its gradient path is exact.
