@@ -317,6 +317,62 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
   expect_close(got, ref, kF32Tol, "gpu f32");
 }
 
+// Dequantization one group ahead on a second stream (fused.h's DequantAhead) changes no bit: three steps of
+// two folded groups (forward both, backward both, as a layer calls them), with the queue on and off. From
+// the second step on, every dequantization must come from the work done ahead (the order is learned in the
+// first), which the hit count shows; the weights are those of the model in float32 and bfloat16, double
+// quantization on.
+TEST(FusedPath, DequantizationAheadChangesNoBit) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device gpu(at::kCUDA, 0);
+  ModeGuard guard(model::FusedMode::On);
+  struct AheadGuard {
+    model::DequantAhead saved = model::dequant_ahead_mode();
+    ~AheadGuard() { model::set_dequant_ahead(saved); }
+  } ahead_guard;
+  for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
+    auto m = make_model(gpu, dt, 0.0);
+    auto& attn = m->layer_list[0]->self_attn;
+    auto& mlp = m->layer_list[1]->mlp;
+    const std::vector<const model::Linear*> qkv{attn->q_proj.get(), attn->k_proj.get(), attn->v_proj.get()};
+    const std::vector<const model::Linear*> gate_up{mlp->gate_proj.get(), mlp->up_proj.get()};
+    const int64_t h = tiny_arch().hidden_size;
+    const int64_t spare_qkv = model::adapter_columns(qkv, at::zeros({1}, at::TensorOptions().dtype(dt).device(gpu)));
+    const int64_t spare_gu = model::adapter_columns(gate_up, at::zeros({1}, at::TensorOptions().dtype(dt).device(gpu)));
+    ASSERT_GT(spare_qkv, 0);
+    auto g = at::make_generator<at::CPUGeneratorImpl>(8);
+    const at::Tensor x = at::randn({2, 33, h}, g).to(gpu, dt);
+    auto run = [&](model::DequantAhead mode) {
+      model::set_dequant_ahead(mode);
+      std::vector<at::Tensor> out;
+      for (int step = 0; step < 3; ++step) {
+        for (auto& [name, p] : lora::lora_named_parameters(*m)) p.mutable_grad() = at::Tensor();
+        at::Tensor xd = x.clone().requires_grad_(true);
+        const int64_t hits_before = model::dequant_ahead_hits();
+        at::Tensor y1 = model::fused_projections(qkv, model::with_spare_columns(xd, spare_qkv), true, spare_qkv);
+        at::Tensor y2 = model::fused_projections(gate_up, model::with_spare_columns(xd, spare_gu), true, spare_gu);
+        (y1.to(at::kFloat).square().sum() + y2.to(at::kFloat).sin().sum()).backward();
+        const int64_t hits = model::dequant_ahead_hits() - hits_before;
+        // Four dequantizations a step: each group's forward and backward. The first step learns the order
+        // within a step, the second what follows the step's last one.
+        const int64_t expected = mode == model::DequantAhead::Off ? 0 : step == 0 ? -1 : step == 1 ? 3 : 4;
+        if (expected >= 0) EXPECT_EQ(hits, expected) << "step " << step;
+        if (step == 2) {
+          out = {y1.detach().cpu(), y2.detach().cpu(), xd.grad().cpu()};
+          for (auto& [name, p] : lora::lora_named_parameters(*m))
+            if (p.grad().defined()) out.push_back(p.grad().cpu());
+        }
+      }
+      return out;
+    };
+    const auto off = run(model::DequantAhead::Off);
+    const auto on = run(model::DequantAhead::Low);
+    ASSERT_EQ(off.size(), on.size());
+    ASSERT_GT(off.size(), 3u);
+    for (size_t i = 0; i < off.size(); ++i) EXPECT_TRUE(test::same_bits(on[i], off[i])) << c10::toString(dt) << " tensor " << i;
+  }
+}
+
 // The composite's input gradient is the sum of its slices' zero-padded gradients, so it carries +0 where
 // the packed kernels write a product that underflowed to -0 (IEEE: -0 + 0 = +0; one element in a few
 // million of these random tensors, seen once in a float16 SwiGLU gradient). So the kernels' gradient is

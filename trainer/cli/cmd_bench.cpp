@@ -139,6 +139,7 @@ struct StepOptions {
   std::string json;
   std::string fused = "auto";  // the fused projection path (trainer/model/fused.h): auto | on | off
   std::string fold = "on";     // adapters folded into the base GEMM where they can be (fused.h): on | off
+  std::string ahead = "low";   // dequantization one group ahead on a second stream (fused.h): low | high | off
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
 };
 
@@ -234,6 +235,9 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::set_fused_mode(so.fused == "on" ? model::FusedMode::On : so.fused == "off" ? model::FusedMode::Off
                                                                                       : model::FusedMode::Auto);
   model::set_fold_adapters(so.fold == "on");
+  model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
+                           : so.ahead == "high" ? model::DequantAhead::High
+                                                : model::DequantAhead::Low);
   QLORA_REQUIRE(so.seq >= 2, "--seq: must be at least 2, got {}", so.seq);
   // Plain RoPE does not depend on the position limit: longer sequences measure memory and speed as is.
   arch.max_position_embeddings = std::max(arch.max_position_embeddings, so.seq);
@@ -326,6 +330,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"recomputed_layers", model->recomputed_layers()},
                       {"fused", so.fused},
                       {"fold", so.fold},
+                      {"dequant_ahead", so.ahead},
                       {"device", ctx.device.str()},
                       {"lora_params", lora_params},
                       {"load_ms", load_ms},
@@ -339,9 +344,9 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
-  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} ({} of {} layers) fused={} fold={} on {}\n",
-             so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing), model->recomputed_layers(),
-             arch.num_layers, so.fused, so.fold, ctx.device.str());
+  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} ({} of {} layers) fused={} fold={} "
+             "ahead={} on {}\n", so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing),
+             model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
@@ -506,6 +511,10 @@ Runner add_bench(CLI::App& app) {
                   "Adapters folded into the base GEMM's K dimension where the input's producer leaves room: on | off "
                   "(the B products written first, the base GEMM accumulating onto them)")
       ->check(CLI::IsMember({"on", "off"}))
+      ->capture_default_str();
+  cmd->add_option("--ahead", so->ahead,
+                  "Dequantization one group ahead on a second stream: low (a low-priority stream) | high | off")
+      ->check(CLI::IsMember({"low", "high", "off"}))
       ->capture_default_str();
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps (the median is reported)")->capture_default_str();

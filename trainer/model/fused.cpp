@@ -4,14 +4,22 @@
 #include "trainer/model/llama.h"
 
 #ifdef QLORA_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
 #include "kernels/ops.h"
 #endif
 
 #include <ATen/core/ivalue.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <array>
 #include <atomic>
+#include <map>
 #include <mutex>
+#include <optional>
+#include <tuple>
 #include <unordered_map>
 
 namespace qlora::model {
@@ -47,12 +55,181 @@ int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 
 std::atomic<int64_t> g_folded{0};
 
-// The group's weights dequantized one under the other: [total, in] in `dtype`.
-at::Tensor dequantize_group(const GroupState& s, at::ScalarType dtype, at::Device device) {
-  at::Tensor w = at::empty({s.total, s.in}, at::TensorOptions().dtype(dtype).device(device));
-  for (const auto& m : s.members) quant::dequantize_4bit_into(m.weight, w.narrow(0, m.offset, m.out));
+using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+std::atomic<DequantAhead> g_ahead{DequantAhead::Low};
+std::atomic<int64_t> g_ahead_hits{0};
+
+// Writes the group's weights one under the other into the first `in` columns of buf [total, pitch].
+void dequantize_members(const std::vector<GroupState::Member>& members, int64_t in, const at::Tensor& buf) {
+  for (const auto& m : members) quant::dequantize_4bit_into(m.weight, buf.narrow(0, m.offset, m.out).narrow(1, 0, in));
+}
+
+#ifdef QLORA_WITH_CUDA
+// Dequantization one group ahead, on a second stream: the dequantize kernels are bound by memory bandwidth,
+// the GEMMs and attention by the tensor cores, so the next group's weights are written while the kernels
+// before its GEMM run instead of between them. A cuBLAS GEMM fills every SM while it runs, so the overlap
+// is in the gaps: the tail of a GEMM's last wave, the small and element-wise kernels. On a low-priority
+// stream the dequantization takes only what the main stream leaves (+1.3% tokens/s without checkpointing
+// on an H100, ~0 with; high priority +1.1% / ~0: docs/performance.md). Which group comes next is learned
+// from the order of the requests: a step
+// makes the same ones in the same order every time (forward, recomputation and backward are told apart by
+// the phase in the key, since a group is dequantized in more than one of them). A wrong guess costs a wasted
+// dequantization, never a wrong result: a request takes the buffer made ahead only when its key matches.
+// Memory: one group's bf16 weights more (the largest, gate|up at the 7B shape, 180 MB).
+//
+// Streams: the buffer is allocated on the requesting (current) stream; the side stream waits for that
+// stream's queued work before writing it (the allocator may hand back memory that queued kernels still
+// use), and the requesting stream waits for the side stream's event before it uses or drops the buffer, so
+// the allocator's stream bookkeeping stays that of a buffer used on the current stream only.
+class DequantAheadQueue {
+ public:
+  struct Key {
+    const c10::TensorImpl* packed = nullptr;  // of the group's first member
+    int64_t total = 0, in = 0, pitch = 0;
+    at::ScalarType dtype = at::kBFloat16;
+    int phase = 0;
+    friend auto operator<=>(const Key&, const Key&) = default;
+  };
+
+  at::Tensor take(const GroupState& s, int64_t pitch, at::ScalarType dtype, at::Device device, int phase) {
+    const Key key{s.members[0].weight.packed.unsafeGetTensorImpl(), s.total, s.in, pitch, dtype, phase};
+    std::lock_guard<std::mutex> lock(mutex_);
+    const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(device.index());
+    at::Tensor buf;
+    if (pending_) {
+      pending_->ready.block(main);  // its writes finish before this stream uses or frees the buffer
+      if (pending_->key == key && pending_->device == device) {
+        buf = pending_->buffer;
+        g_ahead_hits.fetch_add(1, std::memory_order_relaxed);
+      }
+      pending_.reset();
+    }
+    if (!buf.defined()) {
+      buf = at::empty({s.total, pitch}, at::TensorOptions().dtype(dtype).device(device));
+      dequantize_members(s.members, s.in, buf);
+    }
+    // Learn: this request follows the previous one.
+    if (last_) successor_[*last_] = Recipe::of(key, s, device);
+    last_ = key;
+    // Ahead: the request that followed this one last time.
+    auto it = successor_.find(key);
+    if (it != successor_.end()) {
+      if (auto members = it->second.members()) {
+        const Recipe& r = it->second;
+        Pending p{r.key, r.device, *members,
+                  at::empty({r.key.total, r.key.pitch}, at::TensorOptions().dtype(r.key.dtype).device(r.device)),
+                  at::cuda::CUDAEvent()};
+        at::cuda::CUDAEvent queued;
+        queued.record(main);
+        const c10::cuda::CUDAStream side = side_stream(r.device);
+        queued.block(side);
+        {
+          c10::cuda::CUDAStreamGuard on_side(side);
+          dequantize_members(p.members, r.key.in, p.buffer);
+        }
+        p.ready.record(side);
+        pending_.emplace(std::move(p));
+      } else {
+        successor_.erase(it);  // the model it came from is gone
+      }
+    }
+    return buf;
+  }
+
+ private:
+  // What dequantizing a group takes, without keeping its weights alive (weak references: the model may go).
+  struct Recipe {
+    Key key;
+    at::Device device = at::kCPU;
+    std::vector<GroupState::Member> shape;  // members without their tensors
+    std::vector<std::vector<WeakTensor>> weak;  // packed, absmax, nested_absmax, nested_code, code
+    std::vector<std::array<bool, 5>> had;       // which of them were defined
+
+    static Recipe of(const Key& key, const GroupState& s, at::Device device) {
+      Recipe r{key, device, {}, {}, {}};
+      for (const auto& m : s.members) {
+        GroupState::Member bare = m;
+        const quant::Quantized4bit& q = m.weight;
+        bare.weight = quant::Quantized4bit{};
+        bare.weight.nested_offset = q.nested_offset, bare.weight.type = q.type, bare.weight.blocksize = q.blocksize;
+        bare.weight.shape = q.shape, bare.weight.dtype = q.dtype;
+        r.shape.push_back(std::move(bare));
+        const at::Tensor* fields[5] = {&q.packed, &q.absmax, &q.nested_absmax, &q.nested_code, &q.code};
+        std::vector<WeakTensor> w;
+        std::array<bool, 5> had{};
+        for (size_t f = 0; f < 5; ++f) {
+          w.emplace_back(fields[f]->getIntrusivePtr());
+          had[f] = fields[f]->defined();
+        }
+        r.weak.push_back(std::move(w));
+        r.had.push_back(had);
+      }
+      return r;
+    }
+    // The members with their weights again, or nothing when a weight was freed.
+    std::optional<std::vector<GroupState::Member>> members() const {
+      std::vector<GroupState::Member> out = shape;
+      for (size_t i = 0; i < out.size(); ++i) {
+        quant::Quantized4bit& q = out[i].weight;
+        at::Tensor* fields[5] = {&q.packed, &q.absmax, &q.nested_absmax, &q.nested_code, &q.code};
+        for (size_t f = 0; f < 5; ++f) {
+          if (!had[i][f]) continue;  // never defined (nested_* without double quantization)
+          *fields[f] = at::Tensor(weak[i][f].lock());
+          if (!fields[f]->defined()) return std::nullopt;
+        }
+      }
+      return out;
+    }
+  };
+  struct Pending {
+    Key key;
+    at::Device device;
+    std::vector<GroupState::Member> members;  // their weights alive while the key's pointer names them
+    at::Tensor buffer;
+    at::cuda::CUDAEvent ready;
+  };
+
+  // The stream's priority is the mode's when a device's stream is first made (bench sets it once).
+  c10::cuda::CUDAStream side_stream(at::Device device) {
+    auto it = side_.find(device.index());
+    if (it == side_.end()) {
+      const bool high = g_ahead.load() == DequantAhead::High;
+      it = side_.emplace(device.index(), c10::cuda::getStreamFromPool(high, device.index())).first;
+    }
+    return it->second;
+  }
+
+  std::mutex mutex_;
+  std::optional<Pending> pending_;
+  std::optional<Key> last_;
+  std::map<Key, Recipe> successor_;
+  std::map<c10::DeviceIndex, c10::cuda::CUDAStream> side_;
+};
+
+DequantAheadQueue& dequant_ahead() {
+  // Never destroyed: its buffer and events would otherwise be freed after the CUDA runtime at exit.
+  static auto* queue = new DequantAheadQueue;
+  return *queue;
+}
+#endif
+
+// The group's weights dequantized one under the other in `dtype`: the first `in` columns of a new
+// [total, pitch] buffer (pitch 0: `in`, the plain [total, in] matrix). phase tells apart the passes that
+// dequantize the same group (forward, recomputation, backward) for the queue that works ahead on CUDA.
+at::Tensor dequantize_group(const GroupState& s, at::ScalarType dtype, at::Device device, int64_t pitch = 0,
+                            int phase = 0) {
+  if (pitch == 0) pitch = s.in;
+#ifdef QLORA_WITH_CUDA
+  if (device.is_cuda() && g_ahead.load() != DequantAhead::Off) return dequant_ahead().take(s, pitch, dtype, device, phase);
+#endif
+  at::Tensor w = at::empty({s.total, pitch}, at::TensorOptions().dtype(dtype).device(device));
+  dequantize_members(s.members, s.in, w);
   return w;
 }
+
+// The phase of a forward's dequantization (see dequantize_group).
+int forward_phase() { return 1 + (at::GradMode::is_enabled() ? 2 : 0) + (t_keep_weights ? 4 : 0); }
 
 // The A's of a group in the compute dtype, one under the other ([ranks, in]: the x A^T GEMM's operand), cast
 // when they change instead of at every use (about 13 launches a layer and pass at the 7B shape before), one
@@ -78,7 +255,6 @@ class AdapterCasts {
   }
 
  private:
-  using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Entry {
     std::vector<WeakTensor> src;
     std::vector<int64_t> versions;  // of src when last copied (-1: never)
@@ -240,7 +416,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     if (st->ranks == 0) {  // no adapter: backward needs only the weights
       at::Tensor kept;
       if (compute_y) {
-        const at::Tensor w = dequantize_group(*st, dt, x.device());
+        const at::Tensor w = dequantize_group(*st, dt, x.device(), 0, forward_phase());
         at::mm_out(y2, x2, w.t());
         if (t_keep_weights) kept = w;
       }
@@ -255,10 +431,8 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     if (st->folded) {
       xa = x2.as_strided({n, st->ranks}, {x2.stride(0), 1}, x2.storage_offset() + st->in);
       // W_ext = [W | bd]: rows 8-element aligned for the dequantize kernel's pitched stores.
-      const at::Tensor buffer = at::empty({st->total, round_up8(st->in + st->ranks)}, x.options());
+      const at::Tensor buffer = dequantize_group(*st, dt, x.device(), round_up8(st->in + st->ranks), forward_phase());
       w = buffer.narrow(1, 0, st->in + st->ranks);
-      for (const auto& m : st->members)
-        quant::dequantize_4bit_into(m.weight, buffer.narrow(0, m.offset, m.out).narrow(1, 0, st->in));
       block_diag_into(*st, lora, buffer.narrow(1, st->in, st->ranks));
       if (t_keep_weights) kept = w, bd = buffer.narrow(1, st->in, st->ranks);  // else backward builds bd again
       g_folded.fetch_add(1, std::memory_order_relaxed);
@@ -267,7 +441,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       bd = at::empty({st->total, st->ranks}, x.options());
       block_diag_into(*st, lora, bd);
       if (compute_y) {
-        w = dequantize_group(*st, dt, x.device());
+        w = dequantize_group(*st, dt, x.device(), 0, forward_phase());
         if (t_keep_weights) kept = w;
       }
     }
@@ -355,7 +529,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     }
     if (need_dx) {
       at::Tensor w = saved[0];
-      if (!w.defined()) w = dequantize_group(*st, dy.scalar_type(), dy.device());
+      if (!w.defined()) w = dequantize_group(*st, dy.scalar_type(), dy.device(), 0, /*phase=*/0);
       else if (st->folded) w = w.narrow(1, 0, st->in);  // W_ext = [W | bd]
       if (dx.defined()) dx.addmm_(dy, w);
       else dx = at::mm(dy, w);
@@ -423,6 +597,9 @@ KeepDequantizedWeights::~KeepDequantizedWeights() { t_keep_weights = previous_; 
 void set_fused_mode(FusedMode mode) { g_mode.store(mode); }
 FusedMode fused_mode() { return g_mode.load(); }
 void refresh_adapter_casts() { adapter_casts().refresh(); }
+void set_dequant_ahead(DequantAhead mode) { g_ahead.store(mode); }
+DequantAhead dequant_ahead_mode() { return g_ahead.load(); }
+int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxed); }
 void set_fold_adapters(bool on) { g_fold.store(on); }
 bool fold_adapters() { return g_fold.load(); }
 

@@ -39,6 +39,15 @@ FusedMode fused_mode();
 // update while the GPU is still busy, instead of on the CPU's path at the start of the next step.
 void refresh_adapter_casts();
 
+// Dequantization one group ahead on a second CUDA stream, overlapping the kernels before its GEMM (fused.cpp's
+// DequantAheadQueue): Low (a low-priority stream, the default: its blocks take the SMs the main stream's
+// kernels leave free), High (a high-priority one; for A/B), Off (each group dequantized in its turn).
+enum class DequantAhead { Off, Low, High };
+void set_dequant_ahead(DequantAhead mode);
+DequantAhead dequant_ahead_mode();
+// How many dequantizations were taken from the work done ahead since the process started (tests).
+int64_t dequant_ahead_hits();
+
 // Whether groups fold their adapters into the base GEMM where x's producer left room (default on; off is
 // for A/B measurements: `qlora bench --fold off`).
 void set_fold_adapters(bool on);
