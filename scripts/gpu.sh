@@ -4,7 +4,8 @@
 #   scripts/gpu.sh [tests|quick|compare|full|long|profile|layers|ab]     (default quick)
 #     tests  build + GPU tests only
 #     quick  + our training step (7B, r 16, checkpointing on/off) and transformers/PEFT bf16's
-#     compare + r 64 (the eight steps that make the comparison table; with BEST_OF=2 it fits one call)
+#     compare + r 64 and half the layers recomputing (the ten steps of the comparison table; with BEST_OF=2
+#            it fits one call)
 #     full   + the kernel lab and benchmark, r 64, full recomputation, the per-projection path, the
 #            bitsandbytes 4-bit Python stack
 #     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
@@ -12,11 +13,11 @@
 #            kernels printed, the Chrome traces in results.tgz
 #     layers build + GPU tests + our step (r LAYERS_R, default 16) with the first N of 32 layers recomputing,
 #            N in LAYERS (default 32 24 16 8 0): tokens/s against peak memory
-#     ab     build + GPU tests + our step as is (a) against b, ranks AB_R (default 16), with and without
-#            checkpointing, two interleaved rounds. b = this build with AB_FLAGS (default "--fold off"), or,
-#            when .deps/base-src holds an older tree (`scripts/gpu.sh --prepare-base REV`), that tree's
-#            build with AB_FLAGS (default none). AB_PROFILE=1 adds the profile of a's step without
-#            checkpointing
+#     ab     build + GPU tests + our step as is (a, with AB_A_FLAGS) against b, ranks AB_R (default 16),
+#            with and without checkpointing, AB_ROUNDS (default 2) interleaved rounds. b = this build with AB_FLAGS (default
+#            "--fold off"), or, when .deps/base-src holds an older tree (`scripts/gpu.sh --prepare-base
+#            REV`), that tree's build with AB_FLAGS (default none); AB_C_FLAGS adds c, this build with those
+#            flags. AB_PROFILE=1 adds the profile of a's step without checkpointing
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
@@ -182,30 +183,40 @@ if [ "$MODE" = ab ]; then
       2>&1 | grep -vE "^trace:" | head -40
     gzip -f "$OUT"/trace_*.json
   fi
-  echo "== A/B, llama2-7b, seq 2048: as is (a) against $QB '$flags' (b), rounds interleaved"
+  # AB_A_FLAGS: flags for a; AB_C_FLAGS (optional): a third variant c, this build with those flags.
+  echo "== A/B, llama2-7b, seq 2048: as is '${AB_A_FLAGS:-}' (a) against $QB '$flags' (b)${AB_C_FLAGS:+ and '$AB_C_FLAGS' (c)}, rounds interleaved"
   for r in ${AB_R:-16}; do
     for c in on off; do
-      for i in 1 2; do
-        "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" --json "$OUT/ab_r${r}_${c}_a.$i.json" >/dev/null 2>&1
+      for i in $(seq "${AB_ROUNDS:-2}"); do
         # shellcheck disable=SC2086  # the flags are words
+        "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" ${AB_A_FLAGS:-} --json "$OUT/ab_r${r}_${c}_a.$i.json" \
+          >/dev/null 2>&1
+        # shellcheck disable=SC2086
         "$QB" bench --shape llama2-7b --r "$r" --checkpointing "$c" $flags --json "$OUT/ab_r${r}_${c}_b.$i.json" \
           >/dev/null 2>&1
+        if [ -n "${AB_C_FLAGS:-}" ]; then
+          # shellcheck disable=SC2086
+          "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" $AB_C_FLAGS --json "$OUT/ab_r${r}_${c}_c.$i.json" \
+            >/dev/null 2>&1
+        fi
       done
     done
   done
-  "$PY" - "$OUT" "$QB $flags" <<'PYEOF' | tee "$OUT/table.txt"
+  "$PY" - "$OUT" "b = $QB $flags${AB_C_FLAGS:+; c = $AB_C_FLAGS}" <<'PYEOF' | tee "$OUT/table.txt"
 import glob, json, os, sys
-out, flags = sys.argv[1], sys.argv[2]
-print(f"{'run':18s} {'a tok/s (runs)':>22s} {'b tok/s (runs)':>22s} {'a/b':>6s} {'a GiB':>6s} {'b GiB':>6s}   b = {flags}")
+out, legend = sys.argv[1], sys.argv[2]
+variants = [v for v in "abc" if glob.glob(os.path.join(out, f"ab_*_{v}.*.json"))]
+print(f"{'run':14s}" + "".join(f" {v + ' tok/s (runs)':>22s}" for v in variants)
+      + "".join(f" {'a/' + v:>6s}" for v in variants[1:]) + "".join(f" {v + ' GiB':>6s}" for v in variants) + "   " + legend)
 for prefix in sorted({f.rsplit('_', 1)[0] for f in glob.glob(os.path.join(out, 'ab_*.json'))}):
-    runs = {v: [json.load(open(f)) for f in sorted(glob.glob(f"{prefix}_{v}.*.json"))] for v in "ab"}
-    if not runs["a"] or not runs["b"]:
+    runs = {v: [json.load(open(f)) for f in sorted(glob.glob(f"{prefix}_{v}.*.json"))] for v in variants}
+    if not all(runs.values()):
         print(os.path.basename(prefix), "missing runs"); continue
-    best = {v: max(runs[v], key=lambda j: j["tokens_per_s"]) for v in "ab"}
+    best = {v: max(runs[v], key=lambda j: j["tokens_per_s"]) for v in variants}
     fmt = lambda v: f"{best[v]['tokens_per_s']:.0f} (" + ", ".join(f"{j['tokens_per_s']:.0f}" for j in runs[v]) + ")"
-    print(f"{os.path.basename(prefix)[3:]:18s} {fmt('a'):>22s} {fmt('b'):>22s} "
-          f"{best['a']['tokens_per_s'] / best['b']['tokens_per_s']:6.3f} {best['a']['peak_bytes'] / 2**30:6.2f} "
-          f"{best['b']['peak_bytes'] / 2**30:6.2f}")
+    print(f"{os.path.basename(prefix)[3:]:14s}" + "".join(f" {fmt(v):>22s}" for v in variants)
+          + "".join(f" {best['a']['tokens_per_s'] / best[v]['tokens_per_s']:6.3f}" for v in variants[1:])
+          + "".join(f" {best[v]['peak_bytes'] / 2**30:6.2f}" for v in variants))
 PYEOF
   pack_results table.txt
   exit $status
@@ -251,7 +262,10 @@ ours r16_nockpt --r 16 --checkpointing off
 theirs bf16_r16_ckpt --r 16 --checkpointing on --base bf16
 theirs bf16_r16_nockpt --r 16 --checkpointing off --base bf16
 if [ "$MODE" = compare ]; then  # r 64 as well, without the kernel benchmarks and the extra paths
+  # _half: the first 16 of 32 layers recompute (model.gradient_checkpointing_layers: 16)
+  ours r16_ckpt_half --r 16 --checkpointing on --checkpoint-layers 16
   ours r64_ckpt --r 64 --checkpointing on
+  ours r64_ckpt_half --r 64 --checkpointing on --checkpoint-layers 16
   ours r64_nockpt --r 64 --checkpointing off
   theirs bf16_r64_ckpt --r 64 --checkpointing on --base bf16
   theirs bf16_r64_nockpt --r 64 --checkpointing off --base bf16

@@ -35,7 +35,7 @@ print(f"{'run':<22} {'tokens/s':>9} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':
 for r in ("r16", "r64"):
     for c in ("ckpt", "nockpt"):
         hf = load(f"hf_bf16_{r}_{c}")
-        for name in (f"ours_{r}_{c}", f"ours_{r}_{c}_full", f"ours_{r}_{c}_unfused", f"hf_bf16_{r}_{c}",
+        for name in (f"ours_{r}_{c}", f"ours_{r}_{c}_half", f"ours_{r}_{c}_full", f"ours_{r}_{c}_unfused", f"hf_bf16_{r}_{c}",
                      f"hf_bnb4_{r}_{c}"):
             v = load(name)
             if not v:
