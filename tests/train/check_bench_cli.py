@@ -26,7 +26,7 @@ with tempfile.TemporaryDirectory() as d:
     check(p.returncode == 0, f"bench exits 0 (stderr: {p.stderr[-300:]})")
     j = json.load(open(out))
     for key in ("tokens_per_s", "step_ms", "forward_ms", "backward_ms", "optimizer_ms", "peak_bytes", "mfu",
-                "flops_per_token", "lora_params", "forward_host_ms"):
+                "flops_per_token", "lora_params", "forward_host_ms", "backward_host_ms"):
         check(key in j, f"json has {key}")
     check(j["tokens_per_s"] > 0 and j["step_ms"] > 0, "positive speed")
     check(abs(j["tokens_per_s"] - 48 / (j["step_ms"] / 1e3)) < 1e-6 * j["tokens_per_s"], "tokens/s = tokens / step")

@@ -141,6 +141,8 @@ struct StepOptions {
   std::string fold = "on";     // adapters folded into the base GEMM where they can be (fused.h): on | off
   std::string ahead = "low";   // dequantization one group ahead on a second stream (fused.h): low | high | off
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
+  bool profile_gpu_only = false;  // record device activities only: the CPU's op records slow it ~3x, which
+                                  // can starve the GPU in a step that is not launch-bound without them
 };
 
 // What the GPU did during one profiled step, from the profiler's device events: busy time (the union of
@@ -271,7 +273,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   // labelled positions found on the CPU, the update skipped on the device if the loss or the gradient norm
   // is not finite, and one wait for the GPU at the end (reading the loss and the norm). Phase boundaries
   // are marked without waiting (PhaseMarks): forward (to the loss), backward, optimizer.
-  std::vector<double> fwd, fwd_host, bwd, optim, total;
+  std::vector<double> fwd, fwd_host, bwd, bwd_host, optim, total;
   auto step = [&](bool record) {
     const at::Tensor ids = at::randint(0, arch.vocab_size, {so.batch, so.seq}, gen, at::kLong);
     sync(ctx.device);
@@ -283,7 +285,9 @@ nlohmann::json bench_step(const StepOptions& so) {
     const double t1_host = now_ms();  // the CPU has issued the layers; the GPU may still be running them
     auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
     marks.mark();
+    const double t2_host = now_ms();
     (sum / static_cast<double>(n)).backward();
+    const double t3_host = now_ms();  // the CPU has issued the backward
     marks.mark();
     const at::Tensor status = train::queue_update(opt, params, /*max_grad_norm=*/1.0, /*lr=*/1e-4, sum.detach());
     marks.mark();
@@ -295,6 +299,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     const std::vector<double> ms = marks.spans_ms();
     fwd.push_back(ms[0]), bwd.push_back(ms[1]), optim.push_back(ms[2]), total.push_back(t3 - t0);
     fwd_host.push_back(t1_host - t0);
+    bwd_host.push_back(t3_host - t2_host);
     return t3 - t0;
   };
   reset_peak(ctx.device);
@@ -305,7 +310,8 @@ nlohmann::json bench_step(const StepOptions& so) {
     using namespace torch::autograd::profiler;
     namespace pi = torch::profiler::impl;
     pi::ProfilerConfig cfg(pi::ProfilerState::KINETO);
-    std::set<pi::ActivityType> acts{pi::ActivityType::CPU};
+    std::set<pi::ActivityType> acts;
+    if (!so.profile_gpu_only || !ctx.device.is_cuda()) acts.insert(pi::ActivityType::CPU);
     if (ctx.device.is_cuda()) acts.insert(pi::ActivityType::CUDA);
     prepareProfiler(cfg, acts);
     enableProfiler(cfg, acts);
@@ -338,6 +344,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"step_ms", step_ms},
                       {"forward_ms", median(fwd)},
                       {"forward_host_ms", median(fwd_host)},
+                      {"backward_host_ms", median(bwd_host)},
                       {"backward_ms", median(bwd)},
                       {"optimizer_ms", median(optim)},
                       {"tokens_per_s", tps},
@@ -350,8 +357,9 @@ nlohmann::json bench_step(const StepOptions& so) {
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
-             "issued the layers' forward in {:.1f} ms (near the forward's time would mean launch-bound)\n", step_ms,
-             median(fwd), median(bwd), median(optim), so.steps, median(fwd_host));
+             "issued the layers' forward in {:.1f} ms and the backward in {:.1f} (near the GPU's times would mean "
+             "launch-bound)\n", step_ms, median(fwd), median(bwd), median(optim), so.steps, median(fwd_host),
+             median(bwd_host));
   fmt::print("  tokens/s {:.0f}   peak memory {:.2f} GiB   MFU {:.1f}% (of {:.0f} TFLOP/s bf16)\n", tps,
              allocated_bytes(ctx.device, true) / 1073741824.0, 100.0 * j["mfu"].get<double>(), pk / 1e12);
   return j;
@@ -522,6 +530,8 @@ Runner add_bench(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--kernels", *kernels, "Benchmark the 4-bit kernels instead (GPU)");
   cmd->add_option("--json", so->json, "Also write the figures as JSON to this file");
+  cmd->add_flag("--profile-gpu-only", so->profile_gpu_only,
+                "With --profile: record the GPU's activities only (the CPU's op records slow the step's issue ~3x)");
   cmd->add_option("--profile", so->profile,
                   "Profile one more step: print its busiest kernels, write its trace (Chrome JSON) to this file");
   return [so, kernels, ckpt]() {
