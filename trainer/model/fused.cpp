@@ -109,8 +109,12 @@ class DequantAheadQueue {
       buf = at::empty({s.total, pitch}, at::TensorOptions().dtype(dtype).device(device));
       dequantize_members(s.members, s.in, buf);
     }
-    // Learn: this request follows the previous one.
-    if (last_) successor_[*last_] = Recipe::of(key, s, device);
+    // Learn: this request follows the previous one (built again only when the order changed).
+    if (last_) {
+      auto learned = successor_.find(*last_);
+      if (learned == successor_.end() || learned->second.key != key || learned->second.device != device)
+        successor_.insert_or_assign(*last_, Recipe::of(key, s, device));
+    }
     last_ = key;
     // Ahead: the request that followed this one last time.
     auto it = successor_.find(key);
