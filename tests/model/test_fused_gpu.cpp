@@ -141,7 +141,8 @@ TEST(FusedKernels, SpareColumnsChangeNoValue) {
 // The residual add fused into the norm that reads its sum (RMSNorm::add_forward, kernels/rmsnorm.cu) against
 // the add, the norm and autograd's sum of the two gradients of s, bit for bit: s, y (with spare columns),
 // and the gradients of both addends when s feeds the residual stream as well as the norm; and when only the
-// norm's output is used (the residual gradient then undefined).
+// norm's output is used (the residual gradient then undefined). Likewise residual_forward, the norm whose
+// input also feeds a kept sum.
 TEST(FusedKernels, AddRMSNormMatchesAddThenNormBitForBit) {
   QLORA_SKIP_WITHOUT_CUDA();
   const at::Device dev(at::kCUDA, 0);
@@ -171,6 +172,15 @@ TEST(FusedKernels, AddRMSNormMatchesAddThenNormBitForBit) {
         // The gradient carries both paths (the check above would pass if neither did).
         EXPECT_GT((a1.grad().to(at::kFloat) - (residual_used ? ds : dy).to(at::kFloat)).abs().max().item<double>(), 0.0);
       }
+      // residual_forward (a recomputation's kept sum): the gradient through r summed in the norm's backward,
+      // bit for bit autograd's sum of the norm's gradient and ds.
+      at::Tensor x0 = a.clone().requires_grad_(true), x1 = a.clone().requires_grad_(true);
+      norm->forward(x0, 8).backward(dy);
+      const at::Tensor expected = x0.grad() + ds;
+      const auto [r1, y1] = norm->residual_forward(x1, 8);
+      EXPECT_TRUE(test::same_bits(y1.contiguous(), norm->forward(a, 8).contiguous()));
+      torch::autograd::backward({r1, y1}, {ds, dy});
+      EXPECT_TRUE(test::same_bits(x1.grad(), expected));
     }
   }
 }

@@ -101,6 +101,13 @@ RMSNormImpl::RMSNormImpl(at::Tensor w, double eps_, bool trainable) : eps(eps_) 
 
 #ifdef QLORA_WITH_CUDA
 namespace {
+// Method full's weight gradient: the sum over rows of dy * normed (normed rounded to T), from the saved rstd.
+at::Tensor norm_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd) {
+  const int64_t h = x.size(-1);
+  at::Tensor normed = (x.reshape({-1, h}).to(at::kFloat) * rstd.unsqueeze(1)).to(x.scalar_type());
+  return (dy.reshape({-1, h}).to(at::kFloat) * normed.to(at::kFloat)).sum(0).to(w.scalar_type());
+}
+
 // The fused RMSNorm kernels (kernels/rmsnorm.cu) as an autograd function: the same math as the composite
 // below, one launch each way. Saves x and the per-row rstd.
 struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
@@ -118,11 +125,7 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     const at::Tensor dy = grad[0].contiguous();
     at::Tensor dx, dw;
     if (ctx->needs_input_grad(0)) dx = kernels::rmsnorm_bwd_cuda(dy, x, w.contiguous(), rstd);
-    if (ctx->needs_input_grad(1)) {  // method full: dw = sum over rows of dy * normed (normed rounded to T)
-      const int64_t h = x.size(-1);
-      at::Tensor normed = (x.reshape({-1, h}).to(at::kFloat) * rstd.unsqueeze(1)).to(x.scalar_type());
-      dw = (dy.reshape({-1, h}).to(at::kFloat) * normed.to(at::kFloat)).sum(0).to(w.scalar_type());
-    }
+    if (ctx->needs_input_grad(1)) dw = norm_weight_grad(dy, x, w, rstd);
     return {dx, dw, at::Tensor(), at::Tensor()};
   }
 };
@@ -146,15 +149,37 @@ struct AddRMSNormFunction : public torch::autograd::Function<AddRMSNormFunction>
     if (grad[1].defined()) {
       const at::Tensor dy = grad[1].contiguous();
       d = kernels::rmsnorm_bwd_cuda(dy, s, w.contiguous(), rstd, ds);
-      if (ctx->needs_input_grad(2)) {  // method full, as RMSNormFunction
-        const int64_t h = s.size(-1);
-        at::Tensor normed = (s.reshape({-1, h}).to(at::kFloat) * rstd.unsqueeze(1)).to(s.scalar_type());
-        dw = (dy.reshape({-1, h}).to(at::kFloat) * normed.to(at::kFloat)).sum(0).to(w.scalar_type());
-      }
+      if (ctx->needs_input_grad(2)) dw = norm_weight_grad(dy, s, w, rstd);
     } else {
       d = ds;
     }
     return {d, d, dw, at::Tensor(), at::Tensor()};
+  }
+};
+
+// (r, RMSNorm(x)) where r stands for x in a residual sum whose value was kept (GradientOnlyAdd in a
+// recomputation): r's values are unspecified, and the gradient reaching x through it is summed in the
+// norm's backward kernel, bit for bit autograd's sum of the two.
+struct ResidualRMSNormFunction : public torch::autograd::Function<ResidualRMSNormFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& w, double eps, int64_t spare) {
+    const at::Tensor xc = x.contiguous();
+    auto [y, rstd] = kernels::rmsnorm_fwd_cuda(xc, w.contiguous(), eps, spare);
+    ctx->save_for_backward({xc, w, rstd});
+    return {at::empty_like(xc), y};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+    const at::Tensor dr = grad[0].defined() ? grad[0].contiguous() : at::Tensor();
+    at::Tensor d = dr, dw;
+    if (grad[1].defined()) {
+      const at::Tensor dy = grad[1].contiguous();
+      d = kernels::rmsnorm_bwd_cuda(dy, x, w.contiguous(), rstd, dr);
+      if (ctx->needs_input_grad(1)) dw = norm_weight_grad(dy, x, w, rstd);
+    }
+    return {d, dw, at::Tensor(), at::Tensor()};
   }
 };
 }  // namespace
@@ -180,6 +205,16 @@ std::pair<at::Tensor, at::Tensor> RMSNormImpl::add_forward(const at::Tensor& a, 
 #endif
   at::Tensor s = a + b;
   return {s, forward(s, spare)};
+}
+
+std::pair<at::Tensor, at::Tensor> RMSNormImpl::residual_forward(const at::Tensor& x, int64_t spare) {
+#ifdef QLORA_WITH_CUDA
+  if (x.is_cuda() && weight.scalar_type() == x.scalar_type()) {
+    auto out = ResidualRMSNormFunction::apply(x, weight, eps, spare);
+    return {out[0], out[1]};
+  }
+#endif
+  return {x, forward(x, spare)};
 }
 
 AttentionImpl::AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
@@ -273,6 +308,20 @@ at::Tensor MLPImpl::forward(const at::Tensor& x, bool output_needed, int64_t spa
   return down_proj->forward(at::silu(g) * u);
 }
 
+namespace {
+// a + b for autograd only: the backward of an add, the forward's values unspecified (not computed). For a
+// recomputation whose sum was kept from the forward.
+struct GradientOnlyAdd : public torch::autograd::Function<GradientOnlyAdd> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& a, const at::Tensor& b) {
+    return at::empty_like(a);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grad) {
+    return {grad[0], grad[0]};
+  }
+};
+}  // namespace
+
 DecoderLayerImpl::DecoderLayerImpl(Attention attn, MLP mlp_, RMSNorm input_norm, RMSNorm post_norm)
     : self_attn(register_module("self_attn", std::move(attn))),
       mlp(register_module("mlp", std::move(mlp_))),
@@ -301,14 +350,21 @@ std::pair<at::Tensor, at::Tensor> DecoderLayerImpl::forward_pending(const at::Te
 }
 
 at::Tensor DecoderLayerImpl::attention_branch(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
-                                              at::Tensor* cache_k, at::Tensor* cache_v, bool output_needed) {
+                                              at::Tensor* cache_k, at::Tensor* cache_v) {
   const int64_t spare = self_attn->input_spare(x);
-  return self_attn->forward(input_layernorm->forward(x, spare), rope, mask, cache_k, cache_v, output_needed, spare);
+  return self_attn->forward(input_layernorm->forward(x, spare), rope, mask, cache_k, cache_v, true, spare);
 }
 
-at::Tensor DecoderLayerImpl::mlp_branch(const at::Tensor& h, bool output_needed) {
+at::Tensor DecoderLayerImpl::attention_gradient_path(const at::Tensor& x, const Rope& rope, const at::Tensor& mask) {
+  const int64_t spare = self_attn->input_spare(x);
+  auto [r, normed] = input_layernorm->residual_forward(x, spare);
+  return GradientOnlyAdd::apply(r, self_attn->forward(normed, rope, mask, nullptr, nullptr, false, spare));
+}
+
+at::Tensor DecoderLayerImpl::mlp_gradient_path(const at::Tensor& h) {
   const int64_t spare = mlp->input_spare(h);
-  return mlp->forward(post_attention_layernorm->forward(h, spare), output_needed, spare);
+  auto [r, normed] = post_attention_layernorm->residual_forward(h, spare);
+  return GradientOnlyAdd::apply(r, mlp->forward(normed, false, spare));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -323,7 +379,8 @@ at::Tensor DecoderLayerImpl::mlp_branch(const at::Tensor& h, bool output_needed)
 // activations live at a time. Each branch replays the RNG state its forward started from. The residual
 // adds stay in the recomputed graph as GradientOnlyAdd, so every gradient is accumulated in the order of
 // the graph without checkpointing (the same bits on the CPU, where RMSNorm's composite reads its input
-// three times).
+// three times; on the GPU the residual's gradient is summed in the norm's backward kernel, as the fused
+// add + norm of the forward does).
 
 namespace {
 
@@ -331,18 +388,6 @@ namespace {
 // undefined one (plain causal attention) is rejected as such.
 struct MaskArg {
   at::Tensor mask;  // bool [B, 1, T, S] or undefined
-};
-
-// a + b for autograd only: the backward of an add, the forward's values unspecified (not computed). For a
-// recomputation whose sum was kept from the forward.
-struct GradientOnlyAdd : public torch::autograd::Function<GradientOnlyAdd> {
-  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& a, const at::Tensor& b) {
-    return at::empty_like(a);
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
-                                                 torch::autograd::variable_list grad) {
-    return {grad[0], grad[0]};
-  }
 };
 
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
@@ -390,11 +435,9 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       } else {
         gen.set_state(ctx->saved_data["rng_mlp"].toTensor());
         at::Tensor hd = saved[1].detach().requires_grad_(true);
-        torch::autograd::backward({GradientOnlyAdd::apply(hd, layer->mlp_branch(hd, /*output_needed=*/false))},
-                                  {grad_out[0]});
+        torch::autograd::backward({layer->mlp_gradient_path(hd)}, {grad_out[0]});
         gen.set_state(ctx->saved_data["rng"].toTensor());
-        at::Tensor attn = layer->attention_branch(xd, rope, mask, nullptr, nullptr, /*output_needed=*/false);
-        torch::autograd::backward({GradientOnlyAdd::apply(xd, attn)}, {hd.grad()});
+        torch::autograd::backward({layer->attention_gradient_path(xd, rope, mask)}, {hd.grad()});
         dx = xd.grad();
       }
     }

@@ -52,6 +52,10 @@ class RMSNormImpl : public torch::nn::Module {
   // (s, forward(s, spare)) with s = a + b: a residual add and the norm that reads its sum, one kernel each
   // way on the GPU (the same values as the add, then forward).
   std::pair<at::Tensor, at::Tensor> add_forward(const at::Tensor& a, const at::Tensor& b, int64_t spare = 0);
+  // (r, forward(x, spare)) where r stands for x in a residual sum whose value was kept (a recomputation's
+  // GradientOnlyAdd): on the GPU r's values are unspecified and the gradient through it is summed in the
+  // norm's backward kernel; elsewhere r is x.
+  std::pair<at::Tensor, at::Tensor> residual_forward(const at::Tensor& x, int64_t spare = 0);
   at::Tensor weight;  // [H]
   double eps;
 };
@@ -86,7 +90,7 @@ TORCH_MODULE(MLP);
 class DecoderLayerImpl : public torch::nn::Module {
  public:
   DecoderLayerImpl(Attention attn, MLP mlp, RMSNorm input_norm, RMSNorm post_norm);
-  // h + mlp_branch(h) with h = x + attention_branch(x).
+  // h + mlp(post_attention_layernorm(h)) with h = x + attention_branch(x).
   at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k = nullptr,
                      at::Tensor* cache_v = nullptr);
   // The same on the input x + pending (pending undefined: x), returning the output unadded as (h, mlp
@@ -95,13 +99,15 @@ class DecoderLayerImpl : public torch::nn::Module {
   std::pair<at::Tensor, at::Tensor> forward_pending(const at::Tensor& x, const at::Tensor& pending, const Rope& rope,
                                                     const at::Tensor& mask, at::Tensor* cache_k = nullptr,
                                                     at::Tensor* cache_v = nullptr);
-  // The two residual branches. output_needed = false is for a recomputation that kept the branch's sum
-  // with the residual from its forward: the last projection (o_proj, down_proj) then skips its GEMMs where
-  // the fused path applies, and the returned tensor's values are unspecified; its gradient path is exact.
+  // The attention residual branch: self_attn(input_layernorm(x)).
   at::Tensor attention_branch(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
-                              at::Tensor* cache_k = nullptr, at::Tensor* cache_v = nullptr,
-                              bool output_needed = true);
-  at::Tensor mlp_branch(const at::Tensor& h, bool output_needed = true);
+                              at::Tensor* cache_k = nullptr, at::Tensor* cache_v = nullptr);
+  // x + attention_branch(x) and h + mlp_branch(h) for their gradients only: a recomputation whose sums were
+  // kept from the forward. The values are unspecified; the last projection (o_proj, down_proj) skips its
+  // GEMMs where the fused path applies (fused.h's output_needed) and, on the GPU, the residual's gradient
+  // is summed in the norm's backward kernel. The gradient path is exact.
+  at::Tensor attention_gradient_path(const at::Tensor& x, const Rope& rope, const at::Tensor& mask);
+  at::Tensor mlp_gradient_path(const at::Tensor& h);
   Attention self_attn = nullptr;
   MLP mlp = nullptr;
   RMSNorm input_layernorm = nullptr, post_attention_layernorm = nullptr;
