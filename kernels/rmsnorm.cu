@@ -43,8 +43,9 @@ __device__ __forceinline__ float block_sum(float v) {
 }
 
 // VEC elements of T in one access: 16 bytes where the row width and every pointer allow (the 2-byte loads
-// of a scalar loop left the kernels at ~2.2 TB/s), 1 otherwise. Both loops visit a thread's elements in
-// the same order whatever VEC, so the add variant's sums are the plain kernel's on the same values.
+// of a scalar loop left the kernels at ~2.2 TB/s), 1 otherwise. The order of the sums depends on VEC; for
+// one VEC the add variant visits the elements as the plain kernel does, so its sums are the plain kernel's
+// on the same values (fresh contiguous buffers get the same VEC).
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];

@@ -71,11 +71,12 @@ void dequantize_members(const std::vector<GroupState::Member>& members, int64_t 
 // before its GEMM run instead of between them. A cuBLAS GEMM fills every SM while it runs, so the overlap
 // is in the gaps: the tail of a GEMM's last wave, the small and element-wise kernels. On a low-priority
 // stream the dequantization takes only what the main stream leaves (+1.3% tokens/s without checkpointing
-// on an H100, ~0 with; high priority +1.1% / ~0: docs/performance.md). Which group comes next is learned
-// from the order of the requests: a step
-// makes the same ones in the same order every time (forward, recomputation and backward are told apart by
-// the phase in the key, since a group is dequantized in more than one of them). A wrong guess costs a wasted
-// dequantization, never a wrong result: a request takes the buffer made ahead only when its key matches.
+// on an H100, ~0 with; high priority +1.1% / ~0: docs/performance.md).
+// Which group comes next is learned from the order of the requests: a step makes the same ones in the same
+// order every time (forward, recomputation and backward are told apart by the phase in the key, since a
+// group is dequantized in more than one of them). A wrong guess costs a wasted dequantization, never a wrong
+// result: a request takes the buffer made ahead only when its key matches. The weights are frozen (nothing
+// writes a Quantized4bit in place), so a buffer made ahead holds what the request would compute.
 // Memory: one group's bf16 weights more (the largest, gate|up at the 7B shape, 180 MB).
 //
 // Streams: the buffer is allocated on the requesting (current) stream; the side stream waits for that
