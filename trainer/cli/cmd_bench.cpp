@@ -357,8 +357,9 @@ nlohmann::json bench_step(const StepOptions& so) {
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
-             "issued the layers' forward in {:.1f} ms and the backward in {:.1f} (near the GPU's times would mean "
-             "launch-bound)\n", step_ms, median(fwd), median(bwd), median(optim), so.steps, median(fwd_host),
+             "issued the layers' forward in {:.1f} ms (near the forward's time would mean launch-bound) and the "
+             "backward in {:.1f} (it waits for room in the GPU's launch queue: its own cost shows at a short "
+             "--seq)\n", step_ms, median(fwd), median(bwd), median(optim), so.steps, median(fwd_host),
              median(bwd_host));
   fmt::print("  tokens/s {:.0f}   peak memory {:.2f} GiB   MFU {:.1f}% (of {:.0f} TFLOP/s bf16)\n", tps,
              allocated_bytes(ctx.device, true) / 1073741824.0, 100.0 * j["mfu"].get<double>(), pk / 1e12);
