@@ -102,10 +102,10 @@ class DecoderLayerImpl : public torch::nn::Module {
   // The attention residual branch: self_attn(input_layernorm(x)).
   at::Tensor attention_branch(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
                               at::Tensor* cache_k = nullptr, at::Tensor* cache_v = nullptr);
-  // x + attention_branch(x) and h + mlp_branch(h) for their gradients only: a recomputation whose sums were
-  // kept from the forward. The values are unspecified; the last projection (o_proj, down_proj) skips its
-  // GEMMs where the fused path applies (fused.h's output_needed) and, on the GPU, the residual's gradient
-  // is summed in the norm's backward kernel. The gradient path is exact.
+  // x + attention_branch(x) and h + mlp(post_attention_layernorm(h)) for their gradients only: a
+  // recomputation whose sums were kept from the forward. The values are unspecified; the last projection
+  // (o_proj, down_proj) skips its GEMMs where the fused path applies (fused.h's output_needed) and, on the
+  // GPU, the residual's gradient is summed in the norm's backward kernel. The gradient path is exact.
   at::Tensor attention_gradient_path(const at::Tensor& x, const Rope& rope, const at::Tensor& mask);
   at::Tensor mlp_gradient_path(const at::Tensor& h);
   Attention self_attn = nullptr;
