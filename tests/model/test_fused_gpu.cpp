@@ -58,12 +58,6 @@ TEST(FusedKernels, RmsNormBFloat16) {
   for (int64_t h : {96, 4096, 5000}) check_rmsnorm(at::kBFloat16, 37, h, 1e-2);
 }
 
-}  // namespace
-}  // namespace qlora
-
-namespace qlora {
-namespace {
-
 // SwiGLU: the fused kernels compute what the composite at::silu(g) * u and its autograd compute on the
 // same GPU (same float32 formulas, same roundings), in every dtype.
 TEST(FusedKernels, SwiGLUMatchesCompositeBitForBit) {
@@ -104,12 +98,6 @@ TEST(FusedKernels, SwiGLUMatchesCompositeBitForBit) {
   };
   for (auto dt : {at::kFloat, at::kBFloat16, at::kHalf}) mlp_of(dt);
 }
-
-}  // namespace
-}  // namespace qlora
-
-namespace qlora {
-namespace {
 
 // RMSNorm and the packed SwiGLU leave spare columns right of their output rows for the next group's x A^T
 // (fused.h): the values are the ones without spare columns, bit for bit, the rows lie width + spare apart,

@@ -101,11 +101,27 @@ RMSNormImpl::RMSNormImpl(at::Tensor w, double eps_, bool trainable) : eps(eps_) 
 
 #ifdef QLORA_WITH_CUDA
 namespace {
-// Method full's weight gradient: the sum over rows of dy * normed (normed rounded to T), from the saved rstd.
-at::Tensor norm_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd) {
-  const int64_t h = x.size(-1);
-  at::Tensor normed = (x.reshape({-1, h}).to(at::kFloat) * rstd.unsqueeze(1)).to(x.scalar_type());
-  return (dy.reshape({-1, h}).to(at::kFloat) * normed.to(at::kFloat)).sum(0).to(w.scalar_type());
+// The backward the three norm functions below share. From the saved (x, w, rstd), the gradient of the
+// norm's output dy and that of a residual use of x, dres (either may be undefined): x's gradient, the norm's
+// plus dres summed in the backward kernel (bit for bit autograd's sum of the two), and for method full w's,
+// the sum over rows of dy * normed (normed rounded to T) from the saved rstd.
+struct NormGrads {
+  at::Tensor dx, dw;
+};
+NormGrads norm_backward(const torch::autograd::variable_list& saved, const at::Tensor& dres, const at::Tensor& dy,
+                        bool need_dx, bool need_dw) {
+  const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+  const at::Tensor dr = dres.defined() ? dres.contiguous() : at::Tensor();
+  if (!dy.defined()) return {dr, at::Tensor()};
+  const at::Tensor g = dy.contiguous();
+  NormGrads out;
+  if (need_dx) out.dx = kernels::rmsnorm_bwd_cuda(g, x, w.contiguous(), rstd, dr);
+  if (need_dw) {
+    const int64_t h = x.size(-1);
+    at::Tensor normed = (x.reshape({-1, h}).to(at::kFloat) * rstd.unsqueeze(1)).to(x.scalar_type());
+    out.dw = (g.reshape({-1, h}).to(at::kFloat) * normed.to(at::kFloat)).sum(0).to(w.scalar_type());
+  }
+  return out;
 }
 
 // The fused RMSNorm kernels (kernels/rmsnorm.cu) as an autograd function: the same math as the composite
@@ -120,19 +136,15 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
-    const at::Tensor dy = grad[0].contiguous();
-    at::Tensor dx, dw;
-    if (ctx->needs_input_grad(0)) dx = kernels::rmsnorm_bwd_cuda(dy, x, w.contiguous(), rstd);
-    if (ctx->needs_input_grad(1)) dw = norm_weight_grad(dy, x, w, rstd);
+    auto [dx, dw] = norm_backward(ctx->get_saved_variables(), at::Tensor(), grad[0], ctx->needs_input_grad(0),
+                                  ctx->needs_input_grad(1));
     return {dx, dw, at::Tensor(), at::Tensor()};
   }
 };
 
 // s = a + b and y = RMSNorm(s) in one kernel (kernels/rmsnorm.cu), the gradient of s from both of its uses
 // (the residual stream, ds, and the norm) summed in the norm's backward kernel: bit for bit the add, the
-// norm and autograd's sum of the two gradients. Saves s and the per-row rstd.
+// norm and autograd's sum of the two gradients (norm_backward). Saves s and the per-row rstd.
 struct AddRMSNormFunction : public torch::autograd::Function<AddRMSNormFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a,
                                                 const at::Tensor& b, const at::Tensor& w, double eps, int64_t spare) {
@@ -142,24 +154,14 @@ struct AddRMSNormFunction : public torch::autograd::Function<AddRMSNormFunction>
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &s = saved[0], &w = saved[1], &rstd = saved[2];
-    const at::Tensor ds = grad[0].defined() ? grad[0].contiguous() : at::Tensor();
-    at::Tensor d, dw;
-    if (grad[1].defined()) {
-      const at::Tensor dy = grad[1].contiguous();
-      d = kernels::rmsnorm_bwd_cuda(dy, s, w.contiguous(), rstd, ds);
-      if (ctx->needs_input_grad(2)) dw = norm_weight_grad(dy, s, w, rstd);
-    } else {
-      d = ds;
-    }
+    auto [d, dw] = norm_backward(ctx->get_saved_variables(), grad[0], grad[1], true, ctx->needs_input_grad(2));
     return {d, d, dw, at::Tensor(), at::Tensor()};
   }
 };
 
 // (r, RMSNorm(x)) where r stands for x in a residual sum whose value was kept (GradientOnlyAdd in a
 // recomputation): r's values are unspecified, and the gradient reaching x through it is summed in the
-// norm's backward kernel, bit for bit autograd's sum of the two.
+// norm's backward kernel (norm_backward).
 struct ResidualRMSNormFunction : public torch::autograd::Function<ResidualRMSNormFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 const at::Tensor& w, double eps, int64_t spare) {
@@ -170,15 +172,7 @@ struct ResidualRMSNormFunction : public torch::autograd::Function<ResidualRMSNor
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
-    const at::Tensor dr = grad[0].defined() ? grad[0].contiguous() : at::Tensor();
-    at::Tensor d = dr, dw;
-    if (grad[1].defined()) {
-      const at::Tensor dy = grad[1].contiguous();
-      d = kernels::rmsnorm_bwd_cuda(dy, x, w.contiguous(), rstd, dr);
-      if (ctx->needs_input_grad(1)) dw = norm_weight_grad(dy, x, w, rstd);
-    }
+    auto [d, dw] = norm_backward(ctx->get_saved_variables(), grad[0], grad[1], true, ctx->needs_input_grad(1));
     return {d, dw, at::Tensor(), at::Tensor()};
   }
 };
