@@ -17,7 +17,7 @@
 #            with and without checkpointing, AB_ROUNDS (default 2) interleaved rounds. b = this build with AB_FLAGS (default
 #            "--fold off"), or, when .deps/base-src holds an older tree (`scripts/gpu.sh --prepare-base
 #            REV`), that tree's build with AB_FLAGS (default none); AB_C_FLAGS adds c, this build with those
-#            flags. AB_PROFILE=1 adds the profile of a's step without checkpointing
+#            flags. AB_PROFILE=1 adds the profile (device activities only) of a's step without checkpointing
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
@@ -178,8 +178,9 @@ if [ "$MODE" = ab ]; then
   fi
   flags="${flags-${AB_FLAGS:---fold off}}"
   if [ -n "${AB_PROFILE:-}" ]; then
-    echo "== profile, llama2-7b, r 16, checkpointing off, as is"
-    "$Q" bench --shape llama2-7b --r 16 --checkpointing off --warmup 2 --steps 3 --profile "$OUT/trace_ckpt_off.json" \
+    echo "== profile (device activities only), llama2-7b, r 16, checkpointing off, as is"
+    "$Q" bench --shape llama2-7b --r 16 --checkpointing off --warmup 2 --steps 3 ${AB_A_FLAGS:-} --profile-gpu-only \
+      --profile "$OUT/trace_ckpt_off.json" \
       2>&1 | grep -vE "^trace:" | head -40
     gzip -f "$OUT"/trace_*.json
   fi

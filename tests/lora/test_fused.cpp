@@ -10,6 +10,10 @@
 
 #include <torch/csrc/autograd/autograd.h>
 
+#ifdef QLORA_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 #include "tests/test_util.h"
 #include "trainer/lora/lora.h"
 #include "trainer/model/fused.h"
@@ -318,10 +322,12 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
 }
 
 // Dequantization one group ahead on a second stream (fused.h's DequantAhead) changes no bit: three steps of
-// two folded groups (forward both, backward both, as a layer calls them), with the queue on and off. From
-// the second step on, every dequantization must come from the work done ahead (the order is learned in the
-// first), which the hit count shows; the weights are those of the model in float32 and bfloat16, double
-// quantization on.
+// two folded groups (forward both, backward both, as a layer calls them, then an update of the adapters in
+// place), with the queue off and in each of its modes, each step under a StepStream. From the second step
+// on, every dequantization must come from the work done ahead (the order is learned in the first), which the
+// hit count shows; the block-diagonal B's made ahead must follow the updates. The weights are those of the
+// model in float32 and bfloat16, double quantization on.
+#ifdef QLORA_WITH_CUDA
 TEST(FusedPath, DequantizationAheadChangesNoBit) {
   QLORA_SKIP_WITHOUT_CUDA();
   const at::Device gpu(at::kCUDA, 0);
@@ -342,36 +348,82 @@ TEST(FusedPath, DequantizationAheadChangesNoBit) {
     ASSERT_GT(spare_qkv, 0);
     auto g = at::make_generator<at::CPUGeneratorImpl>(8);
     const at::Tensor x = at::randn({2, 33, h}, g).to(gpu, dt);
+    const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(0);
+    std::vector<at::Tensor> initial;  // each run starts from the same adapters
+    for (auto& [name, p] : lora::lora_named_parameters(*m)) initial.push_back(p.detach().clone());
     auto run = [&](model::DequantAhead mode) {
       model::set_dequant_ahead(mode);
+      {
+        at::NoGradGuard no_grad;
+        size_t i = 0;
+        for (auto& [name, p] : lora::lora_named_parameters(*m)) p.copy_(initial[i++]);
+      }
+      const bool own_stream = mode == model::DequantAhead::Low || mode == model::DequantAhead::High;
       std::vector<at::Tensor> out;
       for (int step = 0; step < 3; ++step) {
-        for (auto& [name, p] : lora::lora_named_parameters(*m)) p.mutable_grad() = at::Tensor();
-        at::Tensor xd = x.clone().requires_grad_(true);
+        at::Tensor y1, y2, xd;
         const int64_t hits_before = model::dequant_ahead_hits();
-        at::Tensor y1 = model::fused_projections(qkv, model::with_spare_columns(xd, spare_qkv), true, spare_qkv);
-        at::Tensor y2 = model::fused_projections(gate_up, model::with_spare_columns(xd, spare_gu), true, spare_gu);
-        (y1.to(at::kFloat).square().sum() + y2.to(at::kFloat).sin().sum()).backward();
+        {
+          const model::StepStream on_step(gpu);  // as the trainer's step
+          const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(0);
+          EXPECT_EQ(current != caller, own_stream);
+          if (own_stream) {
+            EXPECT_LT(current.priority(), 0);  // above the side stream's default priority
+          }
+          for (auto& [name, p] : lora::lora_named_parameters(*m)) p.mutable_grad() = at::Tensor();
+          xd = x.clone().requires_grad_(true);
+          y1 = model::fused_projections(qkv, model::with_spare_columns(xd, spare_qkv), true, spare_qkv);
+          y2 = model::fused_projections(gate_up, model::with_spare_columns(xd, spare_gu), true, spare_gu);
+          (y1.to(at::kFloat).square().sum() + y2.to(at::kFloat).sin().sum()).backward();
+          // An update in place, as the optimizer's (not after the last step, whose outputs are compared): the
+          // next step's first group was made ahead before it, with the B's as they were, so its bd must be
+          // written again.
+          at::NoGradGuard no_grad;
+          for (auto& [name, p] : lora::lora_named_parameters(*m))
+            if (step < 2 && p.grad().defined()) p.sub_(p.grad().sign() * 1e-2);
+        }
+        EXPECT_EQ(c10::cuda::getCurrentCUDAStream(0), caller);
         const int64_t hits = model::dequant_ahead_hits() - hits_before;
         // Four dequantizations a step: each group's forward and backward. The first step learns the order
-        // within a step, the second what follows the step's last one.
-        const int64_t expected = mode == model::DequantAhead::Off ? 0 : step == 0 ? -1 : step == 1 ? 3 : 4;
-        if (expected >= 0) EXPECT_EQ(hits, expected) << "step " << step;
-        if (step == 2) {
+        // within a step, the second what follows the step's last one (the queue remembers the order across
+        // these runs: the first queued run's second step is the one with 3).
+        const int64_t expected = mode == model::DequantAhead::Off                       ? 0
+                                 : step == 0                                            ? -1
+                                 : step == 1 && mode == model::DequantAhead::Low ? 3
+                                                                                        : 4;
+        if (expected >= 0) {
+          EXPECT_EQ(hits, expected) << "step " << step;
+        }
+        if (step == 2) {  // read on the caller's stream, which waited for the step's
           out = {y1.detach().cpu(), y2.detach().cpu(), xd.grad().cpu()};
           for (auto& [name, p] : lora::lora_named_parameters(*m))
             if (p.grad().defined()) out.push_back(p.grad().cpu());
         }
       }
+      if (own_stream) {
+        // A forward outside the step's stream (an evaluation between steps, say) makes the request the work
+        // ahead was done for, the next step's first: it dequantizes its own (the buffer belongs to the step's
+        // stream), with the same result.
+        const int64_t hits_before = model::dequant_ahead_hits();
+        const at::Tensor xd = x.clone().requires_grad_(true);
+        const at::Tensor y = model::fused_projections(qkv, model::with_spare_columns(xd, spare_qkv), true, spare_qkv);
+        EXPECT_EQ(model::dequant_ahead_hits(), hits_before);
+        EXPECT_TRUE(test::same_bits(y.cpu(), out[0]));
+      }
       return out;
     };
     const auto off = run(model::DequantAhead::Off);
-    const auto on = run(model::DequantAhead::Low);
-    ASSERT_EQ(off.size(), on.size());
-    ASSERT_GT(off.size(), 3u);
-    for (size_t i = 0; i < off.size(); ++i) EXPECT_TRUE(test::same_bits(on[i], off[i])) << c10::toString(dt) << " tensor " << i;
+    for (auto mode : {model::DequantAhead::Low, model::DequantAhead::Even, model::DequantAhead::High}) {
+      const auto on = run(mode);
+      ASSERT_EQ(off.size(), on.size());
+      ASSERT_GT(off.size(), 3u);
+      for (size_t i = 0; i < off.size(); ++i)
+        EXPECT_TRUE(test::same_bits(on[i], off[i]))
+            << c10::toString(dt) << " mode " << static_cast<int>(mode) << " tensor " << i;
+    }
   }
 }
+#endif
 
 // The composite's input gradient is the sum of its slices' zero-padded gradients, so it carries +0 where
 // the packed kernels write a product that underflowed to -0 (IEEE: -0 + 0 = +0; one element in a few

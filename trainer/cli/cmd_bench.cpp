@@ -139,7 +139,7 @@ struct StepOptions {
   std::string json;
   std::string fused = "auto";  // the fused projection path (trainer/model/fused.h): auto | on | off
   std::string fold = "on";     // adapters folded into the base GEMM where they can be (fused.h): on | off
-  std::string ahead = "low";   // dequantization one group ahead on a second stream (fused.h): low | high | off
+  std::string ahead = "low";   // dequantization one group ahead on a second stream (fused.h): low | even | high | off
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
   bool profile_gpu_only = false;  // record device activities only: the CPU's op records slow it ~3x, which
                                   // can starve the GPU in a step that is not launch-bound without them
@@ -239,6 +239,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::set_fold_adapters(so.fold == "on");
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
                            : so.ahead == "high" ? model::DequantAhead::High
+                           : so.ahead == "even" ? model::DequantAhead::Even
                                                 : model::DequantAhead::Low);
   QLORA_REQUIRE(so.seq >= 2, "--seq: must be at least 2, got {}", so.seq);
   // Plain RoPE does not depend on the position limit: longer sequences measure memory and speed as is.
@@ -277,6 +278,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   auto step = [&](bool record) {
     const at::Tensor ids = at::randint(0, arch.vocab_size, {so.batch, so.seq}, gen, at::kLong);
     sync(ctx.device);
+    const model::StepStream on_step(ctx.device);  // as Trainer::train_step
     PhaseMarks marks(ctx.device);
     const double t0 = now_ms();
     marks.mark();
@@ -522,8 +524,9 @@ Runner add_bench(CLI::App& app) {
       ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
   cmd->add_option("--ahead", so->ahead,
-                  "Dequantization one group ahead on a second stream: low (a low-priority stream) | high | off")
-      ->check(CLI::IsMember({"low", "high", "off"}))
+                  "Dequantization one group ahead on a second stream: low (below the step's stream) | even (the "
+                  "same priority, the step on the default stream) | high (above it) | off")
+      ->check(CLI::IsMember({"low", "even", "high", "off"}))
       ->capture_default_str();
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps (the median is reported)")->capture_default_str();

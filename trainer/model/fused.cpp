@@ -65,24 +65,42 @@ void dequantize_members(const std::vector<GroupState::Member>& members, int64_t 
   for (const auto& m : members) quant::dequantize_4bit_into(m.weight, buf.narrow(0, m.offset, m.out).narrow(1, 0, in));
 }
 
+void block_diag_into(const GroupState& s, at::TensorList lora, const at::Tensor& out);
+
+// W_ext = [W | bd]: the block-diagonal s B of the group's adapters in the columns right of W's (see
+// ProjectionGroupFunction). lora = A0, B0, A1, B1, ... (only the B's are read).
+void block_diag_beside(const GroupState& s, at::TensorList lora, const at::Tensor& buf) {
+  block_diag_into(s, lora, buf.narrow(1, s.in, s.ranks));
+}
+
 #ifdef QLORA_WITH_CUDA
 // Dequantization one group ahead, on a second stream: the dequantize kernels are bound by memory bandwidth,
 // the GEMMs and attention by the tensor cores, so the next group's weights are written while the kernels
 // before its GEMM run instead of between them. A cuBLAS GEMM fills every SM while it runs, so the overlap
-// is in the gaps: the tail of a GEMM's last wave, the small and element-wise kernels. On a low-priority
-// stream the dequantization takes only what the main stream leaves (+1.3% tokens/s without checkpointing
-// on an H100, ~0 with; high priority +1.1% / ~0: docs/performance.md).
+// is in the gaps: the tail of a GEMM's last wave, the small and element-wise kernels. With the step on a
+// stream of higher priority (StepStream) the dequantization takes only what the step's kernels leave
+// (fused.h's DequantAhead; the figures are in docs/performance.md).
 // Which group comes next is learned from the order of the requests: a step makes the same ones in the same
 // order every time (forward, recomputation and backward are told apart by the phase in the key, since a
 // group is dequantized in more than one of them). A wrong guess costs a wasted dequantization, never a wrong
 // result: a request takes the buffer made ahead only when its key matches. The weights are frozen (nothing
 // writes a Quantized4bit in place), so a buffer made ahead holds what the request would compute.
 // Memory: one group's bf16 weights more (the largest, gate|up at the 7B shape, 180 MB).
+// A request for W_ext = [W | bd] (the adapters' B's given) gets bd written ahead too, from the B's the
+// request that taught the order had. The B's change in place (the optimizer): bd made ahead is used only
+// when every B is the same tensor at the same version as when the work ahead was queued, else it is written
+// again on the requesting stream. (The first group of a step is made ahead at the end of the previous
+// backward, before the update.)
 //
-// Streams: the buffer is allocated on the requesting (current) stream; the side stream waits for that
-// stream's queued work before writing it (the allocator may hand back memory that queued kernels still
-// use), and the requesting stream waits for the side stream's event before it uses or drops the buffer, so
-// the allocator's stream bookkeeping stays that of a buffer used on the current stream only.
+// Streams: the buffer is allocated on the requesting (current) stream, its owner; the side stream waits for
+// that stream's queued work before writing it (the allocator may hand back memory that queued kernels still
+// use), and the owner waits for the side stream's event before it uses or drops the buffer, so the
+// allocator's stream bookkeeping stays that of a buffer used on its owner only. A request from another
+// stream (an evaluation between steps, outside the step's stream) never takes it.
+// The step's stream's priority (StepStream): one level above the default 0 (lower is higher in CUDA; PyTorch's
+// pools offer 0 to -3).
+constexpr int kStepPriority = -1;
+
 class DequantAheadQueue {
  public:
   struct Key {
@@ -90,41 +108,52 @@ class DequantAheadQueue {
     int64_t total = 0, in = 0, pitch = 0;
     at::ScalarType dtype = at::kBFloat16;
     int phase = 0;
+    bool bd = false;  // W_ext: the block-diagonal s B beside W
     friend auto operator<=>(const Key&, const Key&) = default;
   };
 
-  at::Tensor take(const GroupState& s, int64_t pitch, at::ScalarType dtype, at::Device device, int phase) {
-    const Key key{s.members[0].weight.packed.unsafeGetTensorImpl(), s.total, s.in, pitch, dtype, phase};
+  // lora: empty, or the group's A0, B0, ... for bd beside W (block_diag_beside).
+  at::Tensor take(const GroupState& s, int64_t pitch, at::ScalarType dtype, at::Device device, int phase,
+                  at::TensorList lora) {
+    const bool with_bd = !lora.empty();
+    const Key key{s.members[0].weight.packed.unsafeGetTensorImpl(), s.total, s.in, pitch, dtype, phase, with_bd};
     std::lock_guard<std::mutex> lock(mutex_);
     const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(device.index());
     at::Tensor buf;
     if (pending_) {
-      pending_->ready.block(main);  // its writes finish before this stream uses or frees the buffer
-      if (pending_->key == key && pending_->device == device) {
+      pending_->ready.block(pending_->owner);  // its writes finish before the owner uses or frees the buffer
+      if (pending_->key == key && pending_->device == device && pending_->owner == main) {
         buf = pending_->buffer;
         g_ahead_hits.fetch_add(1, std::memory_order_relaxed);
+        if (with_bd && !pending_->same_bs(s, lora)) block_diag_beside(s, lora, buf);
       }
       pending_.reset();
     }
     if (!buf.defined()) {
       buf = at::empty({s.total, pitch}, at::TensorOptions().dtype(dtype).device(device));
       dequantize_members(s.members, s.in, buf);
+      if (with_bd) block_diag_beside(s, lora, buf);
     }
     // Learn: this request follows the previous one (built again only when the order changed).
     if (last_) {
       auto learned = successor_.find(*last_);
       if (learned == successor_.end() || learned->second.key != key || learned->second.device != device)
-        successor_.insert_or_assign(*last_, Recipe::of(key, s, device));
+        successor_.insert_or_assign(*last_, Recipe::of(key, s, device, lora));
     }
     last_ = key;
     // Ahead: the request that followed this one last time.
     auto it = successor_.find(key);
     if (it != successor_.end()) {
-      if (auto members = it->second.members()) {
-        const Recipe& r = it->second;
-        Pending p{r.key, r.device, *members,
+      const Recipe& r = it->second;
+      auto members = r.members();
+      auto bs = r.bs();
+      if (members && bs) {
+        GroupState g;  // what block_diag_beside reads of a group
+        g.members = *members, g.in = r.key.in, g.total = r.key.total, g.ranks = r.ranks;
+        Pending p{r.key, r.device, *members, *bs, {},
                   at::empty({r.key.total, r.key.pitch}, at::TensorOptions().dtype(r.key.dtype).device(r.device)),
-                  at::cuda::CUDAEvent()};
+                  main, at::cuda::CUDAEvent()};
+        for (const at::Tensor& b : p.bs) p.versions.push_back(b.defined() ? b._version() : 0);
         at::cuda::CUDAEvent queued;
         queued.record(main);
         const c10::cuda::CUDAStream side = side_stream(r.device);
@@ -132,6 +161,7 @@ class DequantAheadQueue {
         {
           c10::cuda::CUDAStreamGuard on_side(side);
           dequantize_members(p.members, r.key.in, p.buffer);
+          if (r.key.bd) block_diag_beside(g, p.bs, p.buffer);
         }
         p.ready.record(side);
         pending_.emplace(std::move(p));
@@ -150,9 +180,13 @@ class DequantAheadQueue {
     std::vector<GroupState::Member> shape;  // members without their tensors
     std::vector<std::vector<WeakTensor>> weak;  // packed, absmax, nested_absmax, nested_code, code
     std::vector<std::array<bool, 5>> had;       // which of them were defined
+    std::vector<WeakTensor> b_weak;             // with bd: lora's entries (A0, B0, ...), the A's left empty
+    int64_t ranks = 0;
 
-    static Recipe of(const Key& key, const GroupState& s, at::Device device) {
-      Recipe r{key, device, {}, {}, {}};
+    static Recipe of(const Key& key, const GroupState& s, at::Device device, at::TensorList lora) {
+      Recipe r{key, device, {}, {}, {}, {}, s.ranks};
+      for (size_t i = 0; i < lora.size(); ++i)
+        r.b_weak.emplace_back(i % 2 == 1 ? lora[i].getIntrusivePtr() : at::Tensor().getIntrusivePtr());
       for (const auto& m : s.members) {
         GroupState::Member bare = m;
         const quant::Quantized4bit& q = m.weight;
@@ -186,21 +220,45 @@ class DequantAheadQueue {
       }
       return out;
     }
+    // lora's B's again (A0, B0, ...), or nothing when one was freed.
+    std::optional<std::vector<at::Tensor>> bs() const {
+      std::vector<at::Tensor> out;
+      for (size_t i = 0; i < b_weak.size(); ++i) {
+        out.emplace_back(i % 2 == 1 ? at::Tensor(b_weak[i].lock()) : at::Tensor());
+        if (i % 2 == 1 && !out.back().defined()) return std::nullopt;
+      }
+      return out;
+    }
   };
   struct Pending {
     Key key;
     at::Device device;
     std::vector<GroupState::Member> members;  // their weights alive while the key's pointer names them
+    std::vector<at::Tensor> bs;               // with bd: the B's it was written from (A0, B0, ...; A's empty)
+    std::vector<int64_t> versions;            // their versions when it was queued
     at::Tensor buffer;
+    c10::cuda::CUDAStream owner;  // the stream the buffer was allocated on
     at::cuda::CUDAEvent ready;
+
+    // Whether bd was written from the request's B's as they are now (no update since it was queued).
+    bool same_bs(const GroupState& s, at::TensorList lora) const {
+      if (lora.size() != bs.size()) return false;
+      for (const auto& m : s.members) {
+        if (m.lora < 0) continue;
+        const size_t i = 2 * static_cast<size_t>(m.lora) + 1;
+        if (!bs[i].is_same(lora[i]) || bs[i]._version() != versions[i]) return false;
+      }
+      return true;
+    }
   };
 
-  // The stream's priority is the mode's when a device's stream is first made (bench sets it once).
+  // The default priority, or one level above the step's stream in the High mode (fused.h).
   c10::cuda::CUDAStream side_stream(at::Device device) {
-    auto it = side_.find(device.index());
+    const int priority = g_ahead.load() == DequantAhead::High ? kStepPriority - 1 : 0;
+    auto it = side_.find({device.index(), priority});
     if (it == side_.end()) {
-      const bool high = g_ahead.load() == DequantAhead::High;
-      it = side_.emplace(device.index(), c10::cuda::getStreamFromPool(high, device.index())).first;
+      const c10::cuda::CUDAStream made = c10::cuda::getStreamFromPool(priority, device.index());
+      it = side_.emplace(std::pair{device.index(), priority}, made).first;
     }
     return it->second;
   }
@@ -209,8 +267,19 @@ class DequantAheadQueue {
   std::optional<Pending> pending_;
   std::optional<Key> last_;
   std::map<Key, Recipe> successor_;
-  std::map<c10::DeviceIndex, c10::cuda::CUDAStream> side_;
+  std::map<std::pair<c10::DeviceIndex, int>, c10::cuda::CUDAStream> side_;
 };
+
+// One stream per device for every step, so what a step allocates (optimizer state, the adapters' casts)
+// belongs to the stream the next steps use. Never destroyed, like the queue.
+c10::cuda::CUDAStream step_stream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static auto* streams = new std::map<c10::DeviceIndex, c10::cuda::CUDAStream>;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams->find(device);
+  if (it == streams->end()) it = streams->emplace(device, c10::cuda::getStreamFromPool(kStepPriority, device)).first;
+  return it->second;
+}
 
 DequantAheadQueue& dequant_ahead() {
   // Never destroyed: its buffer and events would otherwise be freed after the CUDA runtime at exit.
@@ -220,16 +289,20 @@ DequantAheadQueue& dequant_ahead() {
 #endif
 
 // The group's weights dequantized one under the other in `dtype`: the first `in` columns of a new
-// [total, pitch] buffer (pitch 0: `in`, the plain [total, in] matrix). phase tells apart the passes that
-// dequantize the same group (forward, recomputation, backward) for the queue that works ahead on CUDA.
+// [total, pitch] buffer (pitch 0: `in`, the plain [total, in] matrix); given the adapters (lora = A0, B0,
+// ...), W_ext: their block-diagonal s B in the `ranks` columns after (block_diag_beside). phase tells apart
+// the passes that dequantize the same group (forward, recomputation, backward) for the queue that works
+// ahead on CUDA.
 at::Tensor dequantize_group(const GroupState& s, at::ScalarType dtype, at::Device device, int64_t pitch = 0,
-                            int phase = 0) {
+                            int phase = 0, at::TensorList lora = {}) {
   if (pitch == 0) pitch = s.in;
 #ifdef QLORA_WITH_CUDA
-  if (device.is_cuda() && g_ahead.load() != DequantAhead::Off) return dequant_ahead().take(s, pitch, dtype, device, phase);
+  if (device.is_cuda() && g_ahead.load() != DequantAhead::Off)
+    return dequant_ahead().take(s, pitch, dtype, device, phase, lora);
 #endif
   at::Tensor w = at::empty({s.total, pitch}, at::TensorOptions().dtype(dtype).device(device));
   dequantize_members(s.members, s.in, w);
+  if (!lora.empty()) block_diag_beside(s, lora, w);
   return w;
 }
 
@@ -436,9 +509,9 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     if (st->folded) {
       xa = x2.as_strided({n, st->ranks}, {x2.stride(0), 1}, x2.storage_offset() + st->in);
       // W_ext = [W | bd]: rows 8-element aligned for the dequantize kernel's pitched stores.
-      const at::Tensor buffer = dequantize_group(*st, dt, x.device(), round_up8(st->in + st->ranks), forward_phase());
+      const at::Tensor buffer =
+          dequantize_group(*st, dt, x.device(), round_up8(st->in + st->ranks), forward_phase(), lora);
       w = buffer.narrow(1, 0, st->in + st->ranks);
-      block_diag_into(*st, lora, buffer.narrow(1, st->in, st->ranks));
       if (t_keep_weights) kept = w, bd = buffer.narrow(1, st->in, st->ranks);  // else backward builds bd again
       g_folded.fetch_add(1, std::memory_order_relaxed);
     } else {
@@ -493,6 +566,8 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       const at::Tensor &x2 = saved[1], &xa = saved[2], &a_cat = saved[3];
       at::Tensor bd = saved[4];
       if (!bd.defined()) {  // folded: the operand went with the dequantized weights
+        // Built here, not made ahead beside W as in the forward: the backward needs it before its first
+        // GEMM, and requesting W_ext that early left the work ahead less time (slower: docs/performance.md).
         std::vector<at::Tensor> lora(2 * lora_count);
         for (const auto& m : st->members)
           if (m.lora >= 0) lora[2 * m.lora + 1] = saved[5 + 2 * m.lora];
@@ -603,6 +678,41 @@ void set_fused_mode(FusedMode mode) { g_mode.store(mode); }
 FusedMode fused_mode() { return g_mode.load(); }
 void refresh_adapter_casts() { adapter_casts().refresh(); }
 void set_dequant_ahead(DequantAhead mode) { g_ahead.store(mode); }
+
+#ifdef QLORA_WITH_CUDA
+struct StepStream::Impl {
+  c10::cuda::CUDAStream caller;
+  std::optional<c10::cuda::CUDAStreamGuard> guard;
+};
+#else
+struct StepStream::Impl {};
+#endif
+
+StepStream::StepStream(at::Device device) {
+#ifdef QLORA_WITH_CUDA
+  const DequantAhead mode = g_ahead.load();
+  if (!device.is_cuda() || (mode != DequantAhead::Low && mode != DequantAhead::High)) return;
+  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device.index());
+  const c10::cuda::CUDAStream step = step_stream(device.index());
+  if (caller == step) return;  // nested
+  at::cuda::CUDAEvent queued;
+  queued.record(caller);
+  queued.block(step);
+  impl_.reset(new Impl{caller, std::nullopt});
+  impl_->guard.emplace(step);
+#else
+  (void)device;
+#endif
+}
+
+StepStream::~StepStream() {
+#ifdef QLORA_WITH_CUDA
+  if (!impl_) return;
+  at::cuda::CUDAEvent done;
+  done.record(c10::cuda::getCurrentCUDAStream(impl_->caller.device_index()));
+  done.block(impl_->caller);
+#endif
+}
 DequantAhead dequant_ahead_mode() { return g_ahead.load(); }
 int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxed); }
 void set_fold_adapters(bool on) { g_fold.store(on); }

@@ -24,6 +24,7 @@
 
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -40,11 +41,34 @@ FusedMode fused_mode();
 void refresh_adapter_casts();
 
 // Dequantization one group ahead on a second CUDA stream, overlapping the kernels before its GEMM (fused.cpp's
-// DequantAheadQueue): Low (a low-priority stream, the default: its blocks take the SMs the main stream's
-// kernels leave free), High (a high-priority one; for A/B), Off (each group dequantized in its turn).
-enum class DequantAhead { Off, Low, High };
+// DequantAheadQueue). The block scheduler serves a pending grid of a higher-priority stream first; between
+// grids of equal priority, the one queued first. So:
+//   Low (the default): the step's kernels on a stream one priority level above the default (StepStream),
+//        the dequantization on a default-priority one: its blocks take only the SMs the step leaves free;
+//   Even: both at the default priority, the step on the caller's stream (the default until 2026-11-26: a
+//        small kernel of the step then waited behind a whole dequantization grid queued before it);
+//   High: the dequantization one level above the step's stream (for A/B);
+//   Off: each group dequantized in its turn, on the caller's stream.
+enum class DequantAhead { Off, Low, Even, High };
 void set_dequant_ahead(DequantAhead mode);
 DequantAhead dequant_ahead_mode();
+
+// While one lives, the CUDA work this thread queues on `device` goes to the step's stream (Low and High
+// above; otherwise, on the CPU and when nested, it changes nothing). That stream first waits for the work
+// queued on the caller's stream, and the caller's stream waits for the step's work when this ends, so code
+// outside sees one ordered stream. The trainer's step and `qlora bench`'s run under one; the backward runs
+// on it too (autograd runs a node's backward on its forward's stream).
+class StepStream {
+ public:
+  explicit StepStream(at::Device device);
+  ~StepStream();
+  StepStream(const StepStream&) = delete;
+  StepStream& operator=(const StepStream&) = delete;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 // How many dequantizations were taken from the work done ahead since the process started (tests).
 int64_t dequant_ahead_hits();
 

@@ -183,6 +183,8 @@ double Trainer::current_lr() const {
 
 double Trainer::train_step() {
   model_->train();
+  // The step's kernels on a stream above the dequantization's priority (fused.h's DequantAhead).
+  const model::StepStream on_step(model_->device());
   // Gather the step's micro-batches first: the loss is the mean over every label token of the step,
   // so each micro-batch's sum is divided by the step's total count (exact under accumulation).
   std::vector<data::Batch> micro;
