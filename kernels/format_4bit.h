@@ -140,7 +140,9 @@ constexpr float kMinAbsmax = 1e-38f;
 // compile-time constants: no table lookups, no branches.
 QLORA_HD inline int encode(Code c, float x) {
   int r = 0;
+#ifdef __CUDACC__  // host compilers other than nvcc's front end do not know the pragma
 #pragma unroll
+#endif
   for (int i = 0; i < kCodes - 1; ++i) r += x > midpoint(c, i) ? 1 : 0;
   return sorted_code(c, r);
 }

@@ -66,6 +66,24 @@ struct BlockDiagMember {
 };
 void lora_block_diag_cuda(const at::Tensor& out, const std::vector<BlockDiagMember>& members);
 
+// The backward's two products of a projection group's output gradient with its adapters in one pass over dy
+// (kernels/lora_grad.cu): for each member m (columns [offset, offset + out) of dy, [col, col + R) of xa):
+// dxa[:, col + j] = dy_m T(scale B)[:, j] (T = dy's dtype; bd's operand, block_diag_kernel's rounding) and
+// dB_m = scale dy_m^T xa_m in float32. dy [n, total] and xa [n, ranks] in bfloat16 or float16 with contiguous
+// rows (any row stride: xa may be the spare columns of a wider buffer); returns dxa [n, ranks] contiguous
+// and each member's dB [out, R]. Deterministic. lora_grad_supported says whether the arguments fit: every
+// B float32 [out, R] contiguous with the same R, 8 or 16, out and offset multiples of 8, dy's
+// rows 16-byte aligned, at most kMaxLoraGradMembers members.
+constexpr int kMaxLoraGradMembers = 8;
+struct LoraGradMember {
+  at::Tensor b;
+  int64_t offset = 0, col = 0;
+  double scale = 1.0;
+};
+bool lora_grad_supported(const at::Tensor& dy, const at::Tensor& xa, const std::vector<LoraGradMember>& members);
+std::pair<at::Tensor, std::vector<at::Tensor>> lora_grad_cuda(const at::Tensor& dy, const at::Tensor& xa,
+                                                              const std::vector<LoraGradMember>& members);
+
 // Token cross-entropy and its gradient in one pass (kernels/cross_entropy.cu): logits [rows, V]
 // contiguous (bf16 / fp16 / fp32), targets int64 [rows] in [0, V) -> float32 [rows] of lse - logit[target]
 // (float32 math); the logits are overwritten with softmax(row) - onehot(target), rounded to their dtype.

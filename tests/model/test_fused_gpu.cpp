@@ -206,6 +206,75 @@ TEST(FusedKernels, BlockDiagonalAdaptersMatchComposite) {
     }
   }
 }
+
+// The adapters' two backward products in one pass over dy (kernels/lora_grad.cu) against float64 on the
+// same rounded operands: dxa = dy bd with bd = T(s B) rounded as block_diag_kernel rounds it, dB = s dy^T xa.
+// Token counts around the kernel's 256-token tiles and its 8192-token slices, members whose widths are
+// multiples of 8 but not of 64, both supported ranks, xa in the spare columns of a wider buffer, bfloat16
+// and float16; a second call gives the same bits (the partial sums are added in a fixed order); arguments
+// it does not take are refused.
+TEST(FusedKernels, LoraGradMatchesReference) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  struct Case {
+    int64_t n;
+    std::vector<int64_t> outs;
+    int64_t r;
+  };
+  const std::vector<Case> cases = {{1, {64}, 8},           {37, {40, 24, 24}, 16},        {300, {520, 136, 136}, 16},
+                                   {257, {1000}, 8},       {2048, {4096, 1024, 1024}, 16}, {513, {200, 72}, 8},
+                                   {2048, {11008, 11008}, 16}, {8492, {64, 40}, 8},       {16500, {72}, 16}};
+  for (auto dt : {at::kBFloat16, at::kHalf}) {
+    for (const auto& c : cases) {
+      SCOPED_TRACE(std::string(c10::toString(dt)) + " n " + std::to_string(c.n) + " r " + std::to_string(c.r));
+      int64_t total = 0;
+      for (int64_t o : c.outs) total += o;
+      const int64_t ranks = c.r * static_cast<int64_t>(c.outs.size());
+      const at::Tensor dy = at::randn({c.n, total}, gen, at::kFloat).to(dt).to(dev);
+      const at::Tensor wide = at::randn({c.n, 40 + ranks}, gen, at::kFloat).to(dt).to(dev);
+      const at::Tensor xa = wide.narrow(1, 40, ranks);
+      std::vector<kernels::LoraGradMember> members;
+      at::Tensor dxa_ref = at::zeros({c.n, ranks}, at::kDouble);
+      std::vector<at::Tensor> db_ref;
+      int64_t offset = 0, col = 0;
+      for (size_t i = 0; i < c.outs.size(); ++i) {
+        const double scale = 0.5 + 0.25 * static_cast<double>(i);
+        const at::Tensor b = (at::randn({c.outs[i], c.r}, gen, at::kFloat) * 0.1).to(dev);
+        members.push_back({b, offset, col, scale});
+        const at::Tensor dym = dy.narrow(1, offset, c.outs[i]).cpu().to(at::kDouble);
+        const at::Tensor bd = (b * scale).to(dt).cpu().to(at::kDouble);
+        dxa_ref.narrow(1, col, c.r).copy_(at::mm(dym, bd));
+        db_ref.push_back(scale * at::mm(dym.t(), xa.narrow(1, col, c.r).cpu().to(at::kDouble)));
+        offset += c.outs[i], col += c.r;
+      }
+      ASSERT_TRUE(kernels::lora_grad_supported(dy, xa, members));
+      const auto [dxa, db] = kernels::lora_grad_cuda(dy, xa, members);
+      ASSERT_EQ(dxa.sizes(), (std::vector<int64_t>{c.n, ranks}));
+      ASSERT_EQ(db.size(), c.outs.size());
+      // dxa rounds once to the 16-bit type (2^-9 / 2^-12 relative); dB is a float32 sum of up to 2048 terms.
+      EXPECT_LE(test::rel_err(dxa.cpu().to(at::kDouble), dxa_ref), dt == at::kBFloat16 ? 5e-3 : 1e-3);
+      for (size_t i = 0; i < db.size(); ++i) {
+        EXPECT_EQ(db[i].scalar_type(), at::kFloat);
+        EXPECT_LE(test::rel_err(db[i].cpu().to(at::kDouble), db_ref[i]), 1e-5) << "member " << i;
+      }
+      const auto [dxa2, db2] = kernels::lora_grad_cuda(dy, xa, members);
+      EXPECT_TRUE(test::same_bits(dxa2, dxa));
+      for (size_t i = 0; i < db.size(); ++i) EXPECT_TRUE(test::same_bits(db2[i], db[i]));
+    }
+  }
+  // Refused: ranks it has no kernel for, a member not 8-aligned in dy, float32 gradients.
+  const at::Tensor dy = at::randn({16, 64}, at::TensorOptions(dev).dtype(at::kBFloat16));
+  const at::Tensor xa = at::randn({16, 64}, at::TensorOptions(dev).dtype(at::kBFloat16));
+  const at::Tensor b16 = at::randn({32, 16}, at::TensorOptions(dev)), b12 = at::randn({32, 12}, at::TensorOptions(dev));
+  EXPECT_TRUE(kernels::lora_grad_supported(dy, xa, {{b16, 8, 0, 1.0}}));
+  EXPECT_FALSE(kernels::lora_grad_supported(dy, xa, {{b12, 8, 0, 1.0}}));
+  for (int64_t r : {32, 64})
+    EXPECT_FALSE(kernels::lora_grad_supported(dy, xa, {{at::randn({32, r}, at::TensorOptions(dev)), 8, 0, 1.0}}));
+  EXPECT_FALSE(kernels::lora_grad_supported(dy, xa, {{b16, 4, 0, 1.0}}));
+  EXPECT_FALSE(kernels::lora_grad_supported(dy.to(at::kFloat), xa.to(at::kFloat), {{b16, 8, 0, 1.0}}));
+  EXPECT_THROW(kernels::lora_grad_cuda(dy, xa, {{b12, 8, 0, 1.0}}), c10::Error);
+}
 #endif
 
 }  // namespace

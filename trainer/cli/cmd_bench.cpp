@@ -139,6 +139,7 @@ struct StepOptions {
   std::string json;
   std::string fused = "auto";  // the fused projection path (trainer/model/fused.h): auto | on | off
   std::string fold = "on";     // adapters folded into the base GEMM where they can be (fused.h): on | off
+  std::string lora_grad = "kernel";  // the backward's dxa and dB's (fused.h): kernel | cublas
   std::string ahead = "low";   // dequantization one group ahead on a second stream (fused.h): low | even | high | off
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
   bool profile_gpu_only = false;  // record device activities only: the CPU's op records slow it ~3x, which
@@ -237,6 +238,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::set_fused_mode(so.fused == "on" ? model::FusedMode::On : so.fused == "off" ? model::FusedMode::Off
                                                                                       : model::FusedMode::Auto);
   model::set_fold_adapters(so.fold == "on");
+  model::set_lora_grad_kernel(so.lora_grad == "kernel");
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
                            : so.ahead == "high" ? model::DequantAhead::High
                            : so.ahead == "even" ? model::DequantAhead::Even
@@ -339,6 +341,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"fused", so.fused},
                       {"fold", so.fold},
                       {"dequant_ahead", so.ahead},
+                      {"lora_grad", so.lora_grad},
                       {"device", ctx.device.str()},
                       {"lora_params", lora_params},
                       {"load_ms", load_ms},
@@ -354,8 +357,8 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} ({} of {} layers) fused={} fold={} "
-             "ahead={} on {}\n", so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing),
-             model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead, ctx.device.str());
+             "ahead={} lora-grad={} on {}\n", so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing),
+             model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead, so.lora_grad, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
@@ -522,6 +525,11 @@ Runner add_bench(CLI::App& app) {
                   "Adapters folded into the base GEMM's K dimension where the input's producer leaves room: on | off "
                   "(the B products written first, the base GEMM accumulating onto them)")
       ->check(CLI::IsMember({"on", "off"}))
+      ->capture_default_str();
+  cmd->add_option("--lora-grad", so->lora_grad,
+                  "The backward's adapter products dxa and dB: kernel (one pass over dy) | cublas (dy bd, then a "
+                  "GEMM per dB)")
+      ->check(CLI::IsMember({"kernel", "cublas"}))
       ->capture_default_str();
   cmd->add_option("--ahead", so->ahead,
                   "Dequantization one group ahead on a second stream: low (below the step's stream) | even (the "

@@ -28,6 +28,7 @@ namespace {
 
 std::atomic<FusedMode> g_mode{FusedMode::Auto};
 std::atomic<bool> g_fold{true};
+std::atomic<bool> g_lora_grad_kernel{true};
 thread_local bool t_keep_weights = false;  // KeepDequantizedWeights
 
 using torch::autograd::AutogradContext;
@@ -564,23 +565,38 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     at::Tensor dx;
     if (st->ranks > 0) {
       const at::Tensor &x2 = saved[1], &xa = saved[2], &a_cat = saved[3];
-      at::Tensor bd = saved[4];
-      if (!bd.defined()) {  // folded: the operand went with the dequantized weights
-        // Built here, not made ahead beside W as in the forward: the backward needs it before its first
-        // GEMM, and requesting W_ext that early left the work ahead less time (slower: docs/performance.md).
-        std::vector<at::Tensor> lora(2 * lora_count);
+      at::Tensor dxa;              // gradient of xa, [n, ranks]
+      std::vector<at::Tensor> db;  // the adapted members' dB, in order, when one kernel made them with dxa
+#ifdef QLORA_WITH_CUDA
+      if (g_lora_grad_kernel.load() && dy.is_cuda()) {  // dy read once for dxa and every dB
+        std::vector<kernels::LoraGradMember> lg;
         for (const auto& m : st->members)
-          if (m.lora >= 0) lora[2 * m.lora + 1] = saved[5 + 2 * m.lora];
-        bd = at::empty({st->total, st->ranks}, dy.options());
-        block_diag_into(*st, lora, bd);
+          if (m.lora >= 0) lg.push_back({saved[5 + 2 * m.lora], m.offset, m.col, m.scaling});
+        if (kernels::lora_grad_supported(dy, xa, lg)) std::tie(dxa, db) = kernels::lora_grad_cuda(dy, xa, lg);
       }
-      const at::Tensor dxa = at::mm(dy, bd);  // gradient of xa, [n, ranks]
+#endif
+      if (!dxa.defined()) {
+        at::Tensor bd = saved[4];
+        if (!bd.defined()) {  // folded: the operand went with the dequantized weights
+          // Built here, not made ahead beside W as in the forward: the backward needs it before its first
+          // GEMM, and requesting W_ext that early left the work ahead less time (slower: docs/performance.md).
+          std::vector<at::Tensor> lora(2 * lora_count);
+          for (const auto& m : st->members)
+            if (m.lora >= 0) lora[2 * m.lora + 1] = saved[5 + 2 * m.lora];
+          bd = at::empty({st->total, st->ranks}, dy.options());
+          block_diag_into(*st, lora, bd);
+        }
+        dxa = at::mm(dy, bd);
+      }
       bool need_da = false;
+      size_t adapted = 0;
       for (const auto& m : st->members) {
         if (m.lora < 0) continue;
         if (ctx->needs_input_grad(2 + 2 * m.lora)) {
-          grads[2 + 2 * m.lora] = mm_float(dy.narrow(1, m.offset, m.out).t(), xa.narrow(1, m.col, m.rank), m.scaling);
+          grads[2 + 2 * m.lora] = !db.empty() ? db[adapted] : mm_float(dy.narrow(1, m.offset, m.out).t(),
+                                                                       xa.narrow(1, m.col, m.rank), m.scaling);
         }
+        ++adapted;
         need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
       }
       if (!st->any_dropout) {
@@ -717,6 +733,7 @@ DequantAhead dequant_ahead_mode() { return g_ahead.load(); }
 int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxed); }
 void set_fold_adapters(bool on) { g_fold.store(on); }
 bool fold_adapters() { return g_fold.load(); }
+void set_lora_grad_kernel(bool on) { g_lora_grad_kernel.store(on); }
 
 namespace {
 // The group's state for inputs of `in` features in x's dtype on x's device, its adapters appended to lora;

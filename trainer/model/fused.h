@@ -77,6 +77,11 @@ int64_t dequant_ahead_hits();
 void set_fold_adapters(bool on);
 bool fold_adapters();
 
+// Whether a group's backward forms dxa and the dB's in one pass over dy on CUDA (kernels/lora_grad.cu,
+// where it supports the shapes; default on) or with cuBLAS (dy bd, then a GEMM per dB: `qlora bench
+// --lora-grad cublas`, for A/B).
+void set_lora_grad_kernel(bool on);
+
 // While one lives (on this thread), a group's forward keeps its dequantized weights for its backward instead
 // of dequantizing them again there. For a checkpointed layer's recomputation, whose backward follows at
 // once: it saves one dequantization per group and step for one layer's bf16 weights held meanwhile (about
