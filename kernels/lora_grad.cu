@@ -268,11 +268,26 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 template <typename T, int R>
+size_t smem_bytes() {
+  return sizeof(T) * (2 * kTokens * kDyPitch + R * kXaPitch + 2 * R * kDyPitch);
+}
+
+// How many CTAs of the kernel the GPU holds at once (the shared-memory limit raised for it first).
+template <typename T, int R>
+int64_t resident_ctas(int64_t sms) {
+  auto* kernel = lora_grad_kernel<T, R>;
+  const int smem = static_cast<int>(smem_bytes<T, R>());
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  return std::max(1, per_sm) * sms;
+}
+
+template <typename T, int R>
 void launch(const Members& mb, const at::Tensor& dy, const at::Tensor& xa, int64_t n, int chunks, int64_t ctas,
             at::Tensor& work, cudaStream_t stream) {
-  const size_t smem = sizeof(T) * (2 * kTokens * kDyPitch + R * kXaPitch + 2 * R * kDyPitch);
+  const size_t smem = smem_bytes<T, R>();
   auto* kernel = lora_grad_kernel<T, R>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(
       mb, static_cast<const T*>(dy.data_ptr()), dy.stride(0), static_cast<const T*>(xa.data_ptr()), xa.stride(0), n,
       chunks, work.data_ptr<float>());
@@ -319,19 +334,24 @@ std::pair<at::Tensor, std::vector<at::Tensor>> lora_grad_cuda(const at::Tensor& 
   // slice's dy) at long sequences; each slice's dB sums are added to the previous slices' in order.
   constexpr int64_t kSlice = 32 * kTokens;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const bool bf16 = dy.scalar_type() == at::kBFloat16;
+  const int64_t slots = bf16 ? (R == 8 ? resident_ctas<__nv_bfloat16, 8>(sms) : resident_ctas<__nv_bfloat16, 16>(sms))
+                             : (R == 8 ? resident_ctas<__half, 8>(sms) : resident_ctas<__half, 16>(sms));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int64_t s0 = 0; s0 < n; s0 += kSlice) {
     const int64_t len = std::min(kSlice, n - s0);
-    // Feature blocks of `chunks` x 64 per CTA: the longest (the fewest partial dxa's to write and sum)
-    // whose grid still has a CTA for every SM.
+    // Feature blocks of `chunks` x 64 per CTA: the fewest chunks a CTA (the shortest kernel) whose grid
+    // still fits in one wave of resident CTAs (a second, partial wave would leave SMs idle at the end).
     const int64_t tblocks = ceil_div(len, kTokens);
-    auto ctas_for = [&](int chunks) {
+    auto ctas_for = [&](int64_t chunks) {
       int64_t c = 0;
-      for (const auto& m : members) c += tblocks * ceil_div(m.b.size(0), int64_t{chunks} * kChunk);
+      for (const auto& m : members) c += tblocks * ceil_div(m.b.size(0), chunks * kChunk);
       return c;
     };
-    int chunks = 8;
-    while (chunks > 1 && ctas_for(chunks) < sms) chunks /= 2;
+    int64_t most = 1;  // a member's chunks
+    for (const auto& m : members) most = std::max(most, ceil_div(m.b.size(0), int64_t{kChunk}));
+    int64_t chunks = std::max<int64_t>(1, ctas_for(1) / slots);
+    while (chunks < most && ctas_for(chunks) > slots) ++chunks;
     Members mb{};
     mb.count = static_cast<int>(members.size());
     int64_t cta = 0, floats = 0;
@@ -354,8 +374,8 @@ std::pair<at::Tensor, std::vector<at::Tensor>> lora_grad_cuda(const at::Tensor& 
     const at::Tensor dys = dy.narrow(0, s0, len), xas = xa.narrow(0, s0, len);
     auto go = [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      if (R == 8) launch<T, 8>(mb, dys, xas, len, chunks, cta, work, stream);
-      else launch<T, 16>(mb, dys, xas, len, chunks, cta, work, stream);
+      if (R == 8) launch<T, 8>(mb, dys, xas, len, static_cast<int>(chunks), cta, work, stream);
+      else launch<T, 16>(mb, dys, xas, len, static_cast<int>(chunks), cta, work, stream);
       int64_t items = static_cast<int64_t>(mb.count) * len * R / 4;  // four columns each
       for (size_t k = 0; k < members.size(); ++k) items += mb.out[k] * R / 4;
       const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(items, 256), 8 * sms));
@@ -364,7 +384,7 @@ std::pair<at::Tensor, std::vector<at::Tensor>> lora_grad_cuda(const at::Tensor& 
                                                       /*accumulate=*/s0 > 0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (dy.scalar_type() == at::kBFloat16) go(static_cast<__nv_bfloat16*>(nullptr));
+    if (bf16) go(static_cast<__nv_bfloat16*>(nullptr));
     else go(static_cast<__half*>(nullptr));
   }
   return {dxa, db};
