@@ -4,8 +4,8 @@
 //   dxa[t, col_m + j] = sum_f dy[t, offset_m + f] * T(s_m * B_m[f, j])      (dy times the block-diagonal bd)
 //   dB_m[f, j]        = s_m * sum_t dy[t, offset_m + f] * xa[t, col_m + j]   (float32)
 // cuBLAS reads dy once for dxa and once more per member for the dB's, with split-K kernels and their
-// reductions between (about 230 us a layer at the 7B shape, r 16, 2048 tokens: docs/performance.md); this
-// reads it once. Each CTA takes a tile of kTokens tokens by `chunks` x 64 features of one member: the tile
+// reductions between (5.7 ms a step at the 7B shape, r 16, 2048 tokens, and the backward's block-diagonal
+// operand built first); this reads it once (5.0 ms with its sums: docs/performance.md). Each CTA takes a tile of kTokens tokens by `chunks` x 64 features of one member: the tile
 // streams through shared memory 64 features at a time (cp.async, double-buffered), tensor cores
 // (mma.sync m16n8k16, float32 accumulation) form the tile's dxa over its features and its dB over its
 // tokens, and a second kernel sums the tiles' partial products in a fixed order (deterministic) and rounds:
@@ -13,7 +13,7 @@
 // (kernels/lora.cu), so the products differ from cuBLAS's only in the order of the float32 sums.
 // Ranks 8 and 16 only: the partial sums (feature blocks x tokens x R for dxa, token blocks x features x R
 // for dB) grow with R and at 64 outweighed the pass saved (r 64 steps 3-6% slower than with cuBLAS on an
-// H100; at 16, 25% of dy's bytes for q|k|v, and 1.6-3% faster: docs/performance.md).
+// H100; at 16 they are about a quarter of dy's bytes).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
