@@ -18,7 +18,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 
 #include "kernels/convert.cuh"
 #include "kernels/ops.h"
@@ -272,15 +275,23 @@ size_t smem_bytes() {
   return sizeof(T) * (2 * kTokens * kDyPitch + R * kXaPitch + 2 * R * kDyPitch);
 }
 
-// How many CTAs of the kernel the GPU holds at once (the shared-memory limit raised for it first).
+// How many CTAs of the kernel the current device holds at once; the first call for a device raises the
+// kernel's shared-memory limit there (which its launches need) and asks the occupancy API.
 template <typename T, int R>
 int64_t resident_ctas(int64_t sms) {
+  static std::mutex mutex;
+  static std::map<int, int64_t> per_device;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = per_device.find(device);
+  if (it != per_device.end()) return it->second;
   auto* kernel = lora_grad_kernel<T, R>;
   const int smem = static_cast<int>(smem_bytes<T, R>());
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  return std::max(1, per_sm) * sms;
+  return per_device[device] = std::max(1, per_sm) * sms;
 }
 
 template <typename T, int R>

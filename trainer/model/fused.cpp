@@ -91,7 +91,7 @@ void block_diag_beside(const GroupState& s, at::TensorList lora, const at::Tenso
 // request that taught the order had. The B's change in place (the optimizer): bd made ahead is used only
 // when every B is the same tensor at the same version as when the work ahead was queued, else it is written
 // again on the requesting stream. (The first group of a step is made ahead at the end of the previous
-// backward, before the update.)
+// backward, before the update, which the side stream may then read half done: that bd is never used.)
 //
 // Streams: the buffer is allocated on the requesting (current) stream, its owner; the side stream waits for
 // that stream's queued work before writing it (the allocator may hand back memory that queued kernels still
@@ -695,6 +695,12 @@ FusedMode fused_mode() { return g_mode.load(); }
 void refresh_adapter_casts() { adapter_casts().refresh(); }
 void set_dequant_ahead(DequantAhead mode) { g_ahead.store(mode); }
 
+DequantAhead dequant_ahead_mode() { return g_ahead.load(); }
+int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxed); }
+void set_fold_adapters(bool on) { g_fold.store(on); }
+bool fold_adapters() { return g_fold.load(); }
+void set_lora_grad_kernel(bool on) { g_lora_grad_kernel.store(on); }
+
 #ifdef QLORA_WITH_CUDA
 struct StepStream::Impl {
   c10::cuda::CUDAStream caller;
@@ -729,11 +735,6 @@ StepStream::~StepStream() {
   done.block(impl_->caller);
 #endif
 }
-DequantAhead dequant_ahead_mode() { return g_ahead.load(); }
-int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxed); }
-void set_fold_adapters(bool on) { g_fold.store(on); }
-bool fold_adapters() { return g_fold.load(); }
-void set_lora_grad_kernel(bool on) { g_lora_grad_kernel.store(on); }
 
 namespace {
 // The group's state for inputs of `in` features in x's dtype on x's device, its adapters appended to lora;
