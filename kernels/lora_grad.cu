@@ -5,8 +5,10 @@
 //   dB_m[f, j]        = s_m * sum_t dy[t, offset_m + f] * xa[t, col_m + j]   (float32)
 // cuBLAS reads dy once for dxa and once more per member for the dB's, with split-K kernels and their
 // reductions between (5.7 ms a step at the 7B shape, r 16, 2048 tokens, and the backward's block-diagonal
-// operand built first); this reads it once (5.0 ms with its sums: docs/performance.md). Each CTA takes a tile of kTokens tokens by `chunks` x 64 features of one member: the tile
-// streams through shared memory 64 features at a time (cp.async, double-buffered), tensor cores
+// operand built first); this reads it once (5.0 ms with its sums: docs/performance.md). Each CTA takes a
+// tile of kTokens tokens by `chunks` x 64 features of one member (8192-token slices at most, so the
+// workspace stays bounded): the tile streams through shared memory 64 features at a time (cp.async,
+// double-buffered), tensor cores
 // (mma.sync m16n8k16, float32 accumulation) form the tile's dxa over its features and its dB over its
 // tokens, and a second kernel sums the tiles' partial products in a fixed order (deterministic) and rounds:
 // dxa to T, dB to float32 times s_m. bd's elements are rounded to T as block_diag_kernel rounds them
@@ -77,7 +79,9 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
                : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
 }
 
 // c += a b for one m16n8k16 tile (a: 16x16 row-major fragments, b: 16x8 column fragments), float32 c.

@@ -69,6 +69,7 @@ class StepStream {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
 // How many dequantizations were taken from the work done ahead since the process started (tests).
 int64_t dequant_ahead_hits();
 
