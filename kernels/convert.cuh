@@ -26,4 +26,11 @@ void dispatch_float_types(c10::ScalarType s, const char* op, F&& f) {
   else TORCH_CHECK(false, op, ": dtype must be bfloat16, float16 or float32, got ", s);
 }
 
+// VEC consecutive elements of T moved in one aligned access (16 bytes for VEC = 16 / sizeof(T); VEC = 1
+// is the scalar fallback of the vector kernels).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
 }  // namespace qlora::kernels

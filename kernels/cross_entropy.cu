@@ -31,11 +31,6 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
 // (m, s): a running max and sum of exp(x - m). Empty is (-FLT_MAX, 0), not -inf, so that exp(m - m')
 // never meets -inf - -inf (NaN) and rows holding -inf logits stay finite, as in ATen's logsumexp.
 // __fmul_rn keeps the products out of an FMA, which would make merge(a, b) and merge(b, a) round apart.

@@ -42,14 +42,10 @@ __device__ __forceinline__ float block_sum(float v) {
   return s;
 }
 
-// VEC elements of T in one access: 16 bytes where the row width and every pointer allow (the 2-byte loads
-// of a scalar loop left the kernels at ~2.2 TB/s), 1 otherwise. The order of the sums depends on VEC; for
-// one VEC the add variant visits the elements as the plain kernel does, so its sums are the plain kernel's
-// on the same values (fresh contiguous buffers get the same VEC).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+// The kernels move VEC elements of T in one access (convert.cuh's Pack): 16 bytes where the row width and
+// every pointer allow (the 2-byte loads of a scalar loop left the kernels at ~2.2 TB/s), 1 otherwise. The
+// order of the sums depends on VEC; for one VEC the add variant visits the elements as the plain kernel
+// does, so its sums are the plain kernel's on the same values (fresh contiguous buffers get the same VEC).
 
 // add (not null): x = T(x + add) first, written to sum (the residual stream's next value); the second
 // pass reads it back (this thread wrote those elements).

@@ -31,12 +31,6 @@ __device__ __forceinline__ float round_mul(T a, T b) {
   return to_f32(from_f32<T>(__fmul_rn(to_f32(a), to_f32(b))));
 }
 
-// VEC elements of T in one 16-byte load or store.
-template <typename T, int VEC>
-struct alignas(16) Pack {
-  T v[VEC];
-};
-
 // The vector kernels: one thread rotates VEC elements of the first half of a head together with their
 // partners in the second half (so each value is loaded once), or copies VEC elements of v. Needs
 // (D / 2) % VEC == 0 and 16-byte aligned rows (rope_split checks; the scalar kernels below cover the rest).

@@ -32,11 +32,6 @@ struct Layout {
   int64_t grad_stride;  // dg and du (backward)
 };
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
 // VEC consecutive columns per thread (VEC = 1: the scalar kernel; 16 / sizeof(T): one 16-byte access
 // per operand when the columns and row strides allow it).
 template <typename T, int VEC>
