@@ -140,7 +140,8 @@ struct StepOptions {
   std::string fused = "auto";  // the fused projection path (trainer/model/fused.h): auto | on | off
   std::string fold = "on";     // adapters folded into the base GEMM where they can be (fused.h): on | off
   std::string lora_grad = "kernel";  // the backward's dxa and dB's (fused.h): kernel | cublas
-  std::string ahead = "low";   // dequantization one group ahead on a second stream (fused.h): low | even | high | off
+  int ahead_depth = 2;         // groups dequantized ahead (fused.h)
+  std::string ahead = "low";   // dequantization ahead on a second stream (fused.h): low | even | high | off
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
   bool profile_gpu_only = false;  // record device activities only: the CPU's op records slow it ~3x, which
                                   // can starve the GPU in a step that is not launch-bound without them
@@ -239,6 +240,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                                                                                       : model::FusedMode::Auto);
   model::set_fold_adapters(so.fold == "on");
   model::set_lora_grad_kernel(so.lora_grad == "kernel");
+  model::set_dequant_ahead_depth(so.ahead_depth);
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
                            : so.ahead == "high" ? model::DequantAhead::High
                            : so.ahead == "even" ? model::DequantAhead::Even
@@ -341,6 +343,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"fused", so.fused},
                       {"fold", so.fold},
                       {"dequant_ahead", so.ahead},
+                      {"ahead_depth", so.ahead_depth},
                       {"lora_grad", so.lora_grad},
                       {"device", ctx.device.str()},
                       {"lora_params", lora_params},
@@ -533,9 +536,12 @@ Runner add_bench(CLI::App& app) {
       ->check(CLI::IsMember({"kernel", "cublas"}))
       ->capture_default_str();
   cmd->add_option("--ahead", so->ahead,
-                  "Dequantization one group ahead on a second stream: low (below the step's stream) | even (the "
+                  "Dequantization ahead on a second stream: low (below the step's stream) | even (the "
                   "same priority, the step on the default stream) | high (above it) | off")
       ->check(CLI::IsMember({"low", "even", "high", "off"}))
+      ->capture_default_str();
+  cmd->add_option("--ahead-depth", so->ahead_depth, "How many projection groups are dequantized ahead")
+      ->check(CLI::Range(1, 8))
       ->capture_default_str();
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps (the median is reported)")->capture_default_str();

@@ -16,6 +16,7 @@
 
 #include <array>
 #include <atomic>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -60,6 +61,7 @@ using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensor
 
 std::atomic<DequantAhead> g_ahead{DequantAhead::Low};
 std::atomic<int64_t> g_ahead_hits{0};
+std::atomic<int> g_ahead_depth{2};  // set_dequant_ahead_depth
 
 // Writes the group's weights one under the other into the first `in` columns of buf [total, pitch].
 void dequantize_members(const std::vector<GroupState::Member>& members, int64_t in, const at::Tensor& buf) {
@@ -75,18 +77,19 @@ void block_diag_beside(const GroupState& s, at::TensorList lora, const at::Tenso
 }
 
 #ifdef QLORA_WITH_CUDA
-// Dequantization one group ahead, on a second stream: the dequantize kernels are bound by memory bandwidth,
-// the GEMMs and attention by the tensor cores, so the next group's weights are written while the kernels
-// before its GEMM run instead of between them. A cuBLAS GEMM fills every SM while it runs, so the overlap
-// is in the gaps: the tail of a GEMM's last wave, the small and element-wise kernels. With the step on a
-// stream of higher priority (StepStream) the dequantization takes only what the step's kernels leave
-// (fused.h's DequantAhead; the figures are in docs/performance.md).
+// Dequantization ahead (the next groups; how many: set_dequant_ahead_depth), on a second stream: the
+// dequantize kernels are bound by memory bandwidth, the GEMMs and attention by the tensor cores, so the next
+// groups' weights are written while the kernels before their GEMMs run instead of between them. A cuBLAS GEMM
+// fills every SM while it runs, so the overlap is in the gaps: the tail of a GEMM's last wave, the small and
+// element-wise kernels. With the step on a stream of higher priority (StepStream) the dequantization takes
+// only what the step's kernels leave (fused.h's DequantAhead; the figures are in docs/performance.md).
 // Which group comes next is learned from the order of the requests: a step makes the same ones in the same
 // order every time (forward, recomputation and backward are told apart by the phase in the key, since a
 // group is dequantized in more than one of them). A wrong guess costs a wasted dequantization, never a wrong
 // result: a request takes the buffer made ahead only when its key matches. The weights are frozen (nothing
 // writes a Quantized4bit in place), so a buffer made ahead holds what the request would compute.
-// Memory: one group's bf16 weights more (the largest, gate|up at the 7B shape, 180 MB).
+// Memory: as many groups' bf16 weights more as are ahead (at the 7B shape, two: at most gate|up's and
+// down's, 270 MB).
 // A request for W_ext = [W | bd] (the adapters' B's given) gets bd written ahead too, from the B's the
 // request that taught the order had. The B's change in place (the optimizer): bd made ahead is used only
 // when every B is the same tensor at the same version as when the work ahead was queued, else it is written
@@ -121,14 +124,18 @@ class DequantAheadQueue {
     std::lock_guard<std::mutex> lock(mutex_);
     const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(device.index());
     at::Tensor buf;
-    if (pending_) {
-      pending_->ready.block(pending_->owner);  // its writes finish before the owner uses or frees the buffer
-      if (pending_->key == key && pending_->device == device && pending_->owner == main) {
-        buf = pending_->buffer;
+    if (!pending_.empty()) {
+      Pending& next = pending_.front();
+      next.ready.block(next.owner);  // its writes finish before the owner uses or frees the buffer
+      if (next.key == key && next.device == device && next.owner == main) {
+        buf = next.buffer;
         g_ahead_hits.fetch_add(1, std::memory_order_relaxed);
-        if (with_bd && !pending_->same_bs(s, lora)) block_diag_beside(s, lora, buf);
+        if (with_bd && !next.same_bs(s, lora)) block_diag_beside(s, lora, buf);
+        pending_.pop_front();
+      } else {  // off the learned order (or another stream): the work ahead is dropped
+        for (Pending& p : pending_) p.ready.block(p.owner);
+        pending_.clear();
       }
-      pending_.reset();
     }
     if (!buf.defined()) {
       buf = at::empty({s.total, pitch}, at::TensorOptions().dtype(dtype).device(device));
@@ -142,33 +149,37 @@ class DequantAheadQueue {
         successor_.insert_or_assign(*last_, Recipe::of(key, s, device, lora));
     }
     last_ = key;
-    // Ahead: the request that followed this one last time.
-    auto it = successor_.find(key);
-    if (it != successor_.end()) {
+    // Ahead: the requests that followed the last one queued (this one when none is) last time, until
+    // g_ahead_depth are queued.
+    Key from = pending_.empty() ? key : pending_.back().key;
+    while (pending_.size() < static_cast<size_t>(g_ahead_depth.load())) {
+      auto it = successor_.find(from);
+      if (it == successor_.end()) break;
       const Recipe& r = it->second;
       auto members = r.members();
       auto bs = r.bs();
-      if (members && bs) {
-        GroupState g;  // what block_diag_beside reads of a group
-        g.members = *members, g.in = r.key.in, g.total = r.key.total, g.ranks = r.ranks;
-        Pending p{r.key, r.device, *members, *bs, {},
-                  at::empty({r.key.total, r.key.pitch}, at::TensorOptions().dtype(r.key.dtype).device(r.device)),
-                  main, at::cuda::CUDAEvent()};
-        for (const at::Tensor& b : p.bs) p.versions.push_back(b.defined() ? b._version() : 0);
-        at::cuda::CUDAEvent queued;
-        queued.record(main);
-        const c10::cuda::CUDAStream side = side_stream(r.device);
-        queued.block(side);
-        {
-          c10::cuda::CUDAStreamGuard on_side(side);
-          dequantize_members(p.members, r.key.in, p.buffer);
-          if (r.key.bd) block_diag_beside(g, p.bs, p.buffer);
-        }
-        p.ready.record(side);
-        pending_.emplace(std::move(p));
-      } else {
+      if (!members || !bs) {
         successor_.erase(it);  // the model it came from is gone
+        break;
       }
+      GroupState g;  // what block_diag_beside reads of a group
+      g.members = *members, g.in = r.key.in, g.total = r.key.total, g.ranks = r.ranks;
+      Pending p{r.key, r.device, *members, *bs, {},
+                at::empty({r.key.total, r.key.pitch}, at::TensorOptions().dtype(r.key.dtype).device(r.device)),
+                main, at::cuda::CUDAEvent()};
+      for (const at::Tensor& b : p.bs) p.versions.push_back(b.defined() ? b._version() : 0);
+      at::cuda::CUDAEvent queued;
+      queued.record(main);
+      const c10::cuda::CUDAStream side = side_stream(r.device);
+      queued.block(side);
+      {
+        c10::cuda::CUDAStreamGuard on_side(side);
+        dequantize_members(p.members, r.key.in, p.buffer);
+        if (r.key.bd) block_diag_beside(g, p.bs, p.buffer);
+      }
+      p.ready.record(side);
+      from = r.key;
+      pending_.push_back(std::move(p));
     }
     return buf;
   }
@@ -265,7 +276,7 @@ class DequantAheadQueue {
   }
 
   std::mutex mutex_;
-  std::optional<Pending> pending_;
+  std::deque<Pending> pending_;
   std::optional<Key> last_;
   std::map<Key, Recipe> successor_;
   std::map<std::pair<c10::DeviceIndex, int>, c10::cuda::CUDAStream> side_;
@@ -698,6 +709,10 @@ void refresh_adapter_casts() { adapter_casts().refresh(); }
 void set_dequant_ahead(DequantAhead mode) { g_ahead.store(mode); }
 
 DequantAhead dequant_ahead_mode() { return g_ahead.load(); }
+void set_dequant_ahead_depth(int groups) {
+  TORCH_CHECK(groups >= 1, "set_dequant_ahead_depth: at least one group, got ", groups);
+  g_ahead_depth.store(groups);
+}
 int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxed); }
 void set_fold_adapters(bool on) { g_fold.store(on); }
 bool fold_adapters() { return g_fold.load(); }

@@ -40,8 +40,8 @@ FusedMode fused_mode();
 // update while the GPU is still busy, instead of on the CPU's path at the start of the next step.
 void refresh_adapter_casts();
 
-// Dequantization one group ahead on a second CUDA stream, overlapping the kernels before its GEMM (fused.cpp's
-// DequantAheadQueue). The block scheduler serves a pending grid of a higher-priority stream first; between
+// Dequantization of the next groups ahead on a second CUDA stream, overlapping the kernels before their GEMMs
+// (fused.cpp's DequantAheadQueue). The block scheduler serves a pending grid of a higher-priority stream first; between
 // grids of equal priority, the one queued first. So:
 //   Low (the default): the step's kernels on a stream one priority level above the default (StepStream),
 //        the dequantization on a default-priority one: its blocks take only the SMs the step leaves free;
@@ -52,6 +52,9 @@ void refresh_adapter_casts();
 enum class DequantAhead { Off, Low, Even, High };
 void set_dequant_ahead(DequantAhead mode);
 DequantAhead dequant_ahead_mode();
+// How many groups the work ahead covers (default 2; each holds one more group's weights). With one, the step
+// still waited ~25 us for the dequantization before q|k|v's and gate|up's GEMMs at the 7B shape.
+void set_dequant_ahead_depth(int groups);
 
 // While one lives, the CUDA work this thread queues on `device` goes to the step's stream (Low and High
 // above; otherwise, on the CPU and when nested, it changes nothing). That stream first waits for the work
