@@ -321,7 +321,7 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
   expect_close(got, ref, kF32Tol, "gpu f32");
 }
 
-// Dequantization one group ahead on a second stream (fused.h's DequantAhead) changes no bit: three steps of
+// Dequantization ahead on a second stream (fused.h's DequantAhead, two groups) changes no bit: three steps of
 // two folded groups (forward both, backward both, as a layer calls them, then an update of the adapters in
 // place), with the queue off and in each of its modes, each step under a StepStream. From the second step
 // on, every dequantization must come from the work done ahead (the order is learned in the first), which the
