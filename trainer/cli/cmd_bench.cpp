@@ -360,9 +360,9 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} ({} of {} layers) fused={} fold={} "
-             "ahead={} lora-grad={} on {}\n",
+             "ahead={} (depth {}) lora-grad={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing), model->recomputed_layers(),
-             arch.num_layers, so.fused, so.fold, so.ahead, so.lora_grad, ctx.device.str());
+             arch.num_layers, so.fused, so.fold, so.ahead, so.ahead_depth, so.lora_grad, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
