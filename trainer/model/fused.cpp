@@ -63,17 +63,20 @@ std::atomic<DequantAhead> g_ahead{DequantAhead::Low};
 std::atomic<int64_t> g_ahead_hits{0};
 std::atomic<int> g_ahead_depth{2};  // set_dequant_ahead_depth
 
-// Writes the group's weights one under the other into the first `in` columns of buf [total, pitch].
-void dequantize_members(const std::vector<GroupState::Member>& members, int64_t in, const at::Tensor& buf) {
-  for (const auto& m : members) quant::dequantize_4bit_into(m.weight, buf.narrow(0, m.offset, m.out).narrow(1, 0, in));
-}
-
 void block_diag_into(const GroupState& s, at::TensorList lora, const at::Tensor& out);
 
 // W_ext = [W | bd]: the block-diagonal s B of the group's adapters in the columns right of W's (see
 // ProjectionGroupFunction). lora = A0, B0, A1, B1, ... (only the B's are read).
 void block_diag_beside(const GroupState& s, at::TensorList lora, const at::Tensor& buf) {
   block_diag_into(s, lora, buf.narrow(1, s.in, s.ranks));
+}
+
+// The group's weights one under the other into the first `in` columns of buf [total, pitch] and, given its
+// adapters (lora non-empty), bd beside them (block_diag_beside).
+void dequantize_into(const GroupState& s, at::TensorList lora, const at::Tensor& buf) {
+  for (const auto& m : s.members)
+    quant::dequantize_4bit_into(m.weight, buf.narrow(0, m.offset, m.out).narrow(1, 0, s.in));
+  if (!lora.empty()) block_diag_beside(s, lora, buf);
 }
 
 #ifdef QLORA_WITH_CUDA
@@ -139,8 +142,7 @@ class DequantAheadQueue {
     }
     if (!buf.defined()) {
       buf = at::empty({s.total, pitch}, at::TensorOptions().dtype(dtype).device(device));
-      dequantize_members(s.members, s.in, buf);
-      if (with_bd) block_diag_beside(s, lora, buf);
+      dequantize_into(s, lora, buf);
     }
     // Learn: this request follows the previous one (built again only when the order changed).
     if (last_) {
@@ -162,7 +164,7 @@ class DequantAheadQueue {
         successor_.erase(it);  // the model it came from is gone
         break;
       }
-      GroupState g;  // what block_diag_beside reads of a group
+      GroupState g;  // what dequantize_into reads of a group
       g.members = *members, g.in = r.key.in, g.total = r.key.total, g.ranks = r.ranks;
       Pending p{r.key, r.device, *members, *bs, {},
                 at::empty({r.key.total, r.key.pitch}, at::TensorOptions().dtype(r.key.dtype).device(r.device)),
@@ -174,8 +176,7 @@ class DequantAheadQueue {
       queued.block(side);
       {
         c10::cuda::CUDAStreamGuard on_side(side);
-        dequantize_members(p.members, r.key.in, p.buffer);
-        if (r.key.bd) block_diag_beside(g, p.bs, p.buffer);
+        dequantize_into(g, p.bs, p.buffer);  // p.bs is empty unless the request had bd
       }
       p.ready.record(side);
       from = r.key;
@@ -313,8 +314,7 @@ at::Tensor dequantize_group(const GroupState& s, at::ScalarType dtype, at::Devic
     return dequant_ahead().take(s, pitch, dtype, device, phase, lora);
 #endif
   at::Tensor w = at::empty({s.total, pitch}, at::TensorOptions().dtype(dtype).device(device));
-  dequantize_members(s.members, s.in, w);
-  if (!lora.empty()) block_diag_beside(s, lora, w);
+  dequantize_into(s, lora, w);
   return w;
 }
 
