@@ -1,12 +1,16 @@
 // Gradient checkpointing (per-layer recomputation in backward) changes memory, never results: the LoRA
 // gradients of one QLoRA step are the same with it off, selective and full, in every layer or in the first
-// few only (model.gradient_checkpointing_layers), on a fresh random tiny model, with LoRA
+// few only (model.gradient_checkpointing_layers), selective taking each layer's attention output kept from
+// the forward where cuDNN runs it (and counted doing so), on a fresh random tiny model, with LoRA
 // dropout on (so the recomputation must replay the RNG) and with and without a padding mask (the plain
 // causal path passes no mask at all). On the CPU in float32, and on a GPU in bfloat16 where there is one.
 // Also on a GPU: a training step queued from the CPU batch (padded, packed rows) never waits for the GPU
 // (CUDA's sync debug mode set to error), and gives the step of the same batch passed on the device.
 #include <gtest/gtest.h>
 
+#include <ATen/SDPBackend.h>
+
+#include <cmath>
 #include <random>
 #include <set>
 
@@ -89,14 +93,34 @@ std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::S
   return out;
 }
 
+// Whether SDPA runs the tiny model's plain causal attention on cuDNN on `dev` (then selective checkpointing
+// keeps its output: llama.h's kept_attention_uses).
+bool sdpa_picks_cudnn(at::Device dev, at::ScalarType dtype) {
+  if (!dev.is_cuda()) return false;
+  const auto a = tiny_arch();
+  const int64_t t = 40;
+  auto q = at::randn({1, t, a.num_heads, a.head_dim}, at::TensorOptions().dtype(dtype).device(dev)).transpose(1, 2);
+  return at::_fused_sdp_choice(q, q, q, {}, 0.0, true, 1.0 / std::sqrt(static_cast<double>(a.head_dim))) ==
+         static_cast<int64_t>(at::SDPBackend::cudnn_attention);
+}
+
 void compare(at::Device dev, at::ScalarType dtype, double tol) {
+  const bool cudnn = sdpa_picks_cudnn(dev, dtype);
+  std::printf("%s: SDPA's plain causal attention %s cuDNN\n", dev.str().c_str(), cudnn ? "runs on" : "does not run on");
   for (bool padded : {false, true}) {
     const uint64_t seed = std::random_device{}();
     auto off = lora_grads(dev, dtype, Checkpointing::Off, padded, seed);
     // Every layer recomputing, and some of them only (the others keep their activations).
     for (auto [mode, layers] : {std::pair{Checkpointing::Selective, int64_t{-1}}, {Checkpointing::Full, int64_t{-1}},
                                 {Checkpointing::Selective, int64_t{1}}, {Checkpointing::Full, int64_t{2}}}) {
+      const int64_t kept0 = model::kept_attention_uses();
       auto on = lora_grads(dev, dtype, mode, padded, seed, layers);
+      // Selective recomputation took each recomputed layer's attention output kept from the forward, where
+      // cuDNN ran the plain causal attention (no padding mask).
+      const int64_t recomputed = layers < 0 ? tiny_arch().num_layers : std::min(layers, tiny_arch().num_layers);
+      EXPECT_EQ(model::kept_attention_uses() - kept0,
+                mode == Checkpointing::Selective && cudnn && !padded ? recomputed : 0)
+          << to_string(mode) << " in " << layers << " layers" << (padded ? " (padded)" : " (causal)");
       ASSERT_EQ(off.size(), on.size());
       double worst = 0;
       for (size_t i = 0; i < off.size(); ++i) {

@@ -141,6 +141,7 @@ struct StepOptions {
   std::string fold = "on";     // adapters folded into the base GEMM where they can be (fused.h): on | off
   std::string lora_grad = "kernel";  // the backward's dxa and dB's (fused.h): kernel | cublas
   int ahead_depth = 2;         // groups dequantized ahead (fused.h)
+  std::string keep_attention = "on";  // selective checkpointing keeps the attention's output (llama.h): on | off
   std::string ahead = "low";   // dequantization ahead on a second stream (fused.h): low | even | high | off
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
   bool profile_gpu_only = false;  // record device activities only: the CPU's op records slow it ~3x, which
@@ -241,6 +242,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::set_fold_adapters(so.fold == "on");
   model::set_lora_grad_kernel(so.lora_grad == "kernel");
   model::set_dequant_ahead_depth(so.ahead_depth);
+  model::set_keep_attention(so.keep_attention == "on");
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
                            : so.ahead == "high" ? model::DequantAhead::High
                            : so.ahead == "even" ? model::DequantAhead::Even
@@ -309,7 +311,9 @@ nlohmann::json bench_step(const StepOptions& so) {
     return t3 - t0;
   };
   reset_peak(ctx.device);
+  const int64_t kept0 = model::kept_attention_uses();
   for (int64_t i = 0; i < so.warmup + so.steps; ++i) step(i >= so.warmup);
+  const int64_t kept_per_step = (model::kept_attention_uses() - kept0) / (so.warmup + so.steps);
   if (!so.profile.empty()) {
     // One more step under the Kineto profiler (CPU ops and CUDA activities); its trace opens in Perfetto or
     // chrome://tracing.
@@ -345,6 +349,8 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"dequant_ahead", so.ahead},
                       {"ahead_depth", so.ahead_depth},
                       {"lora_grad", so.lora_grad},
+                      {"keep_attention", so.keep_attention},
+                      {"kept_attention_per_step", kept_per_step},
                       {"device", ctx.device.str()},
                       {"lora_params", lora_params},
                       {"load_ms", load_ms},
@@ -360,9 +366,10 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} ({} of {} layers) fused={} fold={} "
-             "ahead={} (depth {}) lora-grad={} on {}\n",
+             "ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing), model->recomputed_layers(),
-             arch.num_layers, so.fused, so.fold, so.ahead, so.ahead_depth, so.lora_grad, ctx.device.str());
+             arch.num_layers, so.fused, so.fold, so.ahead, so.ahead_depth, so.lora_grad, so.keep_attention,
+             kept_per_step, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
@@ -542,6 +549,11 @@ Runner add_bench(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--ahead-depth", so->ahead_depth, "How many projection groups are dequantized ahead")
       ->check(CLI::Range(1, 8))
+      ->capture_default_str();
+  cmd->add_option("--keep-attention", so->keep_attention,
+                  "Selective checkpointing keeps each layer's attention output where cuDNN computes it, so the "
+                  "recomputation skips the attention's forward: on | off")
+      ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps (the median is reported)")->capture_default_str();
