@@ -58,8 +58,8 @@ struct ModelConfig {
   Device device = Device::Auto;     // auto = cuda when available
   Checkpointing gradient_checkpointing = Checkpointing::Selective;  // true = selective, false = off
   // How many decoder layers recompute (the first N); the others keep every activation, as with `off`.
-  // -1 = all of them. Between the two ends: each layer left out costs its activations' memory (~0.21 GiB
-  // at the 7B shape and 2048 tokens) and saves its recomputation (~1.2 ms on an H100).
+  // -1 = all of them. Between the two ends: each layer left out costs its activations' memory (~0.2 GiB
+  // at the 7B shape and 2048 tokens) and saves its recomputation (~1.1 ms on an H100).
   int64_t gradient_checkpointing_layers = -1;
 
   friend bool operator==(const ModelConfig&, const ModelConfig&) = default;
