@@ -328,7 +328,6 @@ class SlotGuard {
 }  // namespace
 
 void set_keep_attention(bool on) { g_keep_attention.store(on); }
-bool keep_attention() { return g_keep_attention.load(); }
 int64_t kept_attention_uses() { return g_kept_attention_uses.load(std::memory_order_relaxed); }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
@@ -475,13 +474,13 @@ at::Tensor DecoderLayerImpl::mlp_gradient_path(const at::Tensor& h) {
 // replayed so dropout draws the same masks in the recomputation.
 //
 // Selective mode keeps the mid-layer residual h = x + attention_branch(x) as well, and the attention's output
-// where cuDNN computes it (causal_attention), and recomputes the two branches one after the other, MLP first: each branch's last projection (o_proj, down_proj) is then needed
-// for its gradient only, so its GEMMs are skipped (output_needed = false), and only one branch's
-// activations live at a time. Each branch replays the RNG state its forward started from. The residual
-// adds stay in the recomputed graph as GradientOnlyAdd, so every gradient is accumulated in the order of
-// the graph without checkpointing (the same bits on the CPU, where RMSNorm's composite reads its input
-// three times; on the GPU the residual's gradient is summed in the norm's backward kernel, as the fused
-// add + norm of the forward does).
+// where cuDNN computes it (causal_attention), and recomputes the two branches one after the other, MLP first:
+// each branch's last projection (o_proj, down_proj) is then needed for its gradient only, so its GEMMs are
+// skipped (output_needed = false), and only one branch's activations live at a time. Each branch replays the
+// RNG state its forward started from. The residual adds stay in the recomputed graph as GradientOnlyAdd, so
+// every gradient is accumulated in the order of the graph without checkpointing (the same bits on the CPU,
+// where RMSNorm's composite reads its input three times; on the GPU the residual's gradient is summed in the
+// norm's backward kernel, as the fused add + norm of the forward does).
 
 namespace {
 

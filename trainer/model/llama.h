@@ -184,7 +184,6 @@ TORCH_MODULE(LlamaForCausalLM);
 // layer more at hidden 4096 (config.h's Checkpointing). On by default; off recomputes it (`qlora bench
 // --keep-attention off`). kept_attention_uses counts the recomputations that took a kept output.
 void set_keep_attention(bool on);
-bool keep_attention();
 int64_t kept_attention_uses();
 
 // `t` on `device`; a CPU tensor bound for CUDA goes through pinned memory asynchronously, so the copy
