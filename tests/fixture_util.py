@@ -6,7 +6,13 @@ tests/ on PYTHONPATH (tests/CMakeLists.txt, QLORA_TEST_ENV).
   randomize_lora_b(model)    every lora_B drawn N(0, 0.1^2): PEFT starts B at zero, which would leave the
                              branches out of the logits and every lora_A gradient at zero (a weak test)
   our_name(peft_name)        PEFT's parameter name -> ours (trainer/lora/peft.h)
+  scratch_dir(prefix)        a fresh temp directory, removed when the script exits (as test_util's temp_dir)
 """
+import atexit
+import os
+import shutil
+import tempfile
+
 import torch
 
 
@@ -36,3 +42,12 @@ def our_name(peft_name):
     #   -> "model.layers.0.self_attn.q_proj.lora_A.weight"
     assert peft_name.startswith("base_model.model."), peft_name
     return peft_name[len("base_model.model."):].replace(".default.", ".")
+
+
+def scratch_dir(prefix):
+    """A fresh directory under the system temp dir, removed when the process exits (they piled up in /tmp
+    over runs); QLORA_KEEP_TEST_DIRS=1 keeps it to look at."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    if not os.environ.get("QLORA_KEEP_TEST_DIRS"):
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -1,9 +1,13 @@
 #include "tests/test_util.h"
 
+#include "trainer/core/fs.h"
+
 #include <cstring>
 
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
+#include <vector>
 
 #ifdef QLORA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -22,12 +26,45 @@ std::filesystem::path env_path(const char* name) {
 std::filesystem::path data_dir() { return env_path("QLORA_TEST_DATA"); }
 std::filesystem::path source_dir() { return env_path("QLORA_SOURCE_DIR"); }
 
+namespace {
+// The directories temp_dir made, removed once the tests have run (they piled up in /tmp over runs);
+// QLORA_KEEP_TEST_DIRS=1 keeps them to look at. (remove_tree, not std::filesystem::remove_all: core/fs.h.)
+class MadeDirs : public ::testing::Environment {
+ public:
+  static MadeDirs& get() {
+    static auto* dirs = static_cast<MadeDirs*>(::testing::AddGlobalTestEnvironment(new MadeDirs));  // gtest owns it
+    return *dirs;
+  }
+  void add(const std::filesystem::path& p) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    paths_.push_back(p);
+  }
+  void TearDown() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!std::getenv("QLORA_KEEP_TEST_DIRS")) {
+      for (const auto& p : paths_) {
+        std::error_code ec;  // best effort: a directory a test left unreadable stays
+        remove_tree(p, ec);
+      }
+    }
+    paths_.clear();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::filesystem::path> paths_;
+};
+// Registered before main, so that RUN_ALL_TESTS tears it down.
+[[maybe_unused]] const MadeDirs& kMadeDirs = MadeDirs::get();
+}  // namespace
+
 std::filesystem::path temp_dir(const std::string& tag) {
   static std::atomic<int> counter{0};
   auto p = std::filesystem::temp_directory_path() /
            ("qlora-test-" + tag + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-  std::filesystem::remove_all(p);
+  remove_tree(p);
   std::filesystem::create_directories(p);
+  MadeDirs::get().add(p);
   return p;
 }
 

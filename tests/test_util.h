@@ -13,7 +13,8 @@ namespace qlora::test {
 std::filesystem::path data_dir();
 // $QLORA_SOURCE_DIR: the repository root.
 std::filesystem::path source_dir();
-// A fresh empty directory under the system temp dir, unique per call.
+// A fresh empty directory under the system temp dir, unique per call; removed when the process exits (unless
+// QLORA_KEEP_TEST_DIRS is set).
 std::filesystem::path temp_dir(const std::string& tag);
 // True when a CUDA device is usable.
 bool has_cuda();

@@ -11,9 +11,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 from checks import Checks
+from fixture_util import scratch_dir
 
 D = os.path.join(os.environ["QLORA_TEST_DATA"], "export")
 CLI = os.environ["QLORA_CLI"]
@@ -26,7 +26,7 @@ def run(*args):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="qlora_export_cli_")
+    tmp = scratch_dir("qlora_export_cli_")
     ref = json.load(open(os.path.join(D, "eval.json")))
     out = os.path.join(tmp, "eval.json")
     rc, so, se = run("eval", "--model", os.path.join(D, "base"), "--adapter", os.path.join(D, "adapter"),

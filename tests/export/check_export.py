@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import torch
 import bitsandbytes.functional as F
@@ -35,6 +34,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from checks import Checks
+from fixture_util import scratch_dir
 
 D = os.path.join(os.environ["QLORA_TEST_DATA"], "export")
 CLI = os.environ["QLORA_CLI"]
@@ -100,7 +100,7 @@ def peft_on(base_dir):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="qlora_export_")
+    tmp = scratch_dir("qlora_export_")
     ref = load_file(os.path.join(D, "ref.safetensors"))
     want = ref["logits_peft"][ref["attention_mask"].bool()]
     base_logits = ref["logits_base"][ref["attention_mask"].bool()]

@@ -13,9 +13,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import torch
+from fixture_util import scratch_dir
 
 if not torch.cuda.is_available():
     print("SKIPPED: no CUDA GPU")
@@ -51,7 +51,7 @@ def run(work, name, device, dtype, ckpt):
         return [json.loads(l)["loss"] for l in f if '"loss"' in l]
 
 
-work = tempfile.mkdtemp(prefix="qlora-test-gpu-")
+work = scratch_dir("qlora-test-gpu-")
 cpu = run(work, "cpu", "cpu", "float32", "false")
 gpu = run(work, "gpu", "cuda", "bfloat16", "true")
 assert len(cpu) == len(gpu) == 16, (len(cpu), len(gpu))
