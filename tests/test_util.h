@@ -13,7 +13,7 @@ namespace qlora::test {
 std::filesystem::path data_dir();
 // $QLORA_SOURCE_DIR: the repository root.
 std::filesystem::path source_dir();
-// A fresh empty directory under the system temp dir, unique per call; removed when the process exits (unless
+// A fresh empty directory under the system temp dir, unique per call; removed once the tests have run (unless
 // QLORA_KEEP_TEST_DIRS is set).
 std::filesystem::path temp_dir(const std::string& tag);
 // True when a CUDA device is usable.
