@@ -13,6 +13,7 @@
 #include "tests/io/sha256.h"
 #include "tests/test_util.h"
 #include "trainer/core/error.h"
+#include "trainer/core/fs.h"
 #include "trainer/io/safetensors.h"
 
 namespace st = qlora::st;
@@ -66,15 +67,6 @@ void expect_matches_manifest(const json& tensors, const std::vector<std::string>
     EXPECT_EQ(t.scalar_type(), st::to_scalar_type(i.dtype)) << what << " " << name;
     EXPECT_EQ(sha256_hex(t), m["sha256"].get<std::string>()) << what << " " << name;
   }
-}
-
-// Deletes a directory tree. Not fs::remove_all: the libtorch.so of torch 2.11 exports a statically linked
-// std::filesystem::remove_all whose recursive_directory_iterator is an unresolved weak symbol, so it
-// jumps to address 0 on any non-empty directory (it interposes on libstdc++'s for every torch binary).
-void remove_tree(const fs::path& p) {
-  if (fs::is_directory(fs::symlink_status(p)))
-    for (const auto& e : fs::directory_iterator(p)) remove_tree(e.path());
-  fs::remove(p);
 }
 
 fs::path py_dir() { return qlora::test::data_dir() / "io" / "py"; }
@@ -233,7 +225,7 @@ TEST(Write, ShardedLayoutAndCleanup) {
 // digests are computed from the inputs before saving.
 TEST(WritePython, FilesForThePythonCheck) {
   auto out = qlora::test::data_dir() / "io" / "cpp";
-  if (fs::exists(out)) remove_tree(out);
+  if (fs::exists(out)) qlora::remove_tree(out);  // not fs::remove_all: core/fs.h
   fs::create_directories(out);
   at::Generator gen = at::detail::createCPUGenerator(2024);
   json manifest = {{"files", json::object()}, {"checkpoints", json::object()}};
