@@ -1,9 +1,11 @@
 // float32 <-> the element types of the kernels (float, __nv_bfloat16, __half), round-to-nearest-even, as
-// ATen's casts round. Device-only helpers shared by the elementwise and normalisation kernels.
+// ATen's casts round, and the small helpers the kernels and their launchers share.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdint>
 
 namespace qlora::kernels {
 
@@ -32,5 +34,8 @@ template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
+
+// Blocks of b that cover a (launch sizes).
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace qlora::kernels

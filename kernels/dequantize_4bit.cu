@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "kernels/convert.cuh"
 #include "kernels/dequantize_4bit.cuh"
 #include "kernels/ops.h"
 
@@ -16,8 +17,6 @@ namespace qlora::kernels {
 namespace {
 
 constexpr int kThreads = 256;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T, fmt4::Code C>
 static void launch_dequant(const dequant::Args& a, T* out, bool aligned, cudaStream_t stream) {

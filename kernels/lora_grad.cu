@@ -270,8 +270,6 @@ static __global__ void lora_grad_finish(Members mb, int R, int64_t n, int64_t tb
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 template <typename T, int R>

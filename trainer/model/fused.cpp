@@ -707,7 +707,6 @@ void set_fused_mode(FusedMode mode) { g_mode.store(mode); }
 FusedMode fused_mode() { return g_mode.load(); }
 void refresh_adapter_casts() { adapter_casts().refresh(); }
 void set_dequant_ahead(DequantAhead mode) { g_ahead.store(mode); }
-
 DequantAhead dequant_ahead_mode() { return g_ahead.load(); }
 void set_dequant_ahead_depth(int groups) {
   TORCH_CHECK(groups >= 1, "set_dequant_ahead_depth: at least one group, got ", groups);
