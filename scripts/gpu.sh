@@ -9,8 +9,9 @@
 #     full   + the kernel lab and benchmark, r 64, full recomputation, the per-projection path, the
 #            bitsandbytes 4-bit Python stack
 #     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
-#     profile build + GPU tests + one profiled 7B step (r 16) with and without checkpointing: the busiest
-#            kernels printed, the Chrome traces in results.tgz
+#     profile build + GPU tests + one profiled 7B step (r PROFILE_R, default 16) with and without checkpointing
+#            (PROFILE_CKPT): the busiest kernels printed, the Chrome traces in results.tgz, and
+#            scripts/trace_summary.py's time per kind of kernel and stream last
 #     layers build + GPU tests + our step (r LAYERS_R, default 16) with the first N of 32 layers recomputing,
 #            N in LAYERS (default 32 24 16 8 0): tokens/s against peak memory
 #     ab     build + GPU tests + our step as is (a, with AB_A_FLAGS) against b, ranks AB_R (default 16),
@@ -129,13 +130,18 @@ if [ "$MODE" = long ]; then
 fi
 
 if [ "$MODE" = profile ]; then
-  for c in off on; do
-    echo "== profile, llama2-7b, r 16, checkpointing $c"
-    "$Q" bench --shape llama2-7b --r 16 --checkpointing "$c" --warmup 2 --steps 3 --json "$OUT/ours_ckpt_$c.json" \
-      --profile "$OUT/trace_ckpt_$c.json" 2>&1 | grep -vE "^trace:" | head -40
+  # PROFILE_R (ranks, default 16), PROFILE_CKPT (default "off on"), PROFILE_FLAGS (e.g. --profile-gpu-only).
+  for r in ${PROFILE_R:-16}; do
+    for c in ${PROFILE_CKPT:-off on}; do
+      echo "== profile, llama2-7b, r $r, checkpointing $c ${PROFILE_FLAGS:-}"
+      # shellcheck disable=SC2086  # the flags are words
+      "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" --warmup 2 --steps 3 ${PROFILE_FLAGS:-} \
+        --json "$OUT/ours_r${r}_ckpt_$c.json" --profile "$OUT/trace_r${r}_ckpt_$c.json" 2>&1 | grep -vE "^trace:" | head -40
+    done
   done
   gzip -f "$OUT"/trace_*.json
-  pack_results
+  "$PY" scripts/trace_summary.py "$OUT"/trace_*.json.gz | tee "$OUT/table.txt"
+  pack_results table.txt
   exit $status
 fi
 
