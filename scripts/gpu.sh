@@ -19,6 +19,7 @@
 #            "--fold off"), or, when .deps/base-src holds an older tree (`scripts/gpu.sh --prepare-base
 #            REV`), that tree's build with AB_FLAGS (default none); AB_C_FLAGS adds c, this build with those
 #            flags. AB_PROFILE=1 adds the profile (device activities only) of a's step without checkpointing
+#            at r AB_PROFILE_R (default 16)
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
@@ -184,11 +185,13 @@ if [ "$MODE" = ab ]; then
   fi
   flags="${flags-${AB_FLAGS:---fold off}}"
   if [ -n "${AB_PROFILE:-}" ]; then
-    echo "== profile (device activities only), llama2-7b, r 16, checkpointing off, as is"
-    "$Q" bench --shape llama2-7b --r 16 --checkpointing off --warmup 2 --steps 3 ${AB_A_FLAGS:-} --profile-gpu-only \
-      --profile "$OUT/trace_ckpt_off.json" \
+    pr="${AB_PROFILE_R:-16}"
+    echo "== profile (device activities only), llama2-7b, r $pr, checkpointing off, as is"
+    "$Q" bench --shape llama2-7b --r "$pr" --checkpointing off --warmup 2 --steps 3 ${AB_A_FLAGS:-} --profile-gpu-only \
+      --profile "$OUT/trace_r${pr}_ckpt_off.json" \
       2>&1 | grep -vE "^trace:" | head -40
     gzip -f "$OUT"/trace_*.json
+    "$PY" scripts/trace_summary.py "$OUT"/trace_*.json.gz
   fi
   # AB_A_FLAGS: flags for a; AB_C_FLAGS (optional): a third variant c, this build with those flags.
   echo "== A/B, llama2-7b, seq 2048: as is '${AB_A_FLAGS:-}' (a) against $QB '$flags' (b)${AB_C_FLAGS:+ and '$AB_C_FLAGS' (c)}, rounds interleaved"

@@ -180,9 +180,14 @@ TEST(FusedKernels, BlockDiagonalAdaptersMatchComposite) {
   QLORA_SKIP_WITHOUT_CUDA();
   const at::Device dev(at::kCUDA, 0);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
-  // Three members (q, k, v shaped) with ranks 8, 0 (unadapted) and 16, and a lone member.
+  // Three members (q, k, v shaped) with ranks 8, 0 (unadapted) and 16, a lone member, r 64 in three members
+  // (the vector kernel's 16-byte stores in every dtype), and ranks 12 and 64 (the scalar kernel for the
+  // 16-bit types, whose 8-column vectors 12 does not divide; the vector kernel for float32).
   struct Member { int64_t rows, rank; double scale; };
-  const std::vector<std::vector<Member>> groups = {{{40, 8, 2.0}, {24, 0, 0.0}, {24, 16, 0.37}}, {{33, 4, 1.5}}};
+  const std::vector<std::vector<Member>> groups = {{{40, 8, 2.0}, {24, 0, 0.0}, {24, 16, 0.37}},
+                                                   {{33, 4, 1.5}},
+                                                   {{200, 64, 0.25}, {104, 64, 2.0}, {96, 64, 1.0}},
+                                                   {{16, 12, 0.5}, {40, 64, 0.25}}};
   for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
     for (const auto& group : groups) {
       SCOPED_TRACE(c10::toString(dt));
