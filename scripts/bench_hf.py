@@ -1,8 +1,9 @@
 """The Python stack on the same job as `qlora bench`: transformers + PEFT, LoRA on all seven projections,
 a base in bf16 (`--base bf16`) or bitsandbytes NF4 with double quantization (`--base bnb4`, QLoRA as
 people run it), random weights created on the GPU, random tokens with every position trained, AdamW on
-the adapters. Prints the same figures as `qlora bench` (median step split into forward / backward /
-optimizer, tokens/s, peak allocated memory) and writes them as JSON with --json.
+the adapters. Prints the same figures as `qlora bench` (the step split into forward / backward /
+optimizer, tokens/s, peak allocated memory; steps pipelined as ours are unless --pipeline off) and writes
+them as JSON with --json.
 
 Used by scripts/gpu.sh; run it on a CUDA machine: python3 scripts/bench_hf.py --shape llama2-7b --r 16
 """
@@ -57,6 +58,8 @@ def main():
     ap.add_argument("--base", default="bf16", choices=["bf16", "bnb4"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--pipeline", default="on", choices=["on", "off"],
+                    help="queue each step before reading the previous one's loss (on), or wait for every step")
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -86,34 +89,63 @@ def main():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
 
-    # Timed like ours (qlora bench): the step waits for the GPU once, at its end; the forward / backward /
-    # optimizer split comes from CUDA events between the phases, which make nothing wait.
+    # Timed like ours (qlora bench): pipelined by default (step N's loss read once step N + 1's forward and
+    # backward are queued, the step's time the timed steps' wall time over their number), or with
+    # --pipeline off each step waited for at its end (the median of the steps' wall times); the forward /
+    # backward / optimizer split comes from CUDA events between the phases, which make nothing wait.
     fwd, bwd, optim, total = [], [], [], []
     g = torch.Generator(device="cuda").manual_seed(42)
-    for i in range(a.warmup + a.steps):
+
+    def queue(record, meanwhile=None):
         ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda", generator=g)
-        torch.cuda.synchronize()
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        t0 = time.perf_counter()
+        q = {"t0": time.perf_counter(), "marks": marks, "record": record}
         marks[0].record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         marks[1].record()
         loss.backward()
+        if meanwhile:
+            meanwhile()
         marks[2].record()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         marks[3].record()
+        q["status"] = torch.stack([loss.detach().float(), norm.float()]).to("cpu", non_blocking=True)
+        q["copied"] = torch.cuda.Event()
+        q["copied"].record()
+        return q
+
+    def finish(q):
+        q["copied"].synchronize()
+        if not torch.isfinite(q["status"]).all():
+            raise SystemExit("bench_hf: non-finite loss or gradient norm")
+        if q["record"]:
+            m = q["marks"]
+            fwd.append(m[0].elapsed_time(m[1]) / 1e3), bwd.append(m[1].elapsed_time(m[2]) / 1e3)
+            optim.append(m[2].elapsed_time(m[3]) / 1e3), total.append(time.perf_counter() - q["t0"])
+
+    for _ in range(a.warmup):
         torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        if i >= a.warmup:
-            fwd.append(marks[0].elapsed_time(marks[1]) / 1e3), bwd.append(marks[1].elapsed_time(marks[2]) / 1e3)
-            optim.append(marks[2].elapsed_time(marks[3]) / 1e3), total.append(t3 - t0)
-    step = statistics.median(total)
+        finish(queue(False))
+    if a.pipeline == "on":
+        torch.cuda.synchronize()
+        t_start = time.perf_counter()
+        unread = None
+        for _ in range(a.steps):
+            q = queue(True, (lambda u=unread: finish(u)) if unread else None)
+            unread = q
+        finish(unread)
+        step = (time.perf_counter() - t_start) / a.steps
+    else:
+        for _ in range(a.steps):
+            torch.cuda.synchronize()
+            finish(queue(True))
+        step = statistics.median(total)
     out = {
         "stack": f"transformers+peft ({a.base})", "shape": a.shape, "r": a.r, "seq": a.seq, "batch": a.batch,
-        "checkpointing": a.checkpointing == "on", "step_ms": step * 1e3,
+        "checkpointing": a.checkpointing == "on", "pipeline": a.pipeline == "on", "step_ms": step * 1e3,
         "forward_ms": statistics.median(fwd) * 1e3, "backward_ms": statistics.median(bwd) * 1e3,
         "optimizer_ms": statistics.median(optim) * 1e3, "tokens_per_s": a.batch * a.seq / step,
         "peak_bytes": torch.cuda.max_memory_allocated(),

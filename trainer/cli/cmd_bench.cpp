@@ -15,9 +15,10 @@
 //       linear's forward + backward against a bf16 linear (cuBLAS) at 2048 and 8192 tokens; memory after
 //       loading the 7B shape against the theoretical size.
 //
-// Timing: warm-up iterations first, then the median of the timed ones. A step runs as the trainer runs
-// it, waiting for the GPU once at its end; the step time is host wall time between those waits, the
-// forward / backward / optimizer split comes from CUDA events between the phases.
+// Timing: warm-up steps first, then the timed ones, run as the trainer runs them: pipelined (--pipeline on,
+// the default: step N's loss read once step N + 1 is queued; the step time is the timed steps' wall time
+// over their number) or each waited for at its end (off: the median of the steps' wall times). The
+// forward / backward / optimizer split comes from CUDA events between the phases (medians).
 // Optional --json FILE writes every figure for scripts (scripts/gpu.sh collects them).
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -27,7 +28,9 @@
 #include <cmath>
 #include <fstream>
 #include <limits>
+#include <functional>
 #include <memory>
+#include <optional>
 
 #include "trainer/cli/commands.h"
 #include "trainer/cli/run_context.h"
@@ -40,6 +43,8 @@
 #include "trainer/train/optim.h"
 #include "trainer/train/trainer.h"
 
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <map>
@@ -86,6 +91,12 @@ void sync(const at::Device& d) {
 
 double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double mean(const std::vector<double>& v) {
+  double sum = 0;
+  for (double x : v) sum += x;
+  return v.empty() ? 0.0 : sum / static_cast<double>(v.size());
 }
 
 double median(std::vector<double> v) {
@@ -142,6 +153,7 @@ struct StepOptions {
   std::string lora_grad = "kernel";  // the backward's dxa and dB's (fused.h): kernel | cublas
   int ahead_depth = 2;         // groups dequantized ahead (fused.h)
   std::string keep_attention = "on";  // selective checkpointing keeps the attention's output (llama.h): on | off
+  std::string pipeline = "on";  // on | off: steps queued as Trainer::run queues them (the next before reading this one's loss)
   std::string ahead = "low";   // dequantization ahead on a second stream (fused.h): low | even | high | off
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
   bool profile_gpu_only = false;  // record device activities only: the CPU's op records slow it ~3x, which
@@ -276,43 +288,87 @@ nlohmann::json bench_step(const StepOptions& so) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(42);
   const at::Tensor attention_mask = at::ones({so.batch, so.seq}, at::kLong);
   const at::Tensor position_ids = at::arange(so.seq, at::kLong).unsqueeze(0).expand({so.batch, so.seq}).contiguous();
-  // One step as Trainer::train_step runs it: the batch made on the CPU and copied without a wait, the
-  // labelled positions found on the CPU, the update skipped on the device if the loss or the gradient norm
-  // is not finite, and one wait for the GPU at the end (reading the loss and the norm). Phase boundaries
-  // are marked without waiting (PhaseMarks): forward (to the loss), backward, optimizer.
+  // One step as the trainer runs it (Trainer::queue_step, finish_step): the batch made on the CPU and copied
+  // without a wait, the labelled positions found on the CPU, the update skipped on the device if the loss or
+  // the gradient norm is not finite, and the loss and the norm read through one copy queued at the end.
+  // Pipelined (the default, as Trainer::run): step N's values are read once step N + 1's forward and
+  // backward are queued, and the step's time is the measured steps' wall time over their number. Else each
+  // step waits for the GPU at its end and starts on an idle GPU, its time the median of the steps' wall
+  // times (the Python stack's bench can do either, scripts/bench_hf.py --pipeline). Phase boundaries are
+  // marked without waiting (PhaseMarks): forward (to the loss), backward, optimizer.
   std::vector<double> fwd, fwd_host, bwd, bwd_host, optim, total;
-  auto step = [&](bool record) {
+  struct Queued {
+    at::Tensor status;  // [loss sum, norm] on the CPU, from a copy queued at the step's end
+    std::optional<c10::Event> copied;
+    std::unique_ptr<PhaseMarks> marks;
+    double t0 = 0, fwd_host = 0, bwd_host = 0;
+    bool record = false;
+  };
+  auto finish = [&](Queued& q) {
+    if (q.copied) q.copied->synchronize();
+    QLORA_REQUIRE(std::isfinite(q.status[0].item<double>()) && std::isfinite(q.status[1].item<double>()),
+                  "bench: non-finite loss or gradient norm");
+    if (!q.record) return now_ms() - q.t0;
+    const std::vector<double> ms = q.marks->spans_ms();
+    fwd.push_back(ms[0]), bwd.push_back(ms[1]), optim.push_back(ms[2]);
+    fwd_host.push_back(q.fwd_host), bwd_host.push_back(q.bwd_host);
+    const double t = now_ms() - q.t0;
+    total.push_back(t);
+    return t;
+  };
+  auto queue = [&](bool record, const std::function<void()>& meanwhile) {
     const at::Tensor ids = at::randint(0, arch.vocab_size, {so.batch, so.seq}, gen, at::kLong);
-    sync(ctx.device);
-    const model::StepStream on_step(ctx.device);  // as Trainer::train_step
-    PhaseMarks marks(ctx.device);
-    const double t0 = now_ms();
-    marks.mark();
+    const model::StepStream on_step(ctx.device);  // as Trainer::queue_step
+    Queued q;
+    q.record = record;
+    q.marks = std::make_unique<PhaseMarks>(ctx.device);
+    q.t0 = now_ms();
+    q.marks->mark();
     // The batcher's tensors, on the CPU as the trainer passes them: no padding, one example a row.
     at::Tensor hidden = model->hidden_states(ids, attention_mask, position_ids);
-    const double t1_host = now_ms();  // the CPU has issued the layers; the GPU may still be running them
+    q.fwd_host = now_ms() - q.t0;  // the CPU has issued the layers; the GPU may still be running them
     auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
-    marks.mark();
+    q.marks->mark();
     const double t2_host = now_ms();
     (sum / static_cast<double>(n)).backward();
-    const double t3_host = now_ms();  // the CPU has issued the backward
-    marks.mark();
+    q.bwd_host = now_ms() - t2_host;  // the CPU has issued the backward
+    if (meanwhile) meanwhile();
+    q.marks->mark();
     const at::Tensor status = train::queue_update(opt, params, /*max_grad_norm=*/1.0, /*lr=*/1e-4, sum.detach());
-    marks.mark();
-    const at::Tensor host = status.cpu();  // the step's one wait
-    const double t3 = now_ms();
-    QLORA_REQUIRE(std::isfinite(host[0].item<double>()) && std::isfinite(host[1].item<double>()),
-                  "bench: non-finite loss or gradient norm");
-    if (!record) return t3 - t0;
-    const std::vector<double> ms = marks.spans_ms();
-    fwd.push_back(ms[0]), bwd.push_back(ms[1]), optim.push_back(ms[2]), total.push_back(t3 - t0);
-    fwd_host.push_back(t1_host - t0);
-    bwd_host.push_back(t3_host - t2_host);
-    return t3 - t0;
+    q.marks->mark();
+    q.status = status.to(at::kCPU, /*non_blocking=*/true);
+    if (!status.device().is_cpu()) {
+      const c10::impl::VirtualGuardImpl guard(status.device().type());
+      q.copied.emplace(status.device().type());
+      q.copied->record(guard.getStream(status.device()));
+    }
+    return q;
+  };
+  // One step on an idle GPU, waited for (warmup, the unpipelined mode, the profiled step).
+  auto step = [&](bool record) {
+    sync(ctx.device);
+    Queued q = queue(record, {});
+    return finish(q);
   };
   reset_peak(ctx.device);
   const int64_t kept0 = model::kept_attention_uses();
-  for (int64_t i = 0; i < so.warmup + so.steps; ++i) step(i >= so.warmup);
+  for (int64_t i = 0; i < so.warmup; ++i) step(false);
+  double wall_ms = 0;
+  if (so.pipeline == "on") {
+    sync(ctx.device);
+    const double t_start = now_ms();
+    std::optional<Queued> unread;
+    for (int64_t i = 0; i < so.steps; ++i) {
+      Queued q = queue(true, [&] {
+        if (unread) finish(*unread);
+      });
+      unread = std::move(q);
+    }
+    if (unread) finish(*unread);
+    wall_ms = now_ms() - t_start;
+  } else {
+    for (int64_t i = 0; i < so.steps; ++i) step(true);
+  }
   const int64_t kept_per_step = (model::kept_attention_uses() - kept0) / (so.warmup + so.steps);
   if (!so.profile.empty()) {
     // One more step under the Kineto profiler (CPU ops and CUDA activities); its trace opens in Perfetto or
@@ -331,7 +387,11 @@ nlohmann::json bench_step(const StepOptions& so) {
     result->save(so.profile);
     fmt::print("trace: {}\n", so.profile);
   }
-  const double step_ms = median(total);
+  // Pipelined, a step's own wall time spans the next one's queueing: the run's wall time over its steps,
+  // and the phases' means to match (their sum is the step's time on the GPU). Else medians.
+  const bool pipelined = so.pipeline == "on";
+  const auto typical = [&](const std::vector<double>& v) { return pipelined ? mean(v) : median(v); };
+  const double step_ms = pipelined ? wall_ms / static_cast<double>(so.steps) : median(total);
   const double tokens = static_cast<double>(so.batch * so.seq);
   const double tps = tokens / (step_ms / 1e3);
   const double fpt = flops_per_token(arch, lora_params, so.seq);
@@ -350,33 +410,34 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"ahead_depth", so.ahead_depth},
                       {"lora_grad", so.lora_grad},
                       {"keep_attention", so.keep_attention},
+                      {"pipeline", so.pipeline == "on"},
                       {"kept_attention_per_step", kept_per_step},
                       {"device", ctx.device.str()},
                       {"lora_params", lora_params},
                       {"load_ms", load_ms},
                       {"model_bytes", model_bytes},
                       {"step_ms", step_ms},
-                      {"forward_ms", median(fwd)},
-                      {"forward_host_ms", median(fwd_host)},
-                      {"backward_host_ms", median(bwd_host)},
-                      {"backward_ms", median(bwd)},
-                      {"optimizer_ms", median(optim)},
+                      {"forward_ms", typical(fwd)},
+                      {"forward_host_ms", typical(fwd_host)},
+                      {"backward_host_ms", typical(bwd_host)},
+                      {"backward_ms", typical(bwd)},
+                      {"optimizer_ms", typical(optim)},
                       {"tokens_per_s", tps},
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} ({} of {} layers) fused={} fold={} "
-             "ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) on {}\n",
+             "ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) pipeline={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing), model->recomputed_layers(),
              arch.num_layers, so.fused, so.fold, so.ahead, so.ahead_depth, so.lora_grad, so.keep_attention,
-             kept_per_step, ctx.device.str());
+             kept_per_step, so.pipeline, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
-  fmt::print("  step {:.1f} ms = forward {:.1f} + backward {:.1f} + optimizer {:.1f} (median of {}); the CPU "
-             "issued the layers' forward in {:.1f} ms (near the forward's time would mean launch-bound) and the "
+  fmt::print("  step {:.1f} ms ({} of {} steps) = forward {:.1f} + backward {:.1f} + optimizer {:.1f} ({}); the "
+             "CPU issued the layers' forward in {:.1f} ms (near the forward's time would mean launch-bound) and the "
              "backward in {:.1f} (it waits for room in the GPU's launch queue: its own cost shows at a short "
-             "--seq)\n", step_ms, median(fwd), median(bwd), median(optim), so.steps, median(fwd_host),
-             median(bwd_host));
+             "--seq)\n", step_ms, pipelined ? "mean" : "median", so.steps, typical(fwd), typical(bwd), typical(optim),
+             pipelined ? "means" : "medians", typical(fwd_host), typical(bwd_host));
   fmt::print("  tokens/s {:.0f}   peak memory {:.2f} GiB   MFU {:.1f}% (of {:.0f} TFLOP/s bf16)\n", tps,
              allocated_bytes(ctx.device, true) / 1073741824.0, 100.0 * j["mfu"].get<double>(), pk / 1e12);
   return j;
@@ -556,7 +617,12 @@ Runner add_bench(CLI::App& app) {
       ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
-  cmd->add_option("--steps", so->steps, "Timed steps (the median is reported)")->capture_default_str();
+  cmd->add_option("--steps", so->steps, "Timed steps")->capture_default_str();
+  cmd->add_option("--pipeline", so->pipeline,
+                  "Queue each step before reading the previous one's loss, as the trainer does (on), or wait "
+                  "for every step at its end (off)")
+      ->check(CLI::IsMember({"on", "off"}))
+      ->capture_default_str();
   cmd->add_option("--device", so->device, "auto | cuda | cpu")->check(CLI::IsMember({"auto", "cuda", "cpu"}))
       ->capture_default_str();
   cmd->add_flag("--kernels", *kernels, "Benchmark the 4-bit kernels instead (GPU)");

@@ -1,5 +1,6 @@
 #include "trainer/train/trainer.h"
 
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <unistd.h>
@@ -8,6 +9,8 @@
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
+#include <functional>
+#include <optional>
 
 #include "trainer/core/error.h"
 #include "trainer/model/fused.h"
@@ -182,20 +185,26 @@ double Trainer::current_lr() const {
 }
 
 double Trainer::train_step() {
+  QueuedStep q = queue_step();
+  return finish_step(q);
+}
+
+Trainer::QueuedStep Trainer::queue_step(const std::function<void()>& meanwhile) {
   model_->train();
   // The step's kernels on a stream above the dequantization's priority (fused.h's DequantAhead).
   const model::StepStream on_step(model_->device());
+  QueuedStep q;
+  q.lr = current_lr();
   // Gather the step's micro-batches first: the loss is the mean over every label token of the step,
   // so each micro-batch's sum is divided by the step's total count (exact under accumulation).
   std::vector<data::Batch> micro;
-  int64_t count = 0;
   for (int64_t i = 0; i < cfg_.train.grad_accum; ++i) {
     micro.push_back(batcher_.next());
-    count += micro.back().tokens;
+    q.count += micro.back().tokens;
   }
   // Everything up to the update is queued without waiting for the GPU: the loss stays on the device, and a
   // non-finite loss or gradient norm skips the update there (the optimizer's `skip`). The host learns the
-  // step's loss and norm in one read at the end.
+  // step's loss and norm from one copy queued at the end (finish_step).
   at::Tensor loss_sum;  // float32 scalar on the device
   for (auto& b : micro) {
     // The batch stays on the CPU: hidden_states copies it over and reads the mask's and the positions'
@@ -205,22 +214,39 @@ double Trainer::train_step() {
     state_.tokens_seen += b.input_ids.numel();
     if (n == 0) continue;
     loss_sum = loss_sum.defined() ? loss_sum + sum.detach() : sum.detach();
-    (sum / static_cast<double>(count)).backward();
+    (sum / static_cast<double>(q.count)).backward();
   }
+  if (meanwhile) meanwhile();  // the GPU has this step's forward and backward to run meanwhile
   if (state_.step + 1 == kill_at_step()) std::raise(SIGKILL);
-  const at::Tensor host =
-      queue_update(opt_, trainable_, cfg_.train.max_grad_norm, current_lr(), loss_sum).cpu();  // the one wait
-  const double loss = host[0].item<double>();
-  last_grad_norm_ = host[1].item<double>();
+  const at::Tensor status = queue_update(opt_, trainable_, cfg_.train.max_grad_norm, q.lr, loss_sum);
+  if (status.device().is_cpu()) {
+    q.status = status;
+  } else {
+    // Into pinned memory without waiting; the event says when it has landed.
+    q.status = status.to(at::kCPU, /*non_blocking=*/true);
+    const c10::impl::VirtualGuardImpl guard(status.device().type());
+    q.copied.emplace(status.device().type());
+    q.copied->record(guard.getStream(status.device()));
+  }
   ++state_.step;  // a skipped step too: the schedule and the data move on, as if it had happened
   state_.cursor = batcher_.state();
+  q.step = state_.step;
+  q.tokens_seen = state_.tokens_seen;
+  q.epoch = state_.cursor.epoch;
+  return q;
+}
+
+double Trainer::finish_step(QueuedStep& q) {
+  if (q.copied) q.copied->synchronize();  // the step's one wait
+  const double loss = q.status[0].item<double>();
+  last_grad_norm_ = q.status[1].item<double>();
   if (!std::isfinite(loss) || !std::isfinite(last_grad_norm_)) {
     ++state_.consecutive_nonfinite;
     ++state_.skipped_steps;
     return std::nan("");
   }
   state_.consecutive_nonfinite = 0;
-  return count > 0 ? loss / count : 0.0;
+  return q.count > 0 ? loss / q.count : 0.0;
 }
 
 double Trainer::evaluate(const data::Dataset& data) {
@@ -261,42 +287,57 @@ void Trainer::run(const Hooks& hooks) {
       hooks.on_metrics({{"step", state_.step}, {"eval_loss", l}, {"eval_perplexity", std::exp(l)}});
     say(fmt::format("step {}: eval loss {:.4f}, perplexity {:.2f}", state_.step, l, std::exp(l)));
   };
-  while (state_.step < state_.total_steps) {
-    const double lr = current_lr();
-    double loss = train_step();
+  // What the host learns of a step once its values are read: the log line, the metrics, the divergence check.
+  auto report = [&](QueuedStep& q) {
+    const double loss = finish_step(q);
     const double secs = std::chrono::duration<double>(clock::now() - t0).count();
-    const double tps = (state_.tokens_seen - tokens0) / std::max(secs, 1e-9);
-    const int64_t done = state_.step - step0;
-    const double eta = done > 0 ? secs / done * (state_.total_steps - state_.step) : 0;
+    const double tps = (q.tokens_seen - tokens0) / std::max(secs, 1e-9);
+    const int64_t done = q.step - step0;
+    const double eta = done > 0 ? secs / done * (state_.total_steps - q.step) : 0;
     if (std::isnan(loss)) {
-      say(fmt::format("warning: step {}: non-finite loss, step skipped ({} in a row)", state_.step,
+      say(fmt::format("warning: step {}: non-finite loss, step skipped ({} in a row)", q.step,
                       state_.consecutive_nonfinite));
       QLORA_REQUIRE(state_.consecutive_nonfinite < cfg_.train.max_nonfinite_steps,
                     "training diverged: {} non-finite losses in a row (train.max_nonfinite_steps); "
                     "try a lower train.lr or train.max_grad_norm",
                     state_.consecutive_nonfinite);
-    } else if (state_.step % cfg_.train.log_every == 0 || state_.step == state_.total_steps) {
+    } else if (q.step % cfg_.train.log_every == 0 || q.step == state_.total_steps) {
       if (hooks.on_metrics)
-        hooks.on_metrics({{"step", state_.step}, {"loss", loss}, {"lr", lr}, {"grad_norm", last_grad_norm_},
-                          {"tokens_per_s", tps}, {"epoch", state_.cursor.epoch}});
-      std::string line = fmt::format("step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  eta {:.0f}s", state_.step,
-                                     state_.total_steps, loss, lr, tps, eta);
+        hooks.on_metrics({{"step", q.step}, {"loss", loss}, {"lr", q.lr}, {"grad_norm", last_grad_norm_},
+                          {"tokens_per_s", tps}, {"epoch", q.epoch}});
+      std::string line = fmt::format("step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  eta {:.0f}s", q.step,
+                                     state_.total_steps, loss, q.lr, tps, eta);
       if (tty) {
-        int width = 30, filled = static_cast<int>(width * state_.step / std::max<int64_t>(1, state_.total_steps));
+        int width = 30, filled = static_cast<int>(width * q.step / std::max<int64_t>(1, state_.total_steps));
         fmt::print(stderr, "\r[{}{}] {}", std::string(filled, '#'), std::string(width - filled, '.'), line);
-        if (state_.step == state_.total_steps) fmt::print(stderr, "\n");
+        if (q.step == state_.total_steps) fmt::print(stderr, "\n");
       } else {
         say(line);
       }
     }
-    if (cfg_.train.eval_every > 0 && state_.step % cfg_.train.eval_every == 0 && state_.step < state_.total_steps) {
+  };
+  // Step N's values are read once step N + 1's forward and backward are queued, so the GPU works through
+  // the host's start of a step. Before an evaluation, a checkpoint or the end, the last step queued is read
+  // first: they see every step's outcome (the skipped-step counts a checkpoint saves included).
+  std::optional<QueuedStep> unread;
+  while (state_.step < state_.total_steps) {
+    QueuedStep q = queue_step([&] {
+      if (unread) report(*unread);
+    });
+    unread = std::move(q);
+    const bool eval_now = cfg_.train.eval_every > 0 && state_.step % cfg_.train.eval_every == 0 &&
+                          state_.step < state_.total_steps;
+    const bool checkpoint_now = hooks.on_checkpoint && cfg_.checkpoint.every > 0 &&
+                                state_.step % cfg_.checkpoint.every == 0 && state_.step < state_.total_steps;
+    if (eval_now || checkpoint_now || state_.step == state_.total_steps) {
+      report(*unread);
+      unread.reset();
+    }
+    if (eval_now) {
       if (tty) fmt::print(stderr, "\n");
       do_eval();
     }
-    if (hooks.on_checkpoint && cfg_.checkpoint.every > 0 && state_.step % cfg_.checkpoint.every == 0 &&
-        state_.step < state_.total_steps) {
-      hooks.on_checkpoint(state_.step);
-    }
+    if (checkpoint_now) hooks.on_checkpoint(state_.step);
   }
   do_eval();
   if (hooks.on_checkpoint) hooks.on_checkpoint(state_.step);
