@@ -1,7 +1,8 @@
 """`qlora bench` end to end on the tiny shape on the CPU (the 7B figures come from scripts/gpu.sh on a GPU):
 the JSON has every figure, the step splits into its phases, MFU's formula is the one documented in
-cmd_bench.cpp, --fused and --checkpointing are reported as given, --profile writes a Chrome trace with the
-step's ops, and bad options fail with a message naming the option.
+cmd_bench.cpp, --fused and --checkpointing are reported as given, steps are pipelined unless --pipeline off,
+--profile writes a Chrome trace with the step's ops, scripts/trace_summary.py reads traces (the CPU's, and a
+synthetic one with known figures), and bad options fail with a message naming the option.
 """
 import json
 import os
@@ -43,6 +44,32 @@ with tempfile.TemporaryDirectory() as d:
     t = json.load(open(trace))
     names = {e.get("name") for e in t.get("traceEvents", [])}
     check(any(n and n.startswith("aten::") for n in names), "trace holds the step's ATen ops")
+
+    check(j["pipeline"] is True, "steps pipelined by default")
+    p = bench("--pipeline", "off", "--json", out)
+    check(p.returncode == 0 and json.load(open(out))["pipeline"] is False, "--pipeline off runs and is echoed")
+
+    # scripts/trace_summary.py: on the CPU trace (no device activities), and on a synthetic trace with two
+    # streams whose busy time, gaps and kinds are known.
+    summary = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts",
+                                            "trace_summary.py")]
+    p = subprocess.run(summary + [trace], capture_output=True, text=True)
+    check(p.returncode == 0 and "no device activities" in p.stdout, f"trace_summary on the CPU trace ({p.stderr[-200:]})")
+    kernel = lambda name, ts, dur, stream: {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur,
+                                            "args": {"stream": stream}}
+    synthetic = os.path.join(d, "synthetic.json")
+    json.dump({"traceEvents": [kernel("nvjet_sm90_tst_128x256", 0, 3000, 7),       # a base GEMM (us)
+                               kernel("rmsnorm_fwd_kernel", 3002, 200, 7),        # 2 us gap
+                               kernel("nvjet_sm90_tst_48x64_splitK", 3502, 40, 7),  # 300 us gap; an adapter's
+                               kernel("dequant_span_v9", 100, 400, 13)]}, open(synthetic, "w"))
+    p = subprocess.run(summary + [synthetic], capture_output=True, text=True)
+    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines()[2:]}
+    check(p.returncode == 0 and "span 3.5 ms, 4 device activities" in p.stdout, f"trace_summary's span: {p.stdout}")
+    # stream count busy gaps >20us gemm adapters attention dequant elementwise other (ms)
+    check(rows.get("7") == ["7", "3", "3.2", "0.3", "0.3", "3.00", "0.04", "0.00", "0.00", "0.20", "0.00"],
+          f"trace_summary's step stream: {rows.get('7')}")
+    check(rows.get("13") == ["13", "1", "0.4", "0.0", "0.0", "0.00", "0.00", "0.00", "0.40", "0.00", "0.00"],
+          f"its side stream: {rows.get('13')}")
 
     p = bench("--fused", "sometimes")
     check(p.returncode != 0 and "--fused" in p.stderr, "bad --fused is refused naming the option")
