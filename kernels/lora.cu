@@ -101,9 +101,10 @@ void lora_block_diag_cuda(const at::Tensor& out, const std::vector<BlockDiagMemb
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (vec) {
       const int64_t vecs = ranks / V;
-      const unsigned blocks = static_cast<unsigned>(
-          std::min<int64_t>(ceil_div(total * vecs, 256), 8LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount));
-      block_diag_vec_kernel<T><<<blocks, 256, 0, stream>>>(m, total, vecs, out.stride(0), static_cast<T*>(out.data_ptr()));
+      const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total * vecs, 256), 8 * sms));
+      block_diag_vec_kernel<T><<<blocks, 256, 0, stream>>>(m, total, vecs, out.stride(0),
+                                                           static_cast<T*>(out.data_ptr()));
     } else {
       const dim3 grid(static_cast<unsigned>(ceil_div(ranks, kCols)),
                       static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kRows), 65535)));

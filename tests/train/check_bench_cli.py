@@ -54,7 +54,8 @@ with tempfile.TemporaryDirectory() as d:
     summary = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts",
                                             "trace_summary.py")]
     p = subprocess.run(summary + [trace], capture_output=True, text=True)
-    check(p.returncode == 0 and "no device activities" in p.stdout, f"trace_summary on the CPU trace ({p.stderr[-200:]})")
+    check(p.returncode == 0 and "no device activities" in p.stdout,
+          f"trace_summary on the CPU trace ({p.stderr[-200:]})")
     kernel = lambda name, ts, dur, stream: {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur,
                                             "args": {"stream": stream}}
     synthetic = os.path.join(d, "synthetic.json")

@@ -18,7 +18,8 @@
 // Timing: warm-up steps first, then the timed ones, run as the trainer runs them: pipelined (--pipeline on,
 // the default: step N's loss read once step N + 1 is queued; the step time is the timed steps' wall time
 // over their number) or each waited for at its end (off: the median of the steps' wall times). The
-// forward / backward / optimizer split comes from CUDA events between the phases (medians).
+// forward / backward / optimizer split comes from CUDA events between the phases (their means when
+// pipelined, else medians).
 // Optional --json FILE writes every figure for scripts (scripts/gpu.sh collects them).
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -27,8 +28,8 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
-#include <limits>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 
@@ -43,8 +44,6 @@
 #include "trainer/train/optim.h"
 #include "trainer/train/trainer.h"
 
-#include <c10/core/Event.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <map>
@@ -153,7 +152,8 @@ struct StepOptions {
   std::string lora_grad = "kernel";  // the backward's dxa and dB's (fused.h): kernel | cublas
   int ahead_depth = 2;         // groups dequantized ahead (fused.h)
   std::string keep_attention = "on";  // selective checkpointing keeps the attention's output (llama.h): on | off
-  std::string pipeline = "on";  // on | off: steps queued as Trainer::run queues them (the next before reading this one's loss)
+  std::string pipeline = "on";  // on | off: steps queued as Trainer::run queues them (the next one before
+                                // reading this one's loss)
   std::string ahead = "low";   // dequantization ahead on a second stream (fused.h): low | even | high | off
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
   bool profile_gpu_only = false;  // record device activities only: the CPU's op records slow it ~3x, which
@@ -298,15 +298,14 @@ nlohmann::json bench_step(const StepOptions& so) {
   // marked without waiting (PhaseMarks): forward (to the loss), backward, optimizer.
   std::vector<double> fwd, fwd_host, bwd, bwd_host, optim, total;
   struct Queued {
-    at::Tensor status;  // [loss sum, norm] on the CPU, from a copy queued at the step's end
-    std::optional<c10::Event> copied;
+    train::HostCopy status;  // [loss sum, norm], copied at the step's end
     std::unique_ptr<PhaseMarks> marks;
     double t0 = 0, fwd_host = 0, bwd_host = 0;
     bool record = false;
   };
   auto finish = [&](Queued& q) {
-    if (q.copied) q.copied->synchronize();
-    QLORA_REQUIRE(std::isfinite(q.status[0].item<double>()) && std::isfinite(q.status[1].item<double>()),
+    const at::Tensor& status = q.status.get();
+    QLORA_REQUIRE(std::isfinite(status[0].item<double>()) && std::isfinite(status[1].item<double>()),
                   "bench: non-finite loss or gradient norm");
     if (!q.record) return now_ms() - q.t0;
     const std::vector<double> ms = q.marks->spans_ms();
@@ -336,12 +335,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     q.marks->mark();
     const at::Tensor status = train::queue_update(opt, params, /*max_grad_norm=*/1.0, /*lr=*/1e-4, sum.detach());
     q.marks->mark();
-    q.status = status.to(at::kCPU, /*non_blocking=*/true);
-    if (!status.device().is_cpu()) {
-      const c10::impl::VirtualGuardImpl guard(status.device().type());
-      q.copied.emplace(status.device().type());
-      q.copied->record(guard.getStream(status.device()));
-    }
+    q.status = train::HostCopy(status);
     return q;
   };
   // One step on an idle GPU, waited for (warmup, the unpipelined mode, the profiled step).

@@ -123,6 +123,25 @@ at::Tensor queue_update(AdamW& opt, const NamedTensors& params, double max_grad_
   return status;
 }
 
+HostCopy::HostCopy(const at::Tensor& t) {
+  if (t.device().is_cpu()) {
+    host_ = t;
+    return;
+  }
+  host_ = t.to(at::kCPU, /*non_blocking=*/true);  // into pinned memory
+  const c10::impl::VirtualGuardImpl guard(t.device().type());
+  landed_.emplace(t.device().type());
+  landed_->record(guard.getStream(t.device()));
+}
+
+const at::Tensor& HostCopy::get() {
+  if (landed_) {
+    landed_->synchronize();
+    landed_.reset();
+  }
+  return host_;
+}
+
 std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const data::Batch& b) {
   at::NoGradGuard no_grad;
   at::Tensor hidden = model.hidden_states(b.input_ids, b.attention_mask, b.position_ids);  // copied there
@@ -218,16 +237,7 @@ Trainer::QueuedStep Trainer::queue_step(const std::function<void()>& meanwhile) 
   }
   if (meanwhile) meanwhile();  // the GPU has this step's forward and backward to run meanwhile
   if (state_.step + 1 == kill_at_step()) std::raise(SIGKILL);
-  const at::Tensor status = queue_update(opt_, trainable_, cfg_.train.max_grad_norm, q.lr, loss_sum);
-  if (status.device().is_cpu()) {
-    q.status = status;
-  } else {
-    // Into pinned memory without waiting; the event says when it has landed.
-    q.status = status.to(at::kCPU, /*non_blocking=*/true);
-    const c10::impl::VirtualGuardImpl guard(status.device().type());
-    q.copied.emplace(status.device().type());
-    q.copied->record(guard.getStream(status.device()));
-  }
+  q.status = HostCopy(queue_update(opt_, trainable_, cfg_.train.max_grad_norm, q.lr, loss_sum));
   ++state_.step;  // a skipped step too: the schedule and the data move on, as if it had happened
   state_.cursor = batcher_.state();
   q.step = state_.step;
@@ -237,9 +247,9 @@ Trainer::QueuedStep Trainer::queue_step(const std::function<void()>& meanwhile) 
 }
 
 double Trainer::finish_step(QueuedStep& q) {
-  if (q.copied) q.copied->synchronize();  // the step's one wait
-  const double loss = q.status[0].item<double>();
-  last_grad_norm_ = q.status[1].item<double>();
+  const at::Tensor& status = q.status.get();  // the step's one wait
+  const double loss = status[0].item<double>();
+  last_grad_norm_ = status[1].item<double>();
   if (!std::isfinite(loss) || !std::isfinite(last_grad_norm_)) {
     ++state_.consecutive_nonfinite;
     ++state_.skipped_steps;

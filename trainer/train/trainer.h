@@ -40,6 +40,20 @@ int64_t loss_chunk_rows(int64_t vocab);
 // Mean token loss of a batch (no gradient), e.g. for evaluation: {sum, count}.
 std::pair<double, int64_t> batch_loss(model::LlamaForCausalLMImpl& model, const data::Batch& batch);
 
+// A tensor's values on the host without waiting for the device: on an accelerator the copy is queued on the
+// current stream into pinned memory and an event marks its landing, and get() waits for that event only,
+// not for the work queued after it; on the CPU, the tensor itself.
+class HostCopy {
+ public:
+  HostCopy() = default;
+  explicit HostCopy(const at::Tensor& t);
+  const at::Tensor& get();
+
+ private:
+  at::Tensor host_;
+  std::optional<c10::Event> landed_;
+};
+
 struct TrainerState {
   int64_t step = 0;                  // optimizer steps completed
   int64_t total_steps = 0;
@@ -87,8 +101,7 @@ class Trainer {
   // the step's backward passes are queued), so the GPU does not idle while the CPU starts a step (about
   // 1 ms a step at the 7B shape: the first layer's launches; more for small models).
   struct QueuedStep {
-    at::Tensor status;                 // [loss sum, gradient norm] float32 on the CPU, copied after the step
-    std::optional<c10::Event> copied;  // that copy's completion on an accelerator (none on the CPU)
+    HostCopy status;                   // [loss sum, gradient norm] float32, copied after the step
     int64_t count = 0;                 // the step's label tokens
     int64_t step = 0;                  // its number (1-based: state_.step once it is queued)
     double lr = 0;                     // its learning rate
