@@ -428,10 +428,11 @@ nlohmann::json bench_step(const StepOptions& so) {
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   fmt::print("  step {:.1f} ms ({} of {} steps) = forward {:.1f} + backward {:.1f} + optimizer {:.1f} ({}); the "
-             "CPU issued the layers' forward in {:.1f} ms (near the forward's time would mean launch-bound) and the "
-             "backward in {:.1f} (it waits for room in the GPU's launch queue: its own cost shows at a short "
-             "--seq)\n", step_ms, pipelined ? "mean" : "median", so.steps, typical(fwd), typical(bwd), typical(optim),
-             pipelined ? "means" : "medians", typical(fwd_host), typical(bwd_host));
+             "CPU issued the layers' forward in {:.1f} ms and the backward in {:.1f} (ahead of the GPU it waits for "
+             "room in the launch queue: in the backward{}; its own cost shows at a short --seq{})\n",
+             step_ms, pipelined ? "mean" : "median", so.steps, typical(fwd), typical(bwd), typical(optim),
+             pipelined ? "means" : "medians", typical(fwd_host), typical(bwd_host),
+             pipelined ? " and, pipelined, in the forward" : "", pipelined ? " with --pipeline off" : "");
   fmt::print("  tokens/s {:.0f}   peak memory {:.2f} GiB   MFU {:.1f}% (of {:.0f} TFLOP/s bf16)\n", tps,
              allocated_bytes(ctx.device, true) / 1073741824.0, 100.0 * j["mfu"].get<double>(), pk / 1e12);
   return j;
