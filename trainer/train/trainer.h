@@ -98,8 +98,8 @@ class Trainer {
  private:
   // A step queued on the device whose loss and gradient norm the host has not read yet: train_step's two
   // halves. run() reads step N's values while it queues step N + 1 (queue_step's `meanwhile`, called once
-  // the step's backward passes are queued), so the GPU does not idle while the CPU starts a step (about
-  // 1 ms a step at the 7B shape: the first layer's launches; more for small models).
+  // the step's backward passes are queued), so the GPU does not idle while the CPU starts a step
+  // (docs/performance.md item 23: within the spread at 2048 tokens on the 7B shape, +1% at 512-1024).
   struct QueuedStep {
     HostCopy status;                   // [loss sum, gradient norm] float32, copied after the step
     int64_t count = 0;                 // the step's label tokens
