@@ -588,11 +588,13 @@ Runner add_bench(CLI::App& app) {
   cmd->add_option("--fused", so->fused, "Fused projection groups: auto (on CUDA) | on | off (per-projection modules)")
       ->check(CLI::IsMember({"auto", "on", "off"}))
       ->capture_default_str();
-  cmd->add_option("--fold", so->fold,
-                  "Adapters folded into the base GEMM's K dimension where the input's producer leaves room: on | off "
-                  "(the B products written first, the base GEMM accumulating onto them)")
-      ->check(CLI::IsMember({"on", "off"}))
-      ->capture_default_str();
+  // A switch given as on | off (the value the JSON and the header line echo).
+  auto on_off = [&](const char* name, std::string& value, const std::string& help) {
+    cmd->add_option(name, value, help + ": on | off")->check(CLI::IsMember({"on", "off"}))->capture_default_str();
+  };
+  on_off("--fold", so->fold,
+         "Adapters folded into the base GEMM's K dimension where the input's producer leaves room (off: the B "
+         "products written first, the base GEMM accumulating onto them)");
   cmd->add_option("--lora-grad", so->lora_grad,
                   "The backward's adapter products dxa and dB: kernel (one pass over dy) | cublas (dy bd, then a "
                   "GEMM per dB)")
@@ -606,18 +608,14 @@ Runner add_bench(CLI::App& app) {
   cmd->add_option("--ahead-depth", so->ahead_depth, "How many projection groups are dequantized ahead")
       ->check(CLI::Range(1, 8))
       ->capture_default_str();
-  cmd->add_option("--keep-attention", so->keep_attention,
-                  "Selective checkpointing keeps each layer's attention output where cuDNN computes it, so the "
-                  "recomputation skips the attention's forward: on | off")
-      ->check(CLI::IsMember({"on", "off"}))
-      ->capture_default_str();
+  on_off("--keep-attention", so->keep_attention,
+         "Selective checkpointing keeps each layer's attention output where cuDNN computes it, so the "
+         "recomputation skips the attention's forward");
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps")->capture_default_str();
-  cmd->add_option("--pipeline", so->pipeline,
-                  "Queue each step before reading the previous one's loss, as the trainer does (on), or wait "
-                  "for every step at its end (off)")
-      ->check(CLI::IsMember({"on", "off"}))
-      ->capture_default_str();
+  on_off("--pipeline", so->pipeline,
+         "Queue each step before reading the previous one's loss, as the trainer does (on), or wait for every "
+         "step at its end (off)");
   cmd->add_option("--device", so->device, "auto | cuda | cpu")->check(CLI::IsMember({"auto", "cuda", "cpu"}))
       ->capture_default_str();
   cmd->add_flag("--kernels", *kernels, "Benchmark the 4-bit kernels instead (GPU)");
