@@ -185,6 +185,13 @@ class DequantAheadQueue {
     return buf;
   }
 
+  // settle_dequant_ahead: each owner waits for its buffer's writes, then the buffers go.
+  void settle() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (Pending& p : pending_) p.ready.block(p.owner);
+    pending_.clear();
+  }
+
  private:
   // What dequantizing a group takes, without keeping its weights alive (weak references: the model may go).
   struct Recipe {
@@ -711,6 +718,11 @@ DequantAhead dequant_ahead_mode() { return g_ahead.load(); }
 void set_dequant_ahead_depth(int groups) {
   TORCH_CHECK(groups >= 1, "set_dequant_ahead_depth: at least one group, got ", groups);
   g_ahead_depth.store(groups);
+}
+void settle_dequant_ahead() {
+#ifdef QLORA_WITH_CUDA
+  dequant_ahead().settle();
+#endif
 }
 int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxed); }
 void set_fold_adapters(bool on) { g_fold.store(on); }

@@ -73,6 +73,12 @@ class StepStream {
   std::unique_ptr<Impl> impl_;
 };
 
+// Joins the work queued ahead to the streams that asked for it and drops it (the next requests dequantize in
+// their turn until the queue is ahead again). Around a CUDA graph's capture: work queued before the capture
+// cannot be waited for inside it, and a capture cannot end with the side stream's work unjoined (the work a
+// backward queues ahead for the next step's first groups).
+void settle_dequant_ahead();
+
 // How many dequantizations were taken from the work done ahead since the process started (tests).
 int64_t dequant_ahead_hits();
 

@@ -1,6 +1,8 @@
 #include "trainer/model/llama.h"
 
 #ifdef QLORA_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+
 #include "kernels/ops.h"
 #endif
 
@@ -490,17 +492,49 @@ struct MaskArg {
   at::Tensor mask;  // bool [B, 1, T, S] or undefined
 };
 
+// Whether the layer draws random numbers in training: LoRA dropout on one of its projections.
+bool draws_random(const DecoderLayerImpl& layer) {
+  const auto& a = *layer.self_attn;
+  const auto& m = *layer.mlp;
+  for (const auto* l : {&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj}) {
+    const auto lr = (*l)->low_rank();
+    if (lr && lr->dropout > 0.0) return true;
+  }
+  return false;
+}
+
+// The RNG state of x's device, to be replayed by the recomputation; none while a CUDA graph is being captured,
+// where the generator's state cannot be read or set (a graph replays the offsets it captured instead). A layer
+// that draws random numbers cannot be captured then: its recomputation would draw other masks.
+at::Tensor rng_state(const at::Tensor& x, const DecoderLayerImpl& layer) {
+#ifdef QLORA_WITH_CUDA
+  if (x.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    QLORA_REQUIRE(!draws_random(layer), "a checkpointed layer with LoRA dropout cannot be captured in a CUDA graph "
+                  "(its recomputation replays the generator's state): set lora.dropout to 0 or turn off checkpointing");
+    return {};
+  }
+#else
+  (void)layer;
+#endif
+  return at::globalContext().defaultGenerator(x.device()).get_state();
+}
+
+void set_rng_state(const at::Tensor& x, const c10::IValue& state) {
+  if (!state.isTensor() || !state.toTensor().defined()) return;  // none taken (rng_state)
+  at::Generator gen = at::globalContext().defaultGenerator(x.device());
+  gen.set_state(state.toTensor());
+}
+
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor x,
                                                 DecoderLayerImpl* layer, const Rope& rope, const MaskArg& m,
                                                 bool keep_residual) {
     const at::Tensor& mask = m.mask;
-    at::Generator gen = at::globalContext().defaultGenerator(x.device());
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["cos"] = rope.cos;
     ctx->saved_data["sin"] = rope.sin;
     ctx->saved_data["mask"] = mask;
-    ctx->saved_data["rng"] = gen.get_state();
+    ctx->saved_data["rng"] = rng_state(x, *layer);
     at::NoGradGuard no_grad;
     if (!keep_residual) {
       ctx->save_for_backward({x});
@@ -517,7 +551,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     }
     ctx->saved_data["attention"] = c10::IValue::make_capsule(kept);
     auto [h, normed] = layer->post_attention_layernorm->add_forward(x, attention, spare);
-    ctx->saved_data["rng_mlp"] = gen.get_state();
+    ctx->saved_data["rng_mlp"] = rng_state(x, *layer);
     ctx->save_for_backward({x, h});
     return {h + layer->mlp->forward(normed, true, spare)};
   }
@@ -529,22 +563,21 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
     Rope rope{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()};
     at::Tensor mask = ctx->saved_data["mask"].toOptional<at::Tensor>().value_or(at::Tensor());
-    at::Generator gen = at::globalContext().defaultGenerator(x.device());
-    at::Tensor rng_now = gen.get_state();
+    const at::Tensor rng_now = rng_state(x, *layer);
     at::Tensor dx;
     {
       at::AutoGradMode enable(true);
       KeepDequantizedWeights keep;  // each backward below follows its recomputation at once
       at::Tensor xd = x.detach().requires_grad_(true);
       if (saved.size() == 1) {
-        gen.set_state(ctx->saved_data["rng"].toTensor());
+        set_rng_state(x, ctx->saved_data["rng"]);
         torch::autograd::backward({layer->forward(xd, rope, mask)}, {grad_out[0]});
         dx = xd.grad();
       } else {
-        gen.set_state(ctx->saved_data["rng_mlp"].toTensor());
+        set_rng_state(x, ctx->saved_data["rng_mlp"]);
         at::Tensor hd = saved[1].detach().requires_grad_(true);
         torch::autograd::backward({layer->mlp_gradient_path(hd)}, {grad_out[0]});
-        gen.set_state(ctx->saved_data["rng"].toTensor());
+        set_rng_state(x, ctx->saved_data["rng"]);
         const auto kept = c10::static_intrusive_pointer_cast<KeptAttention>(ctx->saved_data["attention"].toCapsule());
         {
           SlotGuard take(t_attention_kept, kept.get());
@@ -554,7 +587,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
         dx = xd.grad();
       }
     }
-    gen.set_state(rng_now);
+    set_rng_state(x, rng_now);
     return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -84,19 +84,22 @@ int64_t loss_chunk_rows(int64_t vocab) {
   return std::max<int64_t>(64, (int64_t{64} << 20) / std::max<int64_t>(1, vocab));
 }
 
-std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
-                                                  const at::Tensor& labels, int64_t chunk_rows) {
+LossTargets loss_targets(const at::Tensor& labels, at::Device device) {
   // Shift: hidden at t predicts labels at t + 1. Only positions with a label get logits at all, so the
   // logits cover the answer tokens, not the whole (mostly prompt) batch. The labelled positions are
   // found where the labels are: for the trainer's batches on the CPU, so the GPU is not waited for.
-  at::Tensor target = labels.slice(1, 1).reshape(-1);                   // [B (T-1)]
-  at::Tensor idx = target.ne(-100).nonzero().squeeze(1);
-  const int64_t n = idx.numel();
-  if (n == 0) return {hidden.sum() * 0.0, 0};
-  at::Tensor ts = model::to_device(target.index_select(0, idx), hidden.device());  // [N]
-  idx = model::to_device(idx, hidden.device());
+  const at::Tensor target = labels.slice(1, 1).reshape(-1);  // [B (T-1)]
+  const at::Tensor idx = target.ne(-100).nonzero().squeeze(1);
+  return {model::to_device(idx, device), model::to_device(target.index_select(0, idx), device), idx.numel()};
+}
+
+at::Tensor causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden, const LossTargets& targets,
+                              int64_t chunk_rows) {
+  const int64_t n = targets.count;
+  if (n == 0) return hidden.sum() * 0.0;
+  const at::Tensor& ts = targets.labels;                                // [N]
   at::Tensor h = hidden.slice(1, 0, hidden.size(1) - 1);                // [B, T-1, H]
-  at::Tensor hs = h.reshape({-1, h.size(-1)}).index_select(0, idx);   // [N, H]
+  at::Tensor hs = h.reshape({-1, h.size(-1)}).index_select(0, targets.positions);  // [N, H]
   const at::Tensor& w = model.lm_head;                                  // [V, H]
   const int64_t chunk = chunk_rows > 0 ? chunk_rows : loss_chunk_rows(w.size(0));
   if (!at::GradMode::is_enabled() || (!hs.requires_grad() && !w.requires_grad())) {
@@ -107,9 +110,15 @@ std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& m
       at::Tensor logits = model.lm_logits(hs.slice(0, s, e)).to(at::kFloat);
       total = total + at::cross_entropy_loss(logits, ts.slice(0, s, e), {}, at::Reduction::Sum);
     }
-    return {total, n};
+    return total;
   }
-  return {ChunkedLmLoss::apply(hs, w, ts, chunk), n};
+  return ChunkedLmLoss::apply(hs, w, ts, chunk);
+}
+
+std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
+                                                  const at::Tensor& labels, int64_t chunk_rows) {
+  const LossTargets targets = loss_targets(labels, hidden.device());
+  return {causal_lm_loss_sum(model, hidden, targets, chunk_rows), targets.count};
 }
 
 at::Tensor queue_update(AdamW& opt, const NamedTensors& params, double max_grad_norm, double lr,

@@ -34,6 +34,19 @@ at::Tensor queue_update(AdamW& opt, const NamedTensors& params, double max_grad_
 // computed in the same pass, so the float32 [N, V] logits are never stored.
 std::pair<at::Tensor, int64_t> causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden,
                                                   const at::Tensor& labels, int64_t chunk_rows = 0);
+// The same in two halves. LossTargets are the labelled positions of a [B, T] batch, flattened over its
+// shifted [B (T-1)] positions: their indices and labels on `device`, and their count. loss_targets finds them
+// where the labels are (the CPU for the trainer's batches: no wait for the GPU); the second half only reads
+// them on the device, so a CUDA graph can capture it with targets of a fixed count refilled between replays
+// (`qlora bench --cuda-graph`).
+struct LossTargets {
+  at::Tensor positions;  // int64 [count], into the [B (T-1)] shifted positions
+  at::Tensor labels;     // int64 [count]
+  int64_t count = 0;
+};
+LossTargets loss_targets(const at::Tensor& labels, at::Device device);
+at::Tensor causal_lm_loss_sum(model::LlamaForCausalLMImpl& model, const at::Tensor& hidden, const LossTargets& targets,
+                              int64_t chunk_rows = 0);
 // Rows per loss chunk for a vocabulary of `vocab`: about 256 MiB of float32 logits.
 int64_t loss_chunk_rows(int64_t vocab);
 
