@@ -72,6 +72,12 @@ with tempfile.TemporaryDirectory() as d:
     check(rows.get("13") == ["13", "1", "0.4", "0.0", "0.0", "0.00", "0.00", "0.00", "0.40", "0.00", "0.00"],
           f"its side stream: {rows.get('13')}")
 
+    j = json.load(open(out))
+    check(len(j["losses"]) == 2 and all(5.0 < l < 9.0 for l in j["losses"]) and j["update_norm"] > 0,
+          f"per-step losses near ln(1024) and the update's norm reported: {j['losses']}, {j['update_norm']}")
+    p = bench("--cuda-graph", "on")
+    check(p.returncode != 0 and "--cuda-graph" in p.stderr and "CUDA" in p.stderr,
+          "--cuda-graph on is refused on the CPU naming the option")
     p = bench("--fused", "sometimes")
     check(p.returncode != 0 and "--fused" in p.stderr, "bad --fused is refused naming the option")
     p = bench("--seq", "1")

@@ -20,6 +20,10 @@
 // over their number) or each waited for at its end (off: the median of the steps' wall times). The
 // forward / backward / optimizer split comes from CUDA events between the phases (their means when
 // pipelined, else medians).
+// --cuda-graph on captures the step (forward, backward, clipping, AdamW) as one CUDA graph after the warm-up
+// and replays it: the measure of what the host's launches cost a step (docs/performance.md). Its inputs are
+// refilled in device buffers before each replay; the warm-up runs the same step eagerly on them. The phases
+// are not split then (one launch).
 // Optional --json FILE writes every figure for scripts (scripts/gpu.sh collects them).
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -50,6 +54,7 @@
 
 #ifdef QLORA_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #endif
@@ -155,6 +160,7 @@ struct StepOptions {
   std::string pipeline = "on";  // on | off: steps queued as Trainer::run queues them (the next one before
                                 // reading this one's loss)
   std::string ahead = "low";   // dequantization ahead on a second stream (fused.h): low | even | high | off
+  std::string cuda_graph = "off";  // on: the step captured once as a CUDA graph after the warm-up, then replayed
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
   bool profile_gpu_only = false;  // record device activities only: the CPU's op records slow it ~3x, which
                                   // can starve the GPU in a step that is not launch-bound without them
@@ -288,6 +294,37 @@ nlohmann::json bench_step(const StepOptions& so) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(42);
   const at::Tensor attention_mask = at::ones({so.batch, so.seq}, at::kLong);
   const at::Tensor position_ids = at::arange(so.seq, at::kLong).unsqueeze(0).expand({so.batch, so.seq}).contiguous();
+  const bool graphed = so.cuda_graph == "on";
+  const int64_t labelled = so.batch * (so.seq - 1);  // every shifted position carries a label
+  // The trained weights before the first step, on the host: the JSON's update_norm is how far the steps moved
+  // them (tests compare it between --cuda-graph on and off).
+  std::vector<at::Tensor> start_weights;
+  for (auto& [n, p] : params) start_weights.push_back(p.detach().to(at::kCPU, at::kFloat, false, /*copy=*/true));
+  // --cuda-graph on: the step's inputs in device buffers, refilled before each step (a replay reads them
+  // where the capture found them). No mask and no positions: plain causal attention over positions 0..T-1,
+  // what the CPU tensors above say; every shifted position is labelled, as there.
+  at::Tensor ids_on_device;
+  train::LossTargets targets_on_device;
+#ifdef QLORA_WITH_CUDA
+  std::optional<at::cuda::CUDAGraph> graph;
+  at::Tensor graph_status;  // the captured step's [loss sum, norm], rewritten by each replay
+#endif
+  if (graphed) {
+    QLORA_REQUIRE(ctx.device.is_cuda(), "--cuda-graph on: needs a CUDA device (this run is on {})", ctx.device.str());
+    QLORA_REQUIRE(so.ahead == "low" || so.ahead == "high",
+                  "--cuda-graph on: needs --ahead low or high (a graph is captured on the step's own stream)");
+    QLORA_REQUIRE(so.warmup >= 1, "--cuda-graph on: needs --warmup 1 or more (the capture repeats a step that ran)");
+    const auto on = at::TensorOptions().dtype(at::kLong).device(ctx.device);
+    ids_on_device = at::empty({so.batch, so.seq}, on);
+    targets_on_device = {at::arange(labelled, on), at::empty({labelled}, on), labelled};
+  }
+  // The graphed step's body, as queue() below runs it eagerly but on the device buffers.
+  auto graph_body = [&]() {
+    at::Tensor hidden = model->hidden_states(ids_on_device, at::Tensor(), at::Tensor());
+    const at::Tensor sum = train::causal_lm_loss_sum(*model, hidden, targets_on_device);
+    (sum / static_cast<double>(targets_on_device.count)).backward();
+    return train::queue_update(opt, params, /*max_grad_norm=*/1.0, /*lr=*/1e-4, sum.detach());
+  };
   // One step as the trainer runs it (Trainer::queue_step, finish_step): the batch made on the CPU and copied
   // without a wait, the labelled positions found on the CPU, the update skipped on the device if the loss or
   // the gradient norm is not finite, and the loss and the norm read through one copy queued at the end.
@@ -296,10 +333,10 @@ nlohmann::json bench_step(const StepOptions& so) {
   // step waits for the GPU at its end and starts on an idle GPU, its time the median of the steps' wall
   // times (the Python stack's bench can do either, scripts/bench_hf.py --pipeline). Phase boundaries are
   // marked without waiting (PhaseMarks): forward (to the loss), backward, optimizer.
-  std::vector<double> fwd, fwd_host, bwd, bwd_host, optim, total;
+  std::vector<double> fwd, fwd_host, bwd, bwd_host, optim, total, losses;
   struct Queued {
     train::HostCopy status;  // [loss sum, norm], copied at the step's end
-    std::unique_ptr<PhaseMarks> marks;
+    std::unique_ptr<PhaseMarks> marks;  // none for a graphed step
     double t0 = 0, fwd_host = 0, bwd_host = 0;
     bool record = false;
   };
@@ -308,9 +345,12 @@ nlohmann::json bench_step(const StepOptions& so) {
     QLORA_REQUIRE(std::isfinite(status[0].item<double>()) && std::isfinite(status[1].item<double>()),
                   "bench: non-finite loss or gradient norm");
     if (!q.record) return now_ms() - q.t0;
-    const std::vector<double> ms = q.marks->spans_ms();
-    fwd.push_back(ms[0]), bwd.push_back(ms[1]), optim.push_back(ms[2]);
-    fwd_host.push_back(q.fwd_host), bwd_host.push_back(q.bwd_host);
+    losses.push_back(status[0].item<double>() / static_cast<double>(labelled));
+    if (q.marks) {
+      const std::vector<double> ms = q.marks->spans_ms();
+      fwd.push_back(ms[0]), bwd.push_back(ms[1]), optim.push_back(ms[2]);
+      fwd_host.push_back(q.fwd_host), bwd_host.push_back(q.bwd_host);
+    }
     const double t = now_ms() - q.t0;
     total.push_back(t);
     return t;
@@ -320,8 +360,20 @@ nlohmann::json bench_step(const StepOptions& so) {
     const model::StepStream on_step(ctx.device);  // as Trainer::queue_step
     Queued q;
     q.record = record;
-    q.marks = std::make_unique<PhaseMarks>(ctx.device);
     q.t0 = now_ms();
+    if (graphed) {
+      ids_on_device.copy_(ids.pin_memory(), /*non_blocking=*/true);
+      targets_on_device.labels.copy_(ids_on_device.slice(1, 1).reshape(-1));
+      at::Tensor status;
+#ifdef QLORA_WITH_CUDA
+      if (graph) graph->replay(), status = graph_status;
+#endif
+      if (!status.defined()) status = graph_body();  // the warm-up
+      if (meanwhile) meanwhile();
+      q.status = train::HostCopy(status);
+      return q;
+    }
+    q.marks = std::make_unique<PhaseMarks>(ctx.device);
     q.marks->mark();
     // The batcher's tensors, on the CPU as the trainer passes them: no padding, one example a row.
     at::Tensor hidden = model->hidden_states(ids, attention_mask, position_ids);
@@ -347,6 +399,21 @@ nlohmann::json bench_step(const StepOptions& so) {
   reset_peak(ctx.device);
   const int64_t kept0 = model::kept_attention_uses();
   for (int64_t i = 0; i < so.warmup; ++i) step(false);
+#ifdef QLORA_WITH_CUDA
+  if (graphed) {
+    // The capture records the step's kernels without running them. Nothing queued before it may be waited
+    // for inside it, nor anything forked inside left unjoined: the dequantization queued ahead is settled on
+    // both sides. The graph's memory comes from its own pool, which the replays reuse.
+    sync(ctx.device);
+    const model::StepStream on_step(ctx.device);
+    model::settle_dequant_ahead();
+    graph.emplace();
+    graph->capture_begin();
+    graph_status = graph_body();
+    model::settle_dequant_ahead();
+    graph->capture_end();
+  }
+#endif
   double wall_ms = 0;
   if (so.pipeline == "on") {
     sync(ctx.device);
@@ -363,7 +430,16 @@ nlohmann::json bench_step(const StepOptions& so) {
   } else {
     for (int64_t i = 0; i < so.steps; ++i) step(true);
   }
-  const int64_t kept_per_step = (model::kept_attention_uses() - kept0) / (so.warmup + so.steps);
+  double update_norm = 0;  // of the trained weights' change since the start
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor now = params[i].second.detach().to(at::kCPU, at::kFloat);
+    update_norm += (now - start_weights[i]).pow(2).sum().item<double>();
+  }
+  update_norm = std::sqrt(update_norm);
+  start_weights.clear();
+  // Host-side counts see the warm-up and the capture, not the replays.
+  const int64_t counted_steps = graphed ? so.warmup + 1 : so.warmup + so.steps;
+  const int64_t kept_per_step = (model::kept_attention_uses() - kept0) / counted_steps;
   if (!so.profile.empty()) {
     // One more step under the Kineto profiler (CPU ops and CUDA activities); its trace opens in Perfetto or
     // chrome://tracing.
@@ -405,6 +481,9 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"lora_grad", so.lora_grad},
                       {"keep_attention", so.keep_attention},
                       {"pipeline", so.pipeline == "on"},
+                      {"cuda_graph", graphed},
+                      {"losses", losses},
+                      {"update_norm", update_norm},
                       {"kept_attention_per_step", kept_per_step},
                       {"device", ctx.device.str()},
                       {"lora_params", lora_params},
@@ -421,18 +500,23 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} ({} of {} layers) fused={} fold={} "
-             "ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) pipeline={} on {}\n",
+             "ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing), model->recomputed_layers(),
              arch.num_layers, so.fused, so.fold, so.ahead, so.ahead_depth, so.lora_grad, so.keep_attention,
-             kept_per_step, so.pipeline, ctx.device.str());
+             kept_per_step, so.pipeline, so.cuda_graph, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
-  fmt::print("  step {:.1f} ms ({} of {} steps) = forward {:.1f} + backward {:.1f} + optimizer {:.1f} ({}); the "
-             "CPU issued the layers' forward in {:.1f} ms and the backward in {:.1f} (ahead of the GPU it waits for "
-             "room in the launch queue: in the backward{}; its own cost shows at a short --seq{})\n",
-             step_ms, pipelined ? "mean" : "median", so.steps, typical(fwd), typical(bwd), typical(optim),
-             pipelined ? "means" : "medians", typical(fwd_host), typical(bwd_host),
-             pipelined ? " and, pipelined, in the forward" : "", pipelined ? " with --pipeline off" : "");
+  if (graphed) {
+    fmt::print("  step {:.1f} ms ({} of {} steps; one graph a step: the phases are not split)\n", step_ms,
+               pipelined ? "mean" : "median", so.steps);
+  } else {
+    fmt::print("  step {:.1f} ms ({} of {} steps) = forward {:.1f} + backward {:.1f} + optimizer {:.1f} ({}); the "
+               "CPU issued the layers' forward in {:.1f} ms and the backward in {:.1f} (ahead of the GPU it waits for "
+               "room in the launch queue: in the backward{}; its own cost shows at a short --seq{})\n",
+               step_ms, pipelined ? "mean" : "median", so.steps, typical(fwd), typical(bwd), typical(optim),
+               pipelined ? "means" : "medians", typical(fwd_host), typical(bwd_host),
+               pipelined ? " and, pipelined, in the forward" : "", pipelined ? " with --pipeline off" : "");
+  }
   fmt::print("  tokens/s {:.0f}   peak memory {:.2f} GiB   MFU {:.1f}% (of {:.0f} TFLOP/s bf16)\n", tps,
              allocated_bytes(ctx.device, true) / 1073741824.0, 100.0 * j["mfu"].get<double>(), pk / 1e12);
   return j;
@@ -613,6 +697,9 @@ Runner add_bench(CLI::App& app) {
          "recomputation skips the attention's forward");
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps")->capture_default_str();
+  on_off("--cuda-graph", so->cuda_graph,
+         "Capture the step as one CUDA graph after the warm-up and replay it (static shapes; measures what the "
+         "host's launches cost; needs --ahead low or high, and no LoRA dropout under checkpointing)");
   on_off("--pipeline", so->pipeline,
          "Queue each step before reading the previous one's loss, as the trainer does (on), or wait for every "
          "step at its end (off)");
