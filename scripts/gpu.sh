@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's one call: build for sm_90a, run the GPU tests, run the benchmarks, print a table last.
 #
-#   scripts/gpu.sh [tests|quick|compare|full|long|profile|layers|ab]     (default quick)
+#   scripts/gpu.sh [tests|quick|compare|full|long|profile|layers|short|ab]     (default quick)
 #     tests  build + GPU tests only
 #     quick  + our training step (7B, r 16, checkpointing on/off) and transformers/PEFT bf16's
 #     compare + r 64 and half the layers recomputing (the ten steps of the comparison table; with BEST_OF=2
@@ -14,6 +14,8 @@
 #            scripts/trace_summary.py's time per kind of kernel and stream last
 #     layers build + GPU tests + our step (r LAYERS_R, default 16) with the first N of 32 layers recomputing,
 #            N in LAYERS (default 32 24 16 8 0): tokens/s against peak memory
+#     short  build + GPU tests + our step at short sequences (SHORT, default 256x1 512x1 1024x1 512x4),
+#            eager against one CUDA graph a step (--cuda-graph on): what the host's launches cost
 #     ab     build + GPU tests + our step as is (a, with AB_A_FLAGS) against b, ranks AB_R (default 16),
 #            with and without checkpointing, AB_ROUNDS (default 2) interleaved rounds. b = this build with AB_FLAGS (default
 #            "--fold off"), or, when .deps/base-src holds an older tree (`scripts/gpu.sh --prepare-base
@@ -164,6 +166,42 @@ print(f"{'r':>3s} {'recomputed':>10s} {'tok/s':>7s} {'step ms':>8s} {'peak GiB':
 for j in rows:
     print(f"{j['r']:3d} {j['recomputed_layers']:10d} {j['tokens_per_s']:7.0f} {j['step_ms']:8.1f} "
           f"{j['peak_bytes'] / 2**30:8.2f} {100 * j['mfu']:5.1f}%")
+PYEOF
+  pack_results table.txt
+  exit $status
+fi
+
+if [ "$MODE" = short ]; then
+  # The host-bound end: our step at short sequences, launched op by op (eager) against replayed as one CUDA
+  # graph (--cuda-graph on), r 16 without checkpointing. SHORT: "SEQxBATCH" shapes (default below: batch 1
+  # at 256-1024 tokens, and the recipe's 4 x 512), SHORT_ROUNDS interleaved rounds (default 2; best kept).
+  echo "== short sequences, llama2-7b, r 16, no checkpointing: eager against one CUDA graph a step"
+  for shape in ${SHORT:-256x1 512x1 1024x1 512x4}; do
+    for i in $(seq "${SHORT_ROUNDS:-2}"); do
+      for g in off on; do
+        "$Q" bench --shape llama2-7b --r 16 --checkpointing off --seq "${shape%x*}" --batch "${shape#*x}" \
+          --cuda-graph "$g" --json "$OUT/short_${shape}_$g.$i.json" >"$OUT/short_${shape}_$g.$i.log" 2>&1 ||
+          tail -3 "$OUT/short_${shape}_$g.$i.log"
+      done
+    done
+  done
+  "$PY" - "$OUT" <<'PYEOF' | tee "$OUT/table.txt"
+import collections, glob, json, os, sys
+best = collections.defaultdict(dict)
+for f in glob.glob(os.path.join(sys.argv[1], "short_*.json")):
+    j = json.load(open(f))
+    key, mode = (j["seq"], j["batch"]), "graph" if j["cuda_graph"] else "eager"
+    if j["tokens_per_s"] > best[key].get(mode, {}).get("tokens_per_s", 0):
+        best[key][mode] = j
+print(f"{'seq x batch':>11s} {'eager tok/s':>11s} {'ms':>6s} {'graph tok/s':>11s} {'ms':>6s} {'graph/eager':>11s} {'GiB e/g':>11s}")
+for (seq, batch), m in sorted(best.items()):
+    e, g = m.get("eager"), m.get("graph")
+    if not e or not g:
+        print(f"{seq:>6d} x {batch:<2d} incomplete")
+        continue
+    print(f"{seq:>6d} x {batch:<2d} {e['tokens_per_s']:11.0f} {e['step_ms']:6.1f} {g['tokens_per_s']:11.0f} "
+          f"{g['step_ms']:6.1f} {g['tokens_per_s'] / e['tokens_per_s']:11.3f} "
+          f"{e['peak_bytes'] / 2**30:5.2f}/{g['peak_bytes'] / 2**30:.2f}")
 PYEOF
   pack_results table.txt
   exit $status
