@@ -4,8 +4,12 @@
 // the forward where cuDNN runs it (and counted doing so), on a fresh random tiny model, with LoRA
 // dropout on (so the recomputation must replay the RNG) and with and without a padding mask (the plain
 // causal path passes no mask at all). On the CPU in float32, and on a GPU in bfloat16 where there is one.
+// The padding mask is passed on the CPU, as the trainer passes it: on the GPU the padded rows then take the
+// attention by segments (llama.h's AttentionMask), recomputed like the rest.
 // Also on a GPU: a training step queued from the CPU batch (padded, packed rows) never waits for the GPU
-// (CUDA's sync debug mode set to error), and gives the step of the same batch passed on the device.
+// (CUDA's sync debug mode set to error), and gives the step of the same batch passed on the device (which
+// takes the dense mask); and the attention by segments gives the dense mask's loss and LoRA gradients on a
+// batch of packed and padded rows, with and without checkpointing.
 #include <gtest/gtest.h>
 
 #include <ATen/SDPBackend.h>
@@ -79,7 +83,7 @@ std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::S
   labels.index_put_({at::indexing::Slice(), at::indexing::Slice(0, 5)}, -100);  // a "prompt"
 
   at::manual_seed(seed + 2);  // the dropout masks
-  auto hidden = m->hidden_states(ids.to(dev), padded ? mask.to(dev) : at::Tensor());
+  auto hidden = m->hidden_states(ids.to(dev), padded ? mask : at::Tensor());
   const int64_t all = tiny_arch().num_layers;
   EXPECT_EQ(checkpointed_nodes(hidden),
             checkpointing == Checkpointing::Off ? 0 : layers < 0 ? all : std::min(layers, all));
@@ -151,6 +155,80 @@ TEST(GradientCheckpointing, SameGradientsGpuBf16) {
 }
 
 #ifdef QLORA_WITH_CUDA
+// bf16 on both sides, flash attention's variable-length kernels against SDPA with the dense mask: a few
+// roundings apart, well under the 2e-2 of this file's other bf16 comparisons of a whole step.
+TEST(SegmentAttention, MatchesTheDenseMask) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  using at::indexing::None;
+  using at::indexing::Slice;
+  const at::Device dev(at::kCUDA, 0);
+  const int64_t B = 3, T = 40;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(17);
+  const at::Tensor ids = at::randint(3, 200, {B, T}, gen, at::kLong);
+  // Row 0 packs three examples (positions restart at 12 and 30), row 1 two and then 6 of padding (whose
+  // positions go on counting, as the batcher's do), row 2 is one whole example.
+  at::Tensor mask = at::ones({B, T}, at::kLong), pos = at::arange(T, at::kLong).repeat({B, 1});
+  pos.index_put_({0, Slice(12, 30)}, at::arange(18, at::kLong));
+  pos.index_put_({0, Slice(30, None)}, at::arange(10, at::kLong));
+  pos.index_put_({1, Slice(15, None)}, at::arange(T - 15, at::kLong));
+  mask.index_put_({1, Slice(T - 6, None)}, 0);
+  at::Tensor labels = ids.clone().masked_fill_(mask.eq(0), -100);
+  labels.index_put_({Slice(), Slice(0, 3)}, -100);
+
+  const model::AttentionMask layout =
+      model::attention_layout(mask, pos, B, T, 0, dev, at::kBFloat16, tiny_arch().head_dim);
+  ASSERT_TRUE(layout.offsets.defined() && !layout.dense.defined());
+  const at::Tensor offsets = layout.offsets.cpu();
+  EXPECT_EQ(std::vector<int32_t>(offsets.data_ptr<int32_t>(), offsets.data_ptr<int32_t>() + offsets.numel()),
+            (std::vector<int32_t>{0, 12, 30, 40, 55, 74, 80, 120}));
+  EXPECT_EQ(layout.longest, 40);
+  model::set_segment_attention(false);
+  EXPECT_TRUE(model::attention_layout(mask, pos, B, T, 0, dev, at::kBFloat16, tiny_arch().head_dim).dense.defined());
+  model::set_segment_attention(true);
+
+  for (Checkpointing mode : {Checkpointing::Off, Checkpointing::Selective, Checkpointing::Full}) {
+    SCOPED_TRACE(to_string(mode));
+    auto run = [&](bool segments) {
+      model::set_segment_attention(segments);
+      model::LoadOptions o;
+      o.device = dev;
+      o.dtype = at::kBFloat16;
+      o.quantize = true;
+      auto m = model::init_llama(tiny_arch(), o, 23);
+      LoraConfig lc;
+      lc.r = 4, lc.alpha = 8, lc.dropout = 0.1;
+      lora::apply_lora(*m, lc, 23);
+      auto bgen = at::make_generator<at::CPUGeneratorImpl>(24);
+      for (auto& [name, p] : lora::lora_named_parameters(*m)) {
+        at::NoGradGuard g;
+        if (name.find("lora_B") != std::string::npos) p.copy_(at::randn(p.sizes(), bgen, at::kFloat).mul_(0.05));
+      }
+      m->set_gradient_checkpointing(mode);
+      m->train();
+      at::manual_seed(5);  // the dropout masks: the same in both runs
+      const at::Tensor hidden = m->hidden_states(ids, mask, pos);
+      auto [sum, n] = train::causal_lm_loss_sum(*m, hidden, labels);
+      (sum / static_cast<double>(n)).backward();
+      std::vector<at::Tensor> out{sum.detach().cpu().to(at::kDouble)};
+      for (auto& [name, p] : lora::lora_named_parameters(*m)) out.push_back(p.grad().detach().cpu().to(at::kDouble));
+      model::set_segment_attention(true);
+      return out;
+    };
+    const auto by_segments = run(true), dense = run(false);
+    ASSERT_EQ(by_segments.size(), dense.size());
+    EXPECT_NEAR(by_segments[0].item<double>(), dense[0].item<double>(), 1e-2 * std::abs(dense[0].item<double>()));
+    double worst = 0;
+    for (size_t i = 1; i < dense.size(); ++i) {
+      ASSERT_GT(dense[i].abs().max().item<double>(), 0.0) << i << ": zero gradient proves nothing";
+      worst = std::max(worst, test::rel_err(by_segments[i], dense[i]));
+    }
+    EXPECT_LE(worst, 2e-2);
+    std::printf("segments against the dense mask, checkpointing %s: loss %.6f / %.6f, worst relative LoRA gradient "
+                "difference %.3g over %zu tensors\n", to_string(mode).c_str(), by_segments[0].item<double>(),
+                dense[0].item<double>(), worst, dense.size() - 1);
+  }
+}
+
 // Errors out of any synchronizing CUDA call (an .item(), a copy from pageable memory) while it lives.
 struct NoWaitGuard {
   NoWaitGuard() { c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR); }

@@ -12,6 +12,7 @@
 #include <ATen/SDPBackend.h>
 
 #include <atomic>
+#include <optional>
 #include <cmath>
 
 #include "trainer/core/error.h"
@@ -332,10 +333,10 @@ class SlotGuard {
 void set_keep_attention(bool on) { g_keep_attention.store(on); }
 int64_t kept_attention_uses() { return g_kept_attention_uses.load(std::memory_order_relaxed); }
 
-at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
+at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const AttentionMask& mask, at::Tensor* cache_k,
                                   at::Tensor* cache_v, bool output_needed, int64_t spare) {
   const int64_t b = x.size(0), t = x.size(1);
-  at::Tensor q, k, v;
+  at::Tensor q, k, v;  // [B, n, T, D]
   if (at::Tensor qkv = fused_projections({q_proj.get(), k_proj.get(), v_proj.get()}, x, true, spare);
       qkv.defined()) {
     std::tie(q, k, v) = rope_split(qkv, rope.cos, rope.sin, num_heads, num_kv_heads, head_dim);  // [B, T, n, D]
@@ -344,6 +345,20 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const a
     q = apply_rope(q_proj->forward(x).view({b, t, num_heads, head_dim}).transpose(1, 2), rope);
     k = apply_rope(k_proj->forward(x).view({b, t, num_kv_heads, head_dim}).transpose(1, 2), rope);
     v = v_proj->forward(x).view({b, t, num_kv_heads, head_dim}).transpose(1, 2);
+  }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  at::Tensor out;  // [B, T, n D]
+  if (mask.offsets.defined()) {
+    TORCH_CHECK(!cache_k, "attention by segments takes no cache");
+    // Every segment causal within itself, the tokens as one sequence [B T, n, D] (the fused path's q, k, v
+    // are [B, T, n, D] underneath: these are views), grouped k and v as they are (flash attention maps the
+    // query heads onto them). Autograd runs flash attention's backward.
+    const auto tokens = [&](const at::Tensor& y) { return y.transpose(1, 2).reshape({b * t, y.size(1), head_dim}); };
+    const int64_t longest = mask.longest;
+    out = std::get<0>(at::_flash_attention_forward(tokens(q), tokens(k), tokens(v), mask.offsets, mask.offsets,
+                                                   longest, longest, 0.0, /*is_causal=*/true,
+                                                   /*return_debug_mask=*/false, scale));
+    return project(*o_proj, out.view({b, t, num_heads * head_dim}), output_needed);
   }
   if (cache_k) {
     if (cache_k->defined()) {
@@ -356,10 +371,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const a
   const int64_t rep = num_heads / num_kv_heads;
   k = repeat_kv(k, rep);
   v = repeat_kv(v, rep);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  at::Tensor out;
-  if (mask.defined()) {
-    out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scale);
+  if (mask.dense.defined()) {
+    out = at::scaled_dot_product_attention(q, k, v, mask.dense, 0.0, /*is_causal=*/false, scale);
   } else {
     // No padding and no past: plain causal, which lets SDPA pick flash attention on the GPU.
     out = t > 1 ? causal_attention(q, k, v, scale) : at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale);
@@ -430,14 +443,14 @@ DecoderLayerImpl::DecoderLayerImpl(Attention attn, MLP mlp_, RMSNorm input_norm,
       input_layernorm(register_module("input_layernorm", std::move(input_norm))),
       post_attention_layernorm(register_module("post_attention_layernorm", std::move(post_norm))) {}
 
-at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
+at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const Rope& rope, const AttentionMask& mask,
                                      at::Tensor* cache_k, at::Tensor* cache_v) {
   auto [h, m] = forward_pending(x, at::Tensor(), rope, mask, cache_k, cache_v);
   return h + m;
 }
 
 std::pair<at::Tensor, at::Tensor> DecoderLayerImpl::forward_pending(const at::Tensor& x_in, const at::Tensor& pending,
-                                                                    const Rope& rope, const at::Tensor& mask,
+                                                                    const Rope& rope, const AttentionMask& mask,
                                                                     at::Tensor* cache_k, at::Tensor* cache_v) {
   // Each residual add fused into the norm that reads its sum: x = x_in + pending into the input norm,
   // h = x + attention_branch(x) into the MLP's.
@@ -451,13 +464,13 @@ std::pair<at::Tensor, at::Tensor> DecoderLayerImpl::forward_pending(const at::Te
   return {h, mlp->forward(normed_h, true, spare_mlp)};
 }
 
-at::Tensor DecoderLayerImpl::attention_branch(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
+at::Tensor DecoderLayerImpl::attention_branch(const at::Tensor& x, const Rope& rope, const AttentionMask& mask,
                                               at::Tensor* cache_k, at::Tensor* cache_v) {
   const int64_t spare = self_attn->input_spare(x);
   return self_attn->forward(input_layernorm->forward(x, spare), rope, mask, cache_k, cache_v, true, spare);
 }
 
-at::Tensor DecoderLayerImpl::attention_gradient_path(const at::Tensor& x, const Rope& rope, const at::Tensor& mask) {
+at::Tensor DecoderLayerImpl::attention_gradient_path(const at::Tensor& x, const Rope& rope, const AttentionMask& mask) {
   const int64_t spare = self_attn->input_spare(x);
   auto [r, normed] = input_layernorm->residual_forward(x, spare);
   return GradientOnlyAdd::apply(r, self_attn->forward(normed, rope, mask, nullptr, nullptr, false, spare));
@@ -489,7 +502,7 @@ namespace {
 // The mask travels inside a struct: a bare at::Tensor argument would count as an autograd input, and an
 // undefined one (plain causal attention) is rejected as such.
 struct MaskArg {
-  at::Tensor mask;  // bool [B, 1, T, S] or undefined
+  AttentionMask mask;
 };
 
 // Whether the layer draws random numbers in training: LoRA dropout on one of its projections.
@@ -529,11 +542,13 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor x,
                                                 DecoderLayerImpl* layer, const Rope& rope, const MaskArg& m,
                                                 bool keep_residual) {
-    const at::Tensor& mask = m.mask;
+    const AttentionMask& mask = m.mask;
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["cos"] = rope.cos;
     ctx->saved_data["sin"] = rope.sin;
-    ctx->saved_data["mask"] = mask;
+    ctx->saved_data["mask"] = mask.dense;
+    ctx->saved_data["offsets"] = mask.offsets;
+    ctx->saved_data["longest"] = mask.longest;
     ctx->saved_data["rng"] = rng_state(x, *layer);
     at::NoGradGuard no_grad;
     if (!keep_residual) {
@@ -562,7 +577,10 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     const at::Tensor& x = saved[0];
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
     Rope rope{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()};
-    at::Tensor mask = ctx->saved_data["mask"].toOptional<at::Tensor>().value_or(at::Tensor());
+    const auto tensor = [&](const char* key) {
+      return ctx->saved_data[key].toOptional<at::Tensor>().value_or(at::Tensor());
+    };
+    const AttentionMask mask{tensor("mask"), tensor("offsets"), ctx->saved_data["longest"].toInt()};
     const at::Tensor rng_now = rng_state(x, *layer);
     at::Tensor dx;
     {
@@ -656,6 +674,65 @@ at::Tensor build_attention_mask(const at::Tensor& attention_mask, const at::Tens
   return mask.contiguous();
 }
 
+namespace {
+
+std::atomic<bool> g_segment_attention{true};
+
+// The segments of right-padded rows (attention_mask [B, T], undefined: no padding) whose examples start where
+// position_ids [B, T] restart at 0, the B T tokens taken as one sequence: where each segment starts, then
+// B T, and the longest. Nothing when a row's mask is not real tokens then padding. CPU tensors.
+std::optional<std::pair<std::vector<int32_t>, int64_t>> row_segments(const at::Tensor& attention_mask,
+                                                                    const at::Tensor& position_ids, int64_t batch,
+                                                                    int64_t t) {
+  const at::Tensor m = attention_mask.defined() ? attention_mask.to(at::kBool).contiguous() : at::Tensor();
+  const at::Tensor p = position_ids.defined() ? position_ids.to(at::kLong).contiguous() : at::Tensor();
+  const std::vector<int64_t> shape{batch, t};
+  if ((m.defined() && m.sizes() != shape) || (p.defined() && p.sizes() != shape)) return std::nullopt;
+  const bool* real_token = m.defined() ? m.const_data_ptr<bool>() : nullptr;
+  const int64_t* pos = p.defined() ? p.const_data_ptr<int64_t>() : nullptr;
+  std::vector<int32_t> starts;
+  for (int64_t r = 0; r < batch; ++r) {
+    const int64_t row = r * t;
+    int64_t real = t;
+    if (real_token) {
+      real = 0;
+      while (real < t && real_token[row + real]) ++real;
+      for (int64_t i = real; i < t; ++i)
+        if (real_token[row + i]) return std::nullopt;  // not right-padded
+    }
+    for (int64_t i = 0; i < real; ++i)
+      if (i == 0 || (pos && pos[row + i] == 0)) starts.push_back(static_cast<int32_t>(row + i));
+    if (real < t) starts.push_back(static_cast<int32_t>(row + real));  // the padding: a segment of its own
+  }
+  starts.push_back(static_cast<int32_t>(batch * t));
+  int64_t longest = 0;
+  for (size_t i = 1; i < starts.size(); ++i) longest = std::max<int64_t>(longest, starts[i] - starts[i - 1]);
+  return std::pair{std::move(starts), longest};
+}
+
+}  // namespace
+
+void set_segment_attention(bool on) { g_segment_attention.store(on); }
+bool segment_attention() { return g_segment_attention.load(); }
+
+AttentionMask attention_layout(const at::Tensor& attention_mask, const at::Tensor& position_ids, int64_t batch,
+                               int64_t t, int64_t past, at::Device device, at::ScalarType dtype, int64_t head_dim) {
+  const bool on_host = (!attention_mask.defined() || attention_mask.is_cpu()) &&
+                       (!position_ids.defined() || position_ids.is_cpu());
+  const bool flash = device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && head_dim % 8 == 0 &&
+                     head_dim <= 256;
+  if (g_segment_attention.load() && flash && on_host && past == 0 && t > 1 && batch * t < (int64_t{1} << 31)) {
+    if (auto segments = row_segments(attention_mask, position_ids, batch, t)) {
+      auto& [starts, longest] = *segments;
+      const auto n = static_cast<int64_t>(starts.size());
+      if (n - 1 == batch && longest == t) return {};  // one whole example a row: plain causal
+      const at::Tensor offsets = at::from_blob(starts.data(), {n}, at::kInt).clone();
+      return {at::Tensor(), to_device(offsets, device), longest};
+    }
+  }
+  return {build_attention_mask(attention_mask, position_ids, batch, t, past, device)};
+}
+
 at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, const at::Tensor& attention_mask,
                                                const at::Tensor& position_ids, KVCache* cache) {
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [B, T]");
@@ -663,7 +740,9 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
   const int64_t past = cache ? cache->length() : 0;
   at::Tensor x = at::embedding(embed_tokens, to_device(input_ids, device()));
   Rope rope = this->rope(position_ids, b, t, past, x.scalar_type());
-  at::Tensor mask = build_attention_mask(attention_mask, position_ids, b, t, past, device());
+  const AttentionMask mask =
+      cache ? AttentionMask{build_attention_mask(attention_mask, position_ids, b, t, past, device())}
+            : attention_layout(attention_mask, position_ids, b, t, past, device(), x.scalar_type(), arch_.head_dim);
   if (cache && cache->k.empty()) {
     cache->k.resize(layer_list.size());
     cache->v.resize(layer_list.size());

@@ -36,6 +36,18 @@ struct Rope {
   at::Tensor cos, sin;
 };
 
+// Which keys each query of a forward sees (attention_layout builds it). Plain causal when nothing is defined;
+// else a dense bool mask [B, 1, T, S] (true = attend); or, for rows of packed and right-padded examples,
+// their segments: the [B T] tokens taken as one sequence cut at offsets (int32 [segments + 1] on the device:
+// every example, and every row's padding, is a segment), each attended causally within itself by flash
+// attention's variable-length form, with no mask built. longest: the longest segment.
+struct AttentionMask {
+  at::Tensor dense;
+  at::Tensor offsets;
+  int64_t longest = 0;
+  bool plain() const { return !dense.defined() && !offsets.defined(); }
+};
+
 // inv_freq [D/2] float32, HF's rope initialisation for `type`; seq_len matters only for dynamic NTK.
 at::Tensor rope_inv_freq(const LlamaArch& arch, int64_t seq_len, at::Device device);
 // cos/sin for position_ids [B, T] (int64), cast to dtype, on position_ids' device (HF's computation; the
@@ -65,10 +77,10 @@ class AttentionImpl : public torch::nn::Module {
  public:
   AttentionImpl(const LlamaArch& arch, std::shared_ptr<Linear> q, std::shared_ptr<Linear> k,
                 std::shared_ptr<Linear> v, std::shared_ptr<Linear> o);
-  // x [B, T, H]; mask: bool [B, 1, T, S] (true = attend) or undefined for plain causal;
+  // x [B, T, H]; mask: AttentionMask (segments only without a cache);
   // cache slots (k, v) are extended in place when given. output_needed: see DecoderLayerImpl. spare: the
   // columns x's producer left for q|k|v's adapters (input_spare; fused.h).
-  at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k,
+  at::Tensor forward(const at::Tensor& x, const Rope& rope, const AttentionMask& mask, at::Tensor* cache_k,
                      at::Tensor* cache_v, bool output_needed = true, int64_t spare = 0);
   // The spare columns the input's producer should leave for q|k|v (like: an input's dtype and device).
   int64_t input_spare(const at::Tensor& like) const;
@@ -91,22 +103,22 @@ class DecoderLayerImpl : public torch::nn::Module {
  public:
   DecoderLayerImpl(Attention attn, MLP mlp, RMSNorm input_norm, RMSNorm post_norm);
   // h + mlp(post_attention_layernorm(h)) with h = x + attention_branch(x).
-  at::Tensor forward(const at::Tensor& x, const Rope& rope, const at::Tensor& mask, at::Tensor* cache_k = nullptr,
+  at::Tensor forward(const at::Tensor& x, const Rope& rope, const AttentionMask& mask, at::Tensor* cache_k = nullptr,
                      at::Tensor* cache_v = nullptr);
   // The same on the input x + pending (pending undefined: x), returning the output unadded as (h, mlp
   // output): each residual add then happens inside the norm that reads its sum (one kernel on the GPU), the
   // next layer's or the final one.
   std::pair<at::Tensor, at::Tensor> forward_pending(const at::Tensor& x, const at::Tensor& pending, const Rope& rope,
-                                                    const at::Tensor& mask, at::Tensor* cache_k = nullptr,
+                                                    const AttentionMask& mask, at::Tensor* cache_k = nullptr,
                                                     at::Tensor* cache_v = nullptr);
   // The attention residual branch: self_attn(input_layernorm(x)).
-  at::Tensor attention_branch(const at::Tensor& x, const Rope& rope, const at::Tensor& mask,
+  at::Tensor attention_branch(const at::Tensor& x, const Rope& rope, const AttentionMask& mask,
                               at::Tensor* cache_k = nullptr, at::Tensor* cache_v = nullptr);
   // x + attention_branch(x) and h + mlp(post_attention_layernorm(h)) for their gradients only: a
   // recomputation whose sums were kept from the forward. The values are unspecified; the last projection
   // (o_proj, down_proj) skips its GEMMs where the fused path applies (fused.h's output_needed) and, on the
   // GPU, the residual's gradient is summed in the norm's backward kernel. The gradient path is exact.
-  at::Tensor attention_gradient_path(const at::Tensor& x, const Rope& rope, const at::Tensor& mask);
+  at::Tensor attention_gradient_path(const at::Tensor& x, const Rope& rope, const AttentionMask& mask);
   at::Tensor mlp_gradient_path(const at::Tensor& h);
   Attention self_attn = nullptr;
   MLP mlp = nullptr;
@@ -196,5 +208,15 @@ at::Tensor to_device(const at::Tensor& t, at::Device device);
 // positions may be on the CPU (then nothing waits for the GPU) or on `device`.
 at::Tensor build_attention_mask(const at::Tensor& attention_mask, const at::Tensor& position_ids, int64_t batch,
                                 int64_t t, int64_t past, at::Device device);
+
+// The AttentionMask of a forward: segments where they apply (the mask and positions on the CPU, describing
+// right-padded rows of one or more examples each; no past; a CUDA device, 16-bit compute and a head size
+// flash attention takes: a multiple of 8 up to 256; set_segment_attention on), else build_attention_mask's
+// dense mask, or plain causal.
+AttentionMask attention_layout(const at::Tensor& attention_mask, const at::Tensor& position_ids, int64_t batch,
+                               int64_t t, int64_t past, at::Device device, at::ScalarType dtype, int64_t head_dim);
+// Whether attention_layout may give segments (default on; off: the dense mask, for A/B and tests).
+void set_segment_attention(bool on);
+bool segment_attention();
 
 }  // namespace qlora::model
