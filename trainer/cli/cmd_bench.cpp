@@ -6,7 +6,8 @@
 //       base, LoRA on all seven projections, random tokens with every position trained. Prints tokens/s,
 //       the step split into forward / backward / optimizer, peak memory and MFU (formula below).
 //       --fused on|off|auto picks the projection path (trainer/model/fused.h), --fold on|off whether its
-//       groups fold the adapters into the base GEMM (A/B); --profile FILE runs one
+//       groups fold the adapters into the base GEMM (A/B); --segments N packs N examples into each row
+//       (attended by segments, llama.h's AttentionMask; --segment-attention off: a dense mask); --profile FILE runs one
 //       more step under the Kineto profiler, prints the GPU's busy time and busiest kernels, and writes
 //       the step's Chrome trace to FILE.
 //   qlora bench --kernels
@@ -129,7 +130,7 @@ void reset_peak(const at::Device& d) {
 //   4 x projection params   frozen base: forward 2N + input gradient 2N (no weight gradient)
 //   4 x V x H               lm_head, frozen likewise
 //   12 x L x H x T          attention scores and values, forward + backward (PaLM's convention; no
-//                           causal discount)
+//                           causal discount); T the example's length (the row's, unless packed)
 //   6 x LoRA params         trainable: forward, input gradient and weight gradient
 double flops_per_token(const model::LlamaArch& a, int64_t lora_params, int64_t seq) {
   const double proj = static_cast<double>(a.num_layers) * a.projection_params_per_layer();
@@ -146,6 +147,8 @@ struct StepOptions {
   std::string base = "nf4";  // nf4 (QLoRA) | bf16 (LoRA on a bf16 base): the difference is the 4-bit cost
   int64_t seq = 2048;
   int64_t batch = 1;
+  int64_t segments = 1;  // examples packed into each row (their positions restart at 0)
+  std::string segment_attention = "on";  // packed rows by flash attention's variable-length form (llama.h): on | off
   Checkpointing checkpointing = Checkpointing::Selective;
   int64_t checkpoint_layers = -1;  // how many layers recompute (the first N); -1 = all
   int64_t warmup = 3;
@@ -293,7 +296,15 @@ nlohmann::json bench_step(const StepOptions& so) {
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(42);
   const at::Tensor attention_mask = at::ones({so.batch, so.seq}, at::kLong);
-  const at::Tensor position_ids = at::arange(so.seq, at::kLong).unsqueeze(0).expand({so.batch, so.seq}).contiguous();
+  QLORA_REQUIRE(so.segments >= 1 && so.segments <= so.seq, "--segments: between 1 and --seq ({}), got {}", so.seq,
+                so.segments);
+  model::set_segment_attention(so.segment_attention == "on");
+  // Packed rows: `segments` examples of (about) equal length a row, their positions restarting at 0.
+  const at::Tensor position_ids = [&] {
+    const at::Tensor t = at::arange(so.seq, at::kLong);
+    const int64_t length = (so.seq + so.segments - 1) / so.segments;
+    return t.remainder(length).unsqueeze(0).expand({so.batch, so.seq}).contiguous();
+  }();
   const bool graphed = so.cuda_graph == "on";
   const int64_t labelled = so.batch * (so.seq - 1);  // every shifted position carries a label
   // The trained weights before the first step, on the host: the JSON's update_norm is how far the steps moved
@@ -314,6 +325,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     QLORA_REQUIRE(so.ahead == "low" || so.ahead == "high",
                   "--cuda-graph on: needs --ahead low or high (a graph is captured on the step's own stream)");
     QLORA_REQUIRE(so.warmup >= 1, "--cuda-graph on: needs --warmup 1 or more (the capture repeats a step that ran)");
+    QLORA_REQUIRE(so.segments == 1, "--cuda-graph on: takes one example a row (--segments 1)");
     const auto on = at::TensorOptions().dtype(at::kLong).device(ctx.device);
     ids_on_device = at::empty({so.batch, so.seq}, on);
     targets_on_device = {at::arange(labelled, on), at::empty({labelled}, on), labelled};
@@ -375,7 +387,8 @@ nlohmann::json bench_step(const StepOptions& so) {
     }
     q.marks = std::make_unique<PhaseMarks>(ctx.device);
     q.marks->mark();
-    // The batcher's tensors, on the CPU as the trainer passes them: no padding, one example a row.
+    // The batcher's tensors, on the CPU as the trainer passes them: no padding, one example a row (or
+    // --segments packed ones).
     at::Tensor hidden = model->hidden_states(ids, attention_mask, position_ids);
     q.fwd_host = now_ms() - q.t0;  // the CPU has issued the layers; the GPU may still be running them
     auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
@@ -464,13 +477,16 @@ nlohmann::json bench_step(const StepOptions& so) {
   const double step_ms = pipelined ? wall_ms / static_cast<double>(so.steps) : median(total);
   const double tokens = static_cast<double>(so.batch * so.seq);
   const double tps = tokens / (step_ms / 1e3);
-  const double fpt = flops_per_token(arch, lora_params, so.seq);
+  // Attention's share counts the context a token sees: its example's length when rows are packed.
+  const double fpt = flops_per_token(arch, lora_params, (so.seq + so.segments - 1) / so.segments);
   const double pk = peak_flops(ctx.device);
   nlohmann::json j = {{"shape", so.shape},
                       {"base", so.base},
                       {"r", so.r},
                       {"seq", so.seq},
                       {"batch", so.batch},
+                      {"segments", so.segments},
+                      {"segment_attention", so.segment_attention},
                       {"checkpointing", so.checkpointing != Checkpointing::Off},
                       {"checkpointing_mode", to_string(so.checkpointing)},
                       {"recomputed_layers", model->recomputed_layers()},
@@ -499,9 +515,10 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
-  fmt::print("qlora bench  {} {} base r={} seq={} batch={} checkpointing={} ({} of {} layers) fused={} fold={} "
-             "ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
-             so.shape, so.base, so.r, so.seq, so.batch, to_string(so.checkpointing), model->recomputed_layers(),
+  fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, segment-attention={}) checkpointing={} "
+             "({} of {} layers) fused={} fold={} ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
+             so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.segment_attention, to_string(so.checkpointing),
+             model->recomputed_layers(),
              arch.num_layers, so.fused, so.fold, so.ahead, so.ahead_depth, so.lora_grad, so.keep_attention,
              kept_per_step, so.pipeline, so.cuda_graph, ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
@@ -661,6 +678,9 @@ Runner add_bench(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--seq", so->seq, "Sequence length")->capture_default_str();
   cmd->add_option("--batch", so->batch, "Sequences per step")->capture_default_str();
+  cmd->add_option("--segments", so->segments,
+                  "Examples packed into each row, of equal length (their positions restart at 0)")
+      ->capture_default_str();
   cmd->add_option("--checkpointing", *ckpt,
                   "Gradient checkpointing: on (= selective, the trainer's default) | off | full (layer inputs only)")
       ->check(CLI::IsMember({"on", "selective", "off", "full"}))
@@ -697,6 +717,9 @@ Runner add_bench(CLI::App& app) {
          "recomputation skips the attention's forward");
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps")->capture_default_str();
+  on_off("--segment-attention", so->segment_attention,
+         "Packed or padded rows attend by segments through flash attention's variable-length kernels (on the GPU "
+         "in 16-bit), or through a dense mask (off)");
   on_off("--cuda-graph", so->cuda_graph,
          "Capture the step as one CUDA graph after the warm-up and replay it (static shapes; measures what the "
          "host's launches cost; needs --ahead low or high, and no LoRA dropout under checkpointing)");
