@@ -75,6 +75,12 @@ with tempfile.TemporaryDirectory() as d:
     j = json.load(open(out))
     check(len(j["losses"]) == 2 and all(5.0 < l < 9.0 for l in j["losses"]) and j["update_norm"] > 0,
           f"per-step losses near ln(1024) and the update's norm reported: {j['losses']}, {j['update_norm']}")
+    p = bench("--segments", "3", "--padding", "8", "--json", out)
+    j = json.load(open(out))
+    check(p.returncode == 0 and j["segments"] == 3 and j["padding"] == 8 and len(j["losses"]) == 2,
+          f"packed and padded rows run and are echoed ({p.stderr[-200:]})")
+    p = bench("--padding", "47")
+    check(p.returncode != 0 and "--padding" in p.stderr, "--padding that leaves no label is refused naming the option")
     p = bench("--cuda-graph", "on")
     check(p.returncode != 0 and "--cuda-graph" in p.stderr and "CUDA" in p.stderr,
           "--cuda-graph on is refused on the CPU naming the option")

@@ -7,7 +7,8 @@
 //       the step split into forward / backward / optimizer, peak memory and MFU (formula below).
 //       --fused on|off|auto picks the projection path (trainer/model/fused.h), --fold on|off whether its
 //       groups fold the adapters into the base GEMM (A/B); --segments N packs N examples into each row
-//       (attended by segments, llama.h's AttentionMask; --segment-attention off: a dense mask); --profile FILE runs one
+//       and --padding N ends each with N tokens of padding (attended by segments, llama.h's AttentionMask;
+//       --segment-attention off: a dense mask); --profile FILE runs one
 //       more step under the Kineto profiler, prints the GPU's busy time and busiest kernels, and writes
 //       the step's Chrome trace to FILE.
 //   qlora bench --kernels
@@ -148,6 +149,7 @@ struct StepOptions {
   int64_t seq = 2048;
   int64_t batch = 1;
   int64_t segments = 1;  // examples packed into each row (their positions restart at 0)
+  int64_t padding = 0;   // the last tokens of each row are padding (masked, unlabelled, not counted)
   std::string segment_attention = "on";  // packed rows by flash attention's variable-length form (llama.h): on | off
   Checkpointing checkpointing = Checkpointing::Selective;
   int64_t checkpoint_layers = -1;  // how many layers recompute (the first N); -1 = all
@@ -295,7 +297,10 @@ nlohmann::json bench_step(const StepOptions& so) {
   model->train();
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(42);
-  const at::Tensor attention_mask = at::ones({so.batch, so.seq}, at::kLong);
+  QLORA_REQUIRE(so.padding >= 0 && so.padding < so.seq - 1, "--padding: between 0 and --seq - 2 ({}), got {}",
+                so.seq - 2, so.padding);
+  at::Tensor attention_mask = at::ones({so.batch, so.seq}, at::kLong);
+  attention_mask.narrow(1, so.seq - so.padding, so.padding).zero_();
   QLORA_REQUIRE(so.segments >= 1 && so.segments <= so.seq, "--segments: between 1 and --seq ({}), got {}", so.seq,
                 so.segments);
   model::set_segment_attention(so.segment_attention == "on");
@@ -306,7 +311,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     return t.remainder(length).unsqueeze(0).expand({so.batch, so.seq}).contiguous();
   }();
   const bool graphed = so.cuda_graph == "on";
-  const int64_t labelled = so.batch * (so.seq - 1);  // every shifted position carries a label
+  const int64_t labelled = so.batch * (so.seq - 1 - so.padding);  // every shifted position but the padding
   // The trained weights before the first step, on the host: the JSON's update_norm is how far the steps moved
   // them (tests compare it between --cuda-graph on and off).
   std::vector<at::Tensor> start_weights;
@@ -325,7 +330,8 @@ nlohmann::json bench_step(const StepOptions& so) {
     QLORA_REQUIRE(so.ahead == "low" || so.ahead == "high",
                   "--cuda-graph on: needs --ahead low or high (a graph is captured on the step's own stream)");
     QLORA_REQUIRE(so.warmup >= 1, "--cuda-graph on: needs --warmup 1 or more (the capture repeats a step that ran)");
-    QLORA_REQUIRE(so.segments == 1, "--cuda-graph on: takes one example a row (--segments 1)");
+    QLORA_REQUIRE(so.segments == 1 && so.padding == 0,
+                  "--cuda-graph on: takes one whole example a row (--segments 1, --padding 0)");
     const auto on = at::TensorOptions().dtype(at::kLong).device(ctx.device);
     ids_on_device = at::empty({so.batch, so.seq}, on);
     targets_on_device = {at::arange(labelled, on), at::empty({labelled}, on), labelled};
@@ -391,7 +397,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     // --segments packed ones).
     at::Tensor hidden = model->hidden_states(ids, attention_mask, position_ids);
     q.fwd_host = now_ms() - q.t0;  // the CPU has issued the layers; the GPU may still be running them
-    auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids);
+    auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids.masked_fill(attention_mask.eq(0), -100));
     q.marks->mark();
     const double t2_host = now_ms();
     (sum / static_cast<double>(n)).backward();
@@ -475,7 +481,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   const bool pipelined = so.pipeline == "on";
   const auto typical = [&](const std::vector<double>& v) { return pipelined ? mean(v) : median(v); };
   const double step_ms = pipelined ? wall_ms / static_cast<double>(so.steps) : median(total);
-  const double tokens = static_cast<double>(so.batch * so.seq);
+  const double tokens = static_cast<double>(so.batch * (so.seq - so.padding));  // real ones
   const double tps = tokens / (step_ms / 1e3);
   // Attention's share counts the context a token sees: its example's length when rows are packed.
   const double fpt = flops_per_token(arch, lora_params, (so.seq + so.segments - 1) / so.segments);
@@ -486,6 +492,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"seq", so.seq},
                       {"batch", so.batch},
                       {"segments", so.segments},
+                      {"padding", so.padding},
                       {"segment_attention", so.segment_attention},
                       {"checkpointing", so.checkpointing != Checkpointing::Off},
                       {"checkpointing_mode", to_string(so.checkpointing)},
@@ -515,9 +522,10 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
-  fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, segment-attention={}) checkpointing={} "
-             "({} of {} layers) fused={} fold={} ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
-             so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.segment_attention, to_string(so.checkpointing),
+  fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
+             "checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
+             so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
+             to_string(so.checkpointing),
              model->recomputed_layers(),
              arch.num_layers, so.fused, so.fold, so.ahead, so.ahead_depth, so.lora_grad, so.keep_attention,
              kept_per_step, so.pipeline, so.cuda_graph, ctx.device.str());
@@ -680,6 +688,9 @@ Runner add_bench(CLI::App& app) {
   cmd->add_option("--batch", so->batch, "Sequences per step")->capture_default_str();
   cmd->add_option("--segments", so->segments,
                   "Examples packed into each row, of equal length (their positions restart at 0)")
+      ->capture_default_str();
+  cmd->add_option("--padding", so->padding,
+                  "The last N tokens of each row are padding: masked, unlabelled and not counted in tokens/s")
       ->capture_default_str();
   cmd->add_option("--checkpointing", *ckpt,
                   "Gradient checkpointing: on (= selective, the trainer's default) | off | full (layer inputs only)")
