@@ -44,6 +44,22 @@ Batch collate(const std::vector<const Example*>& rows, int32_t pad_value) {
   return b;
 }
 
+Batch collate_flat(const std::vector<const Example*>& rows) {
+  TORCH_CHECK(!rows.empty(), "collate_flat: no rows");
+  Example flat;
+  for (const Example* r : rows) {
+    TORCH_CHECK(r->ids.size() == r->labels.size(), "collate_flat: ids and labels differ in length");
+    const auto offset = static_cast<int32_t>(flat.ids.size());
+    flat.segment_starts.push_back(offset);
+    for (int32_t s : r->segment_starts)
+      if (s > 0) flat.segment_starts.push_back(offset + s);
+    flat.ids.insert(flat.ids.end(), r->ids.begin(), r->ids.end());
+    flat.labels.insert(flat.labels.end(), r->labels.begin(), r->labels.end());
+    if (offset < static_cast<int32_t>(flat.labels.size())) flat.labels[static_cast<size_t>(offset)] = kIgnore;
+  }
+  return collate({&flat}, /*pad_value=*/0);  // nothing to pad
+}
+
 Batcher::Batcher(const Dataset& data, BatcherOptions opts) : data_(&data), opts_(opts) {
   QLORA_REQUIRE(opts_.micro_batch_size >= 1, "train.micro_batch_size must be at least 1, got {}",
                 opts_.micro_batch_size);
@@ -79,7 +95,7 @@ Batch Batcher::next() {
   for (int64_t i = state_.position; i < end; ++i) rows.push_back(&data_->at(order_[static_cast<size_t>(i)]));
   state_.position = end;
   if (state_.position == n) state_ = {state_.epoch + 1, 0};
-  return collate(rows, opts_.pad_value);
+  return opts_.padding_free ? collate_flat(rows) : collate(rows, opts_.pad_value);
 }
 
 }  // namespace qlora::data

@@ -32,12 +32,17 @@ struct Batch {
 
 // Pads and stacks rows into a Batch. pad_value fills input_ids on padding.
 Batch collate(const std::vector<const Example*>& rows, int32_t pad_value);
+// The rows end to end as one row [1, their total length], no padding: each row (and each example packed in
+// it) a segment whose positions restart at 0, the label at each row's start ignored (the row before may not
+// predict it). The same loss as collate's batch; on the GPU the model attends by segments (llama.h).
+Batch collate_flat(const std::vector<const Example*>& rows);
 
 struct BatcherOptions {
   int64_t micro_batch_size = 4;
   bool shuffle = true;
   int64_t seed = 42;
   int32_t pad_value = 0;  // tokenizer's pad id, or its EOS when it has none
+  bool padding_free = false;  // collate_flat instead of collate
 };
 
 class Batcher {

@@ -53,6 +53,7 @@ const std::vector<std::pair<std::string, std::string>> kEveryKey = {
     {"data.max_seq_len", "1024"},
     {"data.train_on_prompt", "true"},
     {"data.packing", "true"},
+    {"data.padding_free", "true"},
     {"data.eval_fraction", "0"},  // stays 0: eval_file is set above; changed separately below
     {"data.shuffle", "false"},
     {"data.seed", "7"},
@@ -410,6 +411,7 @@ TEST(Config, EveryShippedConfigLoads) {
   EXPECT_EQ(s.train.micro_batch_size * s.train.grad_accum, 4);
   EXPECT_EQ(s.data.max_seq_len, 512);
   EXPECT_FALSE(s.data.packing);
+  EXPECT_TRUE(s.data.padding_free);
   EXPECT_EQ(s.model.dtype, DType::BFloat16);
   EXPECT_EQ(s.model.gradient_checkpointing, Checkpointing::Selective);
 

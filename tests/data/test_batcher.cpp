@@ -1,4 +1,5 @@
-// Batcher determinism and cursor save/restore, collation (padding by position), packing, the eval split.
+// Batcher determinism and cursor save/restore, collation (padding by position), padding-free collation,
+// packing, the eval split.
 #include <gtest/gtest.h>
 
 #include <set>
@@ -54,6 +55,44 @@ TEST(Collate, PadsByPositionAndCountsLossTokens) {
       EXPECT_EQ(b.labels[i][t].item<int64_t>(), t < n ? r.labels[t] : kIgnore);
     }
   }
+}
+
+// collate_flat: the rows end to end in one row, each row and each example packed in it restarting the
+// positions, no padding, the same labelled tokens as the padded batch (each row's first label carries no
+// loss there either: the loss predicts labels[t + 1] from position t).
+TEST(Collate, PaddingFreeRowsEndToEnd) {
+  Dataset d = Dataset::load(mixed_config(), tokenizer(), mixed_config().train_file);
+  int64_t L = 0;
+  for (const auto& e : d.examples()) L = std::max<int64_t>(L, e.ids.size());
+  const std::vector<Example> packed = pack(d.examples(), 2 * L);
+  ASSERT_GT(packed[0].segment_starts.size(), 1u);
+  std::vector<const Example*> rows = {&d.at(0), &packed[0], &d.at(5)};
+  const Batch padded = collate(rows, 2), flat = collate_flat(rows);
+  std::vector<int64_t> starts;  // every example's start in the flat row
+  std::vector<int32_t> ids, labels;
+  for (const Example* r : rows) {
+    const auto offset = static_cast<int64_t>(ids.size());
+    if (r->segment_starts.empty()) starts.push_back(offset);
+    for (int32_t s : r->segment_starts) starts.push_back(offset + s);
+    ids.insert(ids.end(), r->ids.begin(), r->ids.end());
+    labels.insert(labels.end(), r->labels.begin(), r->labels.end());
+    EXPECT_EQ(r->labels[0], kIgnore);
+  }
+  const auto total = static_cast<int64_t>(ids.size());
+  ASSERT_EQ(flat.input_ids.sizes(), (at::IntArrayRef{1, total}));
+  EXPECT_TRUE(flat.attention_mask.all().item<bool>());
+  EXPECT_EQ(flat.tokens, padded.tokens);
+  for (int64_t t = 0, s = 0; t < total; ++t) {
+    if (s + 1 < static_cast<int64_t>(starts.size()) && starts[s + 1] == t) ++s;
+    EXPECT_EQ(flat.input_ids[0][t].item<int64_t>(), ids[t]) << t;
+    EXPECT_EQ(flat.labels[0][t].item<int64_t>(), labels[t]) << t;
+    EXPECT_EQ(flat.position_ids[0][t].item<int64_t>(), t - starts[s]) << t;
+  }
+  // A batcher set padding-free gives its batches so.
+  BatcherOptions o;
+  o.micro_batch_size = 3, o.shuffle = false, o.padding_free = true;
+  Batcher b(d, o);
+  expect_same(b.next(), collate_flat({&d.at(0), &d.at(1), &d.at(2)}));
 }
 
 TEST(Batcher, SeededShuffleIsDeterministicAndCoversEachEpoch) {

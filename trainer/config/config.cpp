@@ -73,6 +73,7 @@ void for_each_field(C& c, V&& v) {
   v("data.max_seq_len", c.data.max_seq_len, at_least(8));
   v("data.train_on_prompt", c.data.train_on_prompt, any());
   v("data.packing", c.data.packing, any());
+  v("data.padding_free", c.data.padding_free, any());
   v("data.eval_fraction", c.data.eval_fraction, in_closed(0, 0.5));
   v("data.shuffle", c.data.shuffle, any());
   v("data.seed", c.data.seed, at_least(0));

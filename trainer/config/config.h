@@ -92,6 +92,9 @@ struct DataConfig {
   int64_t max_seq_len = 512;        // longer examples are truncated
   bool train_on_prompt = false;     // false: loss only on the answers
   bool packing = false;             // concatenate examples into full max_seq_len rows
+  bool padding_free = false;        // each micro-batch as one row of its examples end to end: no padding
+                                    // (on the GPU the model attends by segments); the same loss, but LoRA
+                                    // dropout's masks fall on another layout
   double eval_fraction = 0.0;       // in [0, 0.5]
   bool shuffle = true;
   int64_t seed = 42;

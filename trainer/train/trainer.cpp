@@ -184,6 +184,7 @@ data::BatcherOptions batcher_options(const Config& cfg, int32_t pad) {
   o.shuffle = cfg.data.shuffle;
   o.seed = cfg.data.seed;
   o.pad_value = pad;
+  o.padding_free = cfg.data.padding_free;
   return o;
 }
 
