@@ -12,8 +12,8 @@
 #include <ATen/SDPBackend.h>
 
 #include <atomic>
-#include <optional>
 #include <cmath>
+#include <optional>
 
 #include "trainer/core/error.h"
 #include "trainer/model/fused.h"
@@ -713,7 +713,6 @@ std::optional<std::pair<std::vector<int32_t>, int64_t>> row_segments(const at::T
 }  // namespace
 
 void set_segment_attention(bool on) { g_segment_attention.store(on); }
-bool segment_attention() { return g_segment_attention.load(); }
 
 AttentionMask attention_layout(const at::Tensor& attention_mask, const at::Tensor& position_ids, int64_t batch,
                                int64_t t, int64_t past, at::Device device, at::ScalarType dtype, int64_t head_dim) {

@@ -217,6 +217,5 @@ AttentionMask attention_layout(const at::Tensor& attention_mask, const at::Tenso
                                int64_t t, int64_t past, at::Device device, at::ScalarType dtype, int64_t head_dim);
 // Whether attention_layout may give segments (default on; off: the dense mask, for A/B and tests).
 void set_segment_attention(bool on);
-bool segment_attention();
 
 }  // namespace qlora::model
