@@ -54,28 +54,60 @@ int64_t checkpointed_nodes(const at::Tensor& out) {
   return n;
 }
 
-// LoRA gradients (by name) of one loss.backward() on a fixed batch. Everything random is drawn from
-// `seed`, so two calls differ only in `checkpointing` and in how many layers recompute (`layers`, -1 = all).
-std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::ScalarType dtype, Checkpointing checkpointing,
-                                                           bool padded, uint64_t seed, int64_t layers = -1) {
+// The tiny model, NF4 base, LoRA r 4 on every projection with `dropout`, drawn from `seed`; with draw_b the
+// B's too (PEFT starts them at zero, which would make every lora_A gradient zero).
+model::LlamaForCausalLM tiny_qlora(at::Device dev, at::ScalarType dtype, uint64_t seed, double dropout, bool draw_b) {
   model::LoadOptions o;
   o.device = dev;
   o.dtype = dtype;
   o.quantize = true;
   auto m = model::init_llama(tiny_arch(), o, seed);
   LoraConfig lc;
-  lc.r = 4, lc.alpha = 8, lc.dropout = 0.2;
+  lc.r = 4, lc.alpha = 8, lc.dropout = dropout;
   lora::apply_lora(*m, lc, seed);
-  // PEFT initialises B to zero, which would make every lora_A gradient zero: draw B too.
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
-  for (auto& [name, p] : lora::lora_named_parameters(*m)) {
-    if (name.find("lora_B") != std::string::npos) {
+  if (draw_b) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
+    for (auto& [name, p] : lora::lora_named_parameters(*m)) {
       at::NoGradGuard g;
-      p.copy_(at::randn(p.sizes(), gen, at::kFloat).mul_(0.05));
+      if (name.find("lora_B") != std::string::npos) p.copy_(at::randn(p.sizes(), gen, at::kFloat).mul_(0.05));
     }
   }
-  m->set_gradient_checkpointing(checkpointing, layers);
   m->train();
+  return m;
+}
+
+// One backward of the mean loss on a batch: the loss sum first, then every LoRA gradient, as doubles on the CPU.
+std::vector<at::Tensor> loss_and_grads(model::LlamaForCausalLMImpl& m, const at::Tensor& ids, const at::Tensor& mask,
+                                       const at::Tensor& pos, const at::Tensor& labels) {
+  const at::Tensor hidden = m.hidden_states(ids, mask, pos);
+  auto [sum, n] = train::causal_lm_loss_sum(m, hidden, labels);
+  (sum / static_cast<double>(n)).backward();
+  std::vector<at::Tensor> out{sum.detach().cpu().to(at::kDouble)};
+  for (auto& [name, p] : lora::lora_named_parameters(m)) out.push_back(p.grad().detach().cpu().to(at::kDouble));
+  return out;
+}
+
+// loss_and_grads of two ways to the same step: the losses within `tol` relative, every gradient (none all
+// zero) within `tol` relative error. Returns the worst gradient's.
+double expect_same_step(const std::vector<at::Tensor>& got, const std::vector<at::Tensor>& want, double tol) {
+  EXPECT_EQ(got.size(), want.size());
+  EXPECT_NEAR(got[0].item<double>(), want[0].item<double>(), tol * std::abs(want[0].item<double>()));
+  double worst = 0;
+  for (size_t i = 1; i < want.size() && i < got.size(); ++i) {
+    EXPECT_GT(want[i].abs().max().item<double>(), 0.0) << i << ": zero gradient proves nothing";
+    worst = std::max(worst, test::rel_err(got[i], want[i]));
+  }
+  EXPECT_LE(worst, tol);
+  return worst;
+}
+
+// LoRA gradients (by name) of one loss.backward() on a fixed batch. Everything random is drawn from
+// `seed`, so two calls differ only in `checkpointing` and in how many layers recompute (`layers`, -1 = all).
+std::vector<std::pair<std::string, at::Tensor>> lora_grads(at::Device dev, at::ScalarType dtype, Checkpointing checkpointing,
+                                                           bool padded, uint64_t seed, int64_t layers = -1) {
+  auto m = tiny_qlora(dev, dtype, seed, /*dropout=*/0.2, /*draw_b=*/true);
+  m->set_gradient_checkpointing(checkpointing, layers);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 2);
   const int64_t B = 3, T = 40;
   auto ids = at::randint(3, 200, {B, T}, gen, at::kLong);
   auto mask = at::ones({B, T}, at::kLong);
@@ -175,39 +207,15 @@ void padding_free_matches_padded(at::Device dev, at::ScalarType dtype, double to
   }
   const std::vector<const data::Example*> ptrs = {&rows[0], &rows[1], &rows[2]};
   auto run = [&](const data::Batch& b) {
-    model::LoadOptions o;
-    o.device = dev;
-    o.dtype = dtype;
-    o.quantize = true;
-    auto m = model::init_llama(tiny_arch(), o, 43);
-    LoraConfig lc;
-    lc.r = 4, lc.alpha = 8, lc.dropout = 0.0;  // the masks would be drawn over another layout
-    lora::apply_lora(*m, lc, 43);
-    auto bgen = at::make_generator<at::CPUGeneratorImpl>(44);
-    for (auto& [name, p] : lora::lora_named_parameters(*m)) {
-      at::NoGradGuard g;
-      if (name.find("lora_B") != std::string::npos) p.copy_(at::randn(p.sizes(), bgen, at::kFloat).mul_(0.05));
-    }
-    m->train();
-    const at::Tensor hidden = m->hidden_states(b.input_ids, b.attention_mask, b.position_ids);
-    auto [sum, n] = train::causal_lm_loss_sum(*m, hidden, b.labels);
-    EXPECT_EQ(n, b.tokens);
-    (sum / static_cast<double>(n)).backward();
-    std::vector<at::Tensor> out{sum.detach().cpu().to(at::kDouble)};
-    for (auto& [name, p] : lora::lora_named_parameters(*m)) out.push_back(p.grad().detach().cpu().to(at::kDouble));
-    return out;
+    // No dropout: its masks would be drawn over another layout.
+    auto m = tiny_qlora(dev, dtype, 43, /*dropout=*/0.0, /*draw_b=*/true);
+    return loss_and_grads(*m, b.input_ids, b.attention_mask, b.position_ids, b.labels);
   };
   const data::Batch padded = data::collate(ptrs, 0), flat = data::collate_flat(ptrs);
   ASSERT_EQ(flat.input_ids.size(0), 1);
   ASSERT_EQ(padded.tokens, flat.tokens);
   const auto a = run(padded), b = run(flat);
-  EXPECT_NEAR(b[0].item<double>(), a[0].item<double>(), tol * std::abs(a[0].item<double>()));
-  double worst = 0;
-  for (size_t i = 1; i < a.size(); ++i) {
-    ASSERT_GT(a[i].abs().max().item<double>(), 0.0) << i << ": zero gradient proves nothing";
-    worst = std::max(worst, test::rel_err(b[i], a[i]));
-  }
-  EXPECT_LE(worst, tol);
+  const double worst = expect_same_step(b, a, tol);
   std::printf("padding-free against padded, %s %s: loss sum %.6f / %.6f, worst relative LoRA gradient difference "
               "%.3g\n", dev.str().c_str(), c10::toString(dtype), b[0].item<double>(), a[0].item<double>(), worst);
 }
@@ -255,39 +263,15 @@ TEST(SegmentAttention, MatchesTheDenseMask) {
     SCOPED_TRACE(to_string(mode));
     auto run = [&](bool segments) {
       model::set_segment_attention(segments);
-      model::LoadOptions o;
-      o.device = dev;
-      o.dtype = at::kBFloat16;
-      o.quantize = true;
-      auto m = model::init_llama(tiny_arch(), o, 23);
-      LoraConfig lc;
-      lc.r = 4, lc.alpha = 8, lc.dropout = 0.1;
-      lora::apply_lora(*m, lc, 23);
-      auto bgen = at::make_generator<at::CPUGeneratorImpl>(24);
-      for (auto& [name, p] : lora::lora_named_parameters(*m)) {
-        at::NoGradGuard g;
-        if (name.find("lora_B") != std::string::npos) p.copy_(at::randn(p.sizes(), bgen, at::kFloat).mul_(0.05));
-      }
+      auto m = tiny_qlora(dev, at::kBFloat16, 23, /*dropout=*/0.1, /*draw_b=*/true);
       m->set_gradient_checkpointing(mode);
-      m->train();
       at::manual_seed(5);  // the dropout masks: the same in both runs
-      const at::Tensor hidden = m->hidden_states(ids, mask, pos);
-      auto [sum, n] = train::causal_lm_loss_sum(*m, hidden, labels);
-      (sum / static_cast<double>(n)).backward();
-      std::vector<at::Tensor> out{sum.detach().cpu().to(at::kDouble)};
-      for (auto& [name, p] : lora::lora_named_parameters(*m)) out.push_back(p.grad().detach().cpu().to(at::kDouble));
+      auto out = loss_and_grads(*m, ids, mask, pos, labels);
       model::set_segment_attention(true);
       return out;
     };
     const auto by_segments = run(true), dense = run(false);
-    ASSERT_EQ(by_segments.size(), dense.size());
-    EXPECT_NEAR(by_segments[0].item<double>(), dense[0].item<double>(), 1e-2 * std::abs(dense[0].item<double>()));
-    double worst = 0;
-    for (size_t i = 1; i < dense.size(); ++i) {
-      ASSERT_GT(dense[i].abs().max().item<double>(), 0.0) << i << ": zero gradient proves nothing";
-      worst = std::max(worst, test::rel_err(by_segments[i], dense[i]));
-    }
-    EXPECT_LE(worst, 2e-2);
+    const double worst = expect_same_step(by_segments, dense, 2e-2);
     std::printf("segments against the dense mask, checkpointing %s: loss %.6f / %.6f, worst relative LoRA gradient "
                 "difference %.3g over %zu tensors\n", to_string(mode).c_str(), by_segments[0].item<double>(),
                 dense[0].item<double>(), worst, dense.size() - 1);
@@ -317,17 +301,9 @@ TEST(TrainingStep, QueuedFromTheCpuBatchWithoutWaiting) {
     labels.index_put_({at::indexing::Slice(), at::indexing::Slice(0, 4)}, -100);
 
     auto step = [&](bool cpu_batch) {
-      model::LoadOptions o;
-      o.device = dev;
-      o.dtype = at::kBFloat16;
-      o.quantize = true;
-      auto m = model::init_llama(tiny_arch(), o, 31);
-      LoraConfig lc;
-      lc.r = 4, lc.alpha = 8, lc.dropout = 0.1;
-      lora::apply_lora(*m, lc, 31);
+      auto m = tiny_qlora(dev, at::kBFloat16, 31, /*dropout=*/0.1, /*draw_b=*/false);
       m->set_gradient_checkpointing(mode);
       at::manual_seed(5);  // the dropout masks: the same in both steps
-      m->train();
       auto params = lora::lora_named_parameters(*m);
       train::AdamW opt(params, train::AdamWOptions{1e-3, 0.9, 0.999, 1e-8, 0.0});
       at::Tensor status;
