@@ -56,7 +56,8 @@ int64_t checkpointed_nodes(const at::Tensor& out) {
 
 // The tiny model, NF4 base, LoRA r 4 on every projection with `dropout`, drawn from `seed`; with draw_b the
 // B's too (PEFT starts them at zero, which would make every lora_A gradient zero).
-model::LlamaForCausalLM tiny_qlora(at::Device dev, at::ScalarType dtype, uint64_t seed, double dropout, bool draw_b) {
+model::LlamaForCausalLM tiny_qlora(at::Device dev, at::ScalarType dtype, uint64_t seed, double dropout,
+                                   bool draw_b) {
   model::LoadOptions o;
   o.device = dev;
   o.dtype = dtype;

@@ -301,6 +301,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                 so.seq - 2, so.padding);
   at::Tensor attention_mask = at::ones({so.batch, so.seq}, at::kLong);
   attention_mask.narrow(1, so.seq - so.padding, so.padding).zero_();
+  const at::Tensor is_padding = attention_mask.eq(0);  // unlabelled
   QLORA_REQUIRE(so.segments >= 1 && so.segments <= so.seq, "--segments: between 1 and --seq ({}), got {}", so.seq,
                 so.segments);
   model::set_segment_attention(so.segment_attention == "on");
@@ -397,7 +398,7 @@ nlohmann::json bench_step(const StepOptions& so) {
     // --segments packed ones).
     at::Tensor hidden = model->hidden_states(ids, attention_mask, position_ids);
     q.fwd_host = now_ms() - q.t0;  // the CPU has issued the layers; the GPU may still be running them
-    auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids.masked_fill(attention_mask.eq(0), -100));
+    auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids.masked_fill(is_padding, -100));
     q.marks->mark();
     const double t2_host = now_ms();
     (sum / static_cast<double>(n)).backward();
@@ -523,12 +524,12 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
-             "checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
+             "checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) lora-grad={} "
+             "keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
-             to_string(so.checkpointing),
-             model->recomputed_layers(),
-             arch.num_layers, so.fused, so.fold, so.ahead, so.ahead_depth, so.lora_grad, so.keep_attention,
-             kept_per_step, so.pipeline, so.cuda_graph, ctx.device.str());
+             to_string(so.checkpointing), model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead,
+             so.ahead_depth, so.lora_grad, so.keep_attention, kept_per_step, so.pipeline, so.cuda_graph,
+             ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
   if (graphed) {
