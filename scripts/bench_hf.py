@@ -52,6 +52,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama2-7b", choices=SHAPES)
     ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--checkpointing", default="on", choices=["on", "off"])
@@ -79,7 +80,7 @@ def main():
     if a.checkpointing == "on":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=0.0, target_modules=TARGETS,
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.lora_dropout, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # float32 adapters, as PEFT keeps them under autocast training
@@ -146,7 +147,8 @@ def main():
     # As ours: pipelined, the phases' means (their sum is the step's time on the GPU); else medians.
     typical = statistics.fmean if a.pipeline == "on" else statistics.median
     out = {
-        "stack": f"transformers+peft ({a.base})", "shape": a.shape, "r": a.r, "seq": a.seq, "batch": a.batch,
+        "stack": f"transformers+peft ({a.base})", "shape": a.shape, "r": a.r, "lora_dropout": a.lora_dropout,
+        "seq": a.seq, "batch": a.batch,
         "checkpointing": a.checkpointing == "on", "pipeline": a.pipeline == "on", "step_ms": step * 1e3,
         "forward_ms": typical(fwd) * 1e3, "backward_ms": typical(bwd) * 1e3,
         "optimizer_ms": typical(optim) * 1e3, "tokens_per_s": a.batch * a.seq / step,

@@ -8,6 +8,9 @@
 #include <random>
 
 #ifdef QLORA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+
+#include "kernels/lora_dropout.h"
 #include "kernels/ops.h"
 #endif
 #include "tests/test_util.h"
@@ -279,6 +282,103 @@ TEST(FusedKernels, LoraGradMatchesReference) {
   EXPECT_FALSE(kernels::lora_grad_supported(dy, xa, {{b16, 4, 0, 1.0}}));
   EXPECT_FALSE(kernels::lora_grad_supported(dy.to(at::kFloat), xa.to(at::kFloat), {{b16, 8, 0, 1.0}}));
   EXPECT_THROW(kernels::lora_grad_cuda(dy, xa, {{b12, 8, 0, 1.0}}), c10::Error);
+}
+// LoRA dropout by counters (kernels/lora_dropout.cu) against its definition (kernels/lora_dropout.h) recomputed
+// on the CPU with PyTorch's Philox engine: every member's copy bit for bit, the backward's masked sums bit for
+// bit (float32 sums in member order, one rounding), on strided rows and odd widths (the scalar kernels) in
+// each dtype; then the masks' statistics, and the module-level op's gradient and replay from the generator.
+at::Tensor reference_keep(const kernels::DropoutDraw& d, int64_t n, int64_t cols) {
+  at::Tensor keep = at::empty({n, cols}, at::kBool);
+  auto k = keep.accessor<bool, 2>();
+  const uint32_t threshold = kernels::dropout_threshold(d.p);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t b = 0; b * 4 < cols; ++b) {
+      uint32_t w[4];
+      kernels::dropout_block(d.seed, d.offset, static_cast<uint64_t>(r), static_cast<uint64_t>(b), w);
+      for (int64_t e = 0; e < 4 && 4 * b + e < cols; ++e) k[r][4 * b + e] = w[e] >= threshold;
+    }
+  }
+  return keep;
+}
+
+TEST(LoraDropoutKernel, MatchesItsDefinition) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  const std::vector<kernels::DropoutDraw> draws = {
+      {0.1, 0x9e3779b97f4a7c15ULL, 0}, {0.25, 0x9e3779b97f4a7c15ULL, 4}, {0.0, 17, 8}, {0.5, 1234567, 1ULL << 40}};
+  struct Case {
+    int64_t n, cols, pitch;
+  };
+  for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const Case& c : {Case{37, 40, 56}, Case{300, 1000, 1000}, Case{129, 45, 51}, Case{64, 4096, 4144}}) {
+      SCOPED_TRACE(std::string(c10::toString(dt)) + " " + std::to_string(c.n) + "x" + std::to_string(c.cols) +
+                   " pitch " + std::to_string(c.pitch));
+      const at::Tensor wide = at::randn({c.n, c.pitch}, gen, at::kFloat).to(dt);
+      const at::Tensor x = wide.to(dev).narrow(1, 0, c.cols);  // rows c.pitch apart, as a producer's buffer
+      const at::Tensor h = kernels::lora_dropout_fwd_cuda(x, draws).cpu();
+      ASSERT_EQ(h.sizes(), (std::vector<int64_t>{static_cast<int64_t>(draws.size()), c.n, c.cols}));
+      const at::Tensor g = at::randn({static_cast<int64_t>(draws.size()), c.n, c.cols}, gen, at::kFloat).to(dt);
+      const at::Tensor dx = kernels::lora_dropout_bwd_cuda(g.to(dev), draws).cpu();
+      at::Tensor acc = at::zeros({c.n, c.cols}, at::kFloat);
+      for (size_t m = 0; m < draws.size(); ++m) {
+        const at::Tensor keep = reference_keep(draws[m], c.n, c.cols);
+        const float scale = static_cast<float>(1.0 / (1.0 - draws[m].p));
+        const at::Tensor xs = wide.narrow(1, 0, c.cols).to(at::kFloat) * scale;
+        EXPECT_TRUE(test::same_bits(h[m], at::where(keep, xs, at::zeros_like(xs)).to(dt))) << "member " << m;
+        acc = acc + at::where(keep, g[m].to(at::kFloat) * scale, at::zeros_like(acc));
+      }
+      EXPECT_TRUE(test::same_bits(dx, acc.to(dt)));
+    }
+  }
+}
+
+TEST(LoraDropoutKernel, MasksLookIndependent) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  // 2048 x 4096 ones: the copies' non-zeros are the keep decisions.
+  const int64_t n = 2048, cols = 4096;
+  const at::Tensor x = at::ones({n, cols}, at::TensorOptions(dev).dtype(at::kBFloat16));
+  const std::vector<kernels::DropoutDraw> draws = {{0.1, 42, 0}, {0.1, 42, 4}, {0.3, 43, 0}};
+  const at::Tensor keep = (kernels::lora_dropout_fwd_cuda(x, draws) != 0).to(at::kDouble);
+  // Within five standard deviations of the fraction that independent decisions give.
+  auto expect_fraction = [&](const at::Tensor& k, double p, const char* what) {
+    const double got = k.mean().item<double>(), tol = 5 * std::sqrt(p * (1 - p) / static_cast<double>(k.numel()));
+    EXPECT_NEAR(got, p, tol) << what;
+  };
+  expect_fraction(keep[0], 0.9, "kept, p 0.1");
+  expect_fraction(keep[2], 0.7, "kept, p 0.3");
+  expect_fraction(keep[0] * keep[1], 0.81, "kept by two draws of one seed");
+  expect_fraction(keep[0] * keep[2], 0.63, "kept by draws of two seeds");
+  expect_fraction(keep[0].narrow(1, 0, cols - 1) * keep[0].narrow(1, 1, cols - 1), 0.81, "next column");
+  expect_fraction(keep[0].narrow(1, 0, cols - 4) * keep[0].narrow(1, 4, cols - 4), 0.81, "next engine block");
+  expect_fraction(keep[0].narrow(0, 0, n - 1) * keep[0].narrow(0, 1, n - 1), 0.81, "next row");
+  // Kept values are 1 / (1 - p) rounded to bf16, dropped ones 0.
+  const at::Tensor h0 = kernels::lora_dropout_fwd_cuda(x, {draws[0]})[0].to(at::kFloat);
+  EXPECT_TRUE(((h0 == 0) | (h0 == h0.max())).all().item<bool>());
+  EXPECT_FLOAT_EQ(h0.max().item<float>(), static_cast<float>(at::tensor(1.0f / 0.9f).to(at::kBFloat16).item<float>()));
+}
+
+TEST(LoraDropoutKernel, ModuleOpReplaysFromTheGenerator) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  const at::Tensor x0 = at::randn({3, 50, 64}, at::TensorOptions(dev).dtype(at::kBFloat16));
+  auto run = [&](uint64_t seed) {
+    at::manual_seed(seed);
+    const at::Tensor x = x0.clone().requires_grad_(true);
+    const at::Tensor y = model::lora_dropout(x, 0.2);
+    y.backward(at::ones_like(y));
+    return std::pair{y.detach(), x.grad()};
+  };
+  const auto [y1, g1] = run(5);
+  const auto [y2, g2] = run(5);
+  const auto [y3, g3] = run(6);
+  EXPECT_TRUE(test::same_bits(y1, y2));  // the same generator state, the same mask
+  EXPECT_FALSE(test::same_bits(y1, y3));
+  // The gradient passes where the forward kept, scaled like it: 1 / 0.8 in bf16 where kept, 0 elsewhere.
+  const at::Tensor kept = (y1 != 0) | (x0 == 0);
+  const float s = at::tensor(1.25f).to(at::kBFloat16).item<float>();
+  EXPECT_TRUE(at::equal(g1.to(at::kFloat), at::where(kept, at::full_like(g1, s, at::kFloat), at::zeros_like(g1, at::kFloat))));
 }
 #endif
 

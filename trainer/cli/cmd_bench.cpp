@@ -145,6 +145,8 @@ double peak_flops(const at::Device& d) { return d.is_cuda() ? 989e12 : 0.0; }
 struct StepOptions {
   std::string shape = "llama2-7b";
   int64_t r = 16;
+  double lora_dropout = 0.0;  // the recipe's 0.1 measures what the adapters' dropout costs
+  std::string lora_dropout_masks = "counters";  // fused.h's set_counter_dropout: counters | aten
   std::string base = "nf4";  // nf4 (QLoRA) | bf16 (LoRA on a bf16 base): the difference is the 4-bit cost
   int64_t seq = 2048;
   int64_t batch = 1;
@@ -264,6 +266,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                                                                                       : model::FusedMode::Auto);
   model::set_fold_adapters(so.fold == "on");
   model::set_lora_grad_kernel(so.lora_grad == "kernel");
+  model::set_counter_dropout(so.lora_dropout_masks == "counters");
   model::set_dequant_ahead_depth(so.ahead_depth);
   model::set_keep_attention(so.keep_attention == "on");
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
@@ -287,7 +290,8 @@ nlohmann::json bench_step(const StepOptions& so) {
   LoraConfig lc;
   lc.r = so.r;
   lc.alpha = 2.0 * so.r;
-  lc.dropout = 0.0;
+  QLORA_REQUIRE(so.lora_dropout >= 0.0 && so.lora_dropout < 1.0, "--lora-dropout: in [0, 1), got {}", so.lora_dropout);
+  lc.dropout = so.lora_dropout;
   lora::apply_lora(*model, lc, 1234);
   train::NamedTensors params = lora::lora_named_parameters(*model);
   int64_t lora_params = 0;
@@ -490,6 +494,8 @@ nlohmann::json bench_step(const StepOptions& so) {
   nlohmann::json j = {{"shape", so.shape},
                       {"base", so.base},
                       {"r", so.r},
+                      {"lora_dropout", so.lora_dropout},
+                      {"lora_dropout_masks", so.lora_dropout_masks},
                       {"seq", so.seq},
                       {"batch", so.batch},
                       {"segments", so.segments},
@@ -524,9 +530,10 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
-             "checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) lora-grad={} "
-             "keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
+             "lora-dropout={} ({}) checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) "
+             "lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
+             so.lora_dropout, so.lora_dropout_masks,
              to_string(so.checkpointing), model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead,
              so.ahead_depth, so.lora_grad, so.keep_attention, kept_per_step, so.pipeline, so.cuda_graph,
              ctx.device.str());
@@ -682,6 +689,13 @@ Runner add_bench(CLI::App& app) {
   auto ckpt = std::make_shared<std::string>("on");
   cmd->add_option("--shape", so->shape, "llama2-7b | llama2-13b | llama3-8b | tiny")->capture_default_str();
   cmd->add_option("--r", so->r, "LoRA rank (all seven projections, alpha = 2r)")->capture_default_str();
+  cmd->add_option("--lora-dropout", so->lora_dropout, "LoRA dropout on every adapter's input (the recipe's: 0.1)")
+      ->capture_default_str();
+  cmd->add_option("--lora-dropout-masks", so->lora_dropout_masks,
+                  "LoRA dropout's masks on CUDA: counters (drawn again in the backward, a group's members in one "
+                  "pass) | aten (ATen's dropout, a mask kept per adapter)")
+      ->check(CLI::IsMember({"counters", "aten"}))
+      ->capture_default_str();
   cmd->add_option("--base", so->base, "Frozen base: nf4 (QLoRA) or bf16 (LoRA)")
       ->check(CLI::IsMember({"nf4", "bf16"}))
       ->capture_default_str();

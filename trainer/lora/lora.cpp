@@ -8,6 +8,7 @@
 #include <unordered_set>
 
 #include "trainer/core/error.h"
+#include "trainer/model/fused.h"
 
 namespace qlora::lora {
 
@@ -66,7 +67,7 @@ at::Tensor LoraLinear::forward(const at::Tensor& x) {
   at::Tensor y = base_->forward(x);
   const auto dt = y.scalar_type();
   at::Tensor h = x.to(dt);
-  if (opts_.dropout > 0.0 && is_training()) h = at::dropout(h, opts_.dropout, /*train=*/true);
+  if (opts_.dropout > 0.0 && is_training()) h = model::lora_dropout(h, opts_.dropout);
   if (y.is_cuda()) {
     // One GEMM adds the branch into the base output: y + (h A^T)(s B)^T, with the scaling folded into
     // the [out, r] matrix instead of a pass over [..., out]. Rounds differently from PEFT's

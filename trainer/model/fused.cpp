@@ -5,6 +5,8 @@
 
 #ifdef QLORA_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -30,6 +32,7 @@ namespace {
 std::atomic<FusedMode> g_mode{FusedMode::Auto};
 std::atomic<bool> g_fold{true};
 std::atomic<bool> g_lora_grad_kernel{true};
+std::atomic<bool> g_counter_dropout{true};
 thread_local bool t_keep_weights = false;  // KeepDequantizedWeights
 
 using torch::autograd::AutogradContext;
@@ -474,6 +477,59 @@ at::Tensor as_rows(const at::Tensor& x, int64_t in) {
   return x2;
 }
 
+// LoRA dropout by counters (kernels/lora_dropout.h): on CUDA, outside a graph capture (a draw's seed and
+// offset are read on the host; under capture ATen's dropout, which is graph-safe, runs instead). The masks are
+// drawn again in the backward instead of kept, and a group's members are dropped in one pass over x.
+bool counter_dropout(const at::Tensor& x) {
+#ifdef QLORA_WITH_CUDA
+  const auto dt = x.scalar_type();
+  return g_counter_dropout.load() && x.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat) &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+#else
+  (void)x;
+  return false;
+#endif
+}
+
+#ifdef QLORA_WITH_CUDA
+// One draw of x's device's default generator, advanced as ATen's dropout advances it (so checkpointing's
+// saved generator state replays it in a recomputation).
+kernels::DropoutDraw draw_dropout(const at::Tensor& x, double p) {
+  at::Generator gen = at::cuda::detail::getDefaultCUDAGenerator(x.device().index());
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  const at::PhiloxCudaState st = at::check_generator<at::CUDAGeneratorImpl>(gen)->philox_cuda_state(4);
+  return {p, st.seed_.val, st.offset_.val};
+}
+
+// Draws as autograd keeps them between forward and backward: seed and offset of each, bit for bit.
+std::vector<int64_t> encode_draws(const std::vector<kernels::DropoutDraw>& draws) {
+  std::vector<int64_t> v;
+  for (const auto& d : draws) v.insert(v.end(), {static_cast<int64_t>(d.seed), static_cast<int64_t>(d.offset)});
+  return v;
+}
+kernels::DropoutDraw decode_draw(const std::vector<int64_t>& v, size_t i, double p) {
+  return {p, static_cast<uint64_t>(v[2 * i]), static_cast<uint64_t>(v[2 * i + 1])};
+}
+
+// Dropout on one adapter's input (the per-projection modules), masks by counters: the group's kernels with
+// one member, so a module and a group member given the same draw drop the same elements.
+struct CounterDropoutFunction : public torch::autograd::Function<CounterDropoutFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p) {
+    const at::Tensor x2 = as_rows(x, x.size(-1));
+    const kernels::DropoutDraw d = draw_dropout(x, p);
+    ctx->saved_data["draw"] = encode_draws({d});
+    ctx->saved_data["p"] = p;
+    return kernels::lora_dropout_fwd_cuda(x2, {d}).view(x.sizes());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    const at::Tensor g = grad[0].contiguous();
+    const auto d = decode_draw(ctx->saved_data["draw"].toIntVector(), 0, ctx->saved_data["p"].toDouble());
+    const at::Tensor dx = kernels::lora_dropout_bwd_cuda(g.view({1, -1, g.size(-1)}), {d});
+    return {dx.view(g.sizes()), at::Tensor()};
+  }
+};
+#endif
+
 // Whether the `spare` columns right of x2's rows can take the group's x A^T: x2's rows lie at least
 // in + ranks apart and the buffer extends past the last row's spare columns.
 bool can_fold(const GroupState& s, const at::Tensor& x2, int64_t spare) {
@@ -495,6 +551,49 @@ bool can_fold(const GroupState& s, const at::Tensor& x2, int64_t spare) {
 // With dropout each adapted member reads its own masked copy of x: its x A_i^T, dA_i and input gradient
 // are then computed per member (the masks are drawn in the modules' order, so the same seed gives the same
 // step as the per-projection path).
+// The backward of the adapters' inputs under dropout by counters: the dropped copies of x drawn again
+// (kernels/lora_dropout.cu), dA_i = dxa_i^T h_i from them, then, in the same buffer, each dropped member's
+// dxa_i A_i, summed through its mask by one pass into dx (a member without dropout adds dxa_i A_i as is).
+// Returns dx (undefined unless need_dx); the A's gradients go into grads.
+at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, const at::Tensor& x2,
+                                    const at::Tensor& dxa, const at::Tensor& a_cat, bool need_dx,
+                                    variable_list& grads) {
+#ifdef QLORA_WITH_CUDA
+  const std::vector<int64_t> enc = ctx->saved_data["draws"].toIntVector();
+  std::vector<kernels::DropoutDraw> draws;
+  bool need_da = false;
+  for (const auto& m : st.members) {
+    if (m.lora < 0) continue;
+    if (m.dropout > 0.0) draws.push_back(decode_draw(enc, draws.size(), m.dropout));
+    need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
+  }
+  const int64_t n = x2.size(0), k = static_cast<int64_t>(draws.size());
+  at::Tensor buf;  // the dropped copies, then the dropped members' dxa_i A_i
+  if (k > 0 && need_da) buf = kernels::lora_dropout_fwd_cuda(x2, draws);
+  else if (k > 0 && need_dx) buf = at::empty({k, n, st.in}, x2.options());
+  int64_t d = 0;
+  for (const auto& m : st.members) {
+    if (m.lora < 0) continue;
+    const at::Tensor h = m.dropout > 0.0 ? buf[d++] : x2;
+    if (ctx->needs_input_grad(1 + 2 * m.lora)) grads[1 + 2 * m.lora] = mm_float(dxa.narrow(1, m.col, m.rank).t(), h);
+  }
+  if (!need_dx) return {};
+  d = 0;
+  for (const auto& m : st.members) {
+    if (m.lora < 0 || m.dropout == 0.0) continue;
+    at::Tensor out = buf[d++];
+    at::mm_out(out, dxa.narrow(1, m.col, m.rank), a_cat.narrow(0, m.col, m.rank));
+  }
+  at::Tensor dx = k > 0 ? kernels::lora_dropout_bwd_cuda(buf, draws) : at::zeros({n, st.in}, x2.options());
+  for (const auto& m : st.members)
+    if (m.lora >= 0 && m.dropout == 0.0) dx.addmm_(dxa.narrow(1, m.col, m.rank), a_cat.narrow(0, m.col, m.rank));
+  return dx;
+#else
+  (void)ctx, (void)st, (void)x2, (void)dxa, (void)a_cat, (void)need_dx, (void)grads;
+  TORCH_CHECK(false, "dropout by counters needs the CUDA kernels");
+#endif
+}
+
 struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGroupFunction> {
   // x [..., in]; lora = A0, B0, A1, B1, ... for the adapted members in order (float32); spare: see fused.h.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList lora,
@@ -546,16 +645,33 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       }
     }
     variable_list saved{kept, x2, xa, a_cat, bd};
-    // Masks are drawn on contiguous rows: CUDA's dropout assigns its random numbers by layout, and the same
-    // seed must give the same masks whether or not x's producer left spare columns (the modules' masks, and
-    // a recomputation's, where down_proj's input has none).
-    const at::Tensor xc = st->any_dropout ? x2.contiguous() : at::Tensor();
+    // Dropout by counters (CUDA): every dropped member's copy of x in one pass, [dropped, n, in], and no mask
+    // kept (the backward draws them again). Else ATen's dropout, a mask kept per member; its masks are drawn
+    // on contiguous rows: it assigns its random numbers by layout, and the same seed must give the same masks
+    // whether or not x's producer left spare columns (the modules' masks, and a recomputation's, where
+    // down_proj's input has none).
+    const bool counters = st->any_dropout && counter_dropout(x2);
+    at::Tensor dropped, xc;
+#ifdef QLORA_WITH_CUDA
+    if (counters) {
+      std::vector<kernels::DropoutDraw> draws;  // in the modules' order, as they would draw them
+      for (const auto& m : st->members)
+        if (m.lora >= 0 && m.dropout > 0.0) draws.push_back(draw_dropout(x2, m.dropout));
+      if (!draws.empty()) dropped = kernels::lora_dropout_fwd_cuda(x2, draws);
+      ctx->saved_data["draws"] = encode_draws(draws);
+    }
+#endif
+    if (st->any_dropout && !counters) xc = x2.contiguous();
+    int64_t d = 0;  // the next dropped copy
     for (const auto& m : st->members) {
       if (m.lora < 0) continue;
       at::Tensor mask;
       if (st->any_dropout) {
-        at::Tensor h = xc;
-        if (m.dropout > 0.0) std::tie(h, mask) = at::native_dropout(xc, m.dropout, /*train=*/true);
+        at::Tensor h = counters ? x2 : xc;
+        if (m.dropout > 0.0) {
+          if (counters) h = dropped[d++];
+          else std::tie(h, mask) = at::native_dropout(xc, m.dropout, /*train=*/true);
+        }
         mm_into(xa.narrow(1, m.col, m.rank), h, a_cat.narrow(0, m.col, m.rank).t(), 1.0);
       }
       saved.insert(saved.end(), {lora[2 * m.lora + 1], mask});
@@ -626,6 +742,8 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
             if (m.lora >= 0 && ctx->needs_input_grad(1 + 2 * m.lora)) grads[1 + 2 * m.lora] = da.narrow(0, m.col, m.rank);
         }
         if (need_dx) dx = at::mm(dxa, a_cat);  // [n, in]; the base GEMM below adds onto it
+      } else if (ctx->saved_data.count("draws") > 0) {
+        dx = counter_dropout_backward(ctx, *st, x2, dxa, a_cat, need_dx, grads);
       } else {
         if (need_dx) dx = at::zeros({n, st->in}, dy.options());
         for (const auto& m : st->members) {
@@ -727,6 +845,7 @@ void settle_dequant_ahead() {
 int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxed); }
 void set_fold_adapters(bool on) { g_fold.store(on); }
 bool fold_adapters() { return g_fold.load(); }
+void set_counter_dropout(bool on) { g_counter_dropout.store(on); }
 void set_lora_grad_kernel(bool on) { g_lora_grad_kernel.store(on); }
 
 #ifdef QLORA_WITH_CUDA
@@ -825,6 +944,13 @@ at::Tensor fused_projections(const std::vector<const Linear*>& group, const at::
 at::Tensor project(Linear& l, const at::Tensor& x, bool output_needed, int64_t spare) {
   if (at::Tensor y = fused_projections({&l}, x, output_needed, spare); y.defined()) return y;
   return l.forward(x);
+}
+
+at::Tensor lora_dropout(const at::Tensor& x, double p) {
+#ifdef QLORA_WITH_CUDA
+  if (p > 0.0 && x.dim() >= 1 && counter_dropout(x)) return CounterDropoutFunction::apply(x, p);
+#endif
+  return at::dropout(x, p, /*train=*/true);
 }
 
 at::Tensor with_spare_columns(const at::Tensor& x, int64_t spare) {

@@ -92,6 +92,11 @@ bool fold_adapters();
 // --lora-grad cublas`, for A/B).
 void set_lora_grad_kernel(bool on);
 
+// Whether LoRA dropout on CUDA draws its masks from counters (kernels/lora_dropout.cu: a group's members
+// dropped in one pass, nothing kept for the backward; default on) or runs ATen's dropout, a byte mask kept per
+// adapter (`qlora bench --lora-dropout-masks aten`, for A/B).
+void set_counter_dropout(bool on);
+
 // While one lives (on this thread), a group's forward keeps its dequantized weights for its backward instead
 // of dequantizing them again there. For a checkpointed layer's recomputation, whose backward follows at
 // once: it saves one dequantization per group and step for one layer's bf16 weights held meanwhile (about
@@ -132,6 +137,12 @@ at::Tensor project(Linear& l, const at::Tensor& x, bool output_needed = true, in
 // x's values in the first columns of a new buffer with `spare` more columns a row (differentiable; x itself
 // when spare is 0): for producers without a kernel that writes that layout (the CPU composites).
 at::Tensor with_spare_columns(const at::Tensor& x, int64_t spare);
+
+// LoRA dropout on an adapter's input, training mode (the per-projection modules of trainer/lora): on CUDA
+// outside a graph capture its mask comes from counters, as the groups drop their members' inputs
+// (kernels/lora_dropout.h), and is drawn again in the backward instead of kept; the modules and the groups
+// then drop the same elements from the same generator state. Elsewhere ATen's dropout.
+at::Tensor lora_dropout(const at::Tensor& x, double p);
 
 // How many group forwards ran folded since the process started (tests check the path is taken).
 int64_t folded_group_calls();
