@@ -84,19 +84,21 @@ bool lora_grad_supported(const at::Tensor& dy, const at::Tensor& xa, const std::
 std::pair<at::Tensor, std::vector<at::Tensor>> lora_grad_cuda(const at::Tensor& dy, const at::Tensor& xa,
                                                               const std::vector<LoraGradMember>& members);
 
-// LoRA dropout with its keep decisions drawn from counters (kernels/lora_dropout.h defines them), for up to
-// kMaxDropoutMembers adapters reading one input (kernels/lora_dropout.cu). A draw is the CUDA generator's
-// (seed, offset) after philox_cuda_state(4) and the member's p in [0, 1). Forward: x [n, in] (bf16 / fp16 /
-// fp32, rows contiguous, any row stride) -> [M, n, in], member m's dropped copy of x in row block m.
-// Backward: g [M, n, in] contiguous -> dx [n, in] = sum over m of g_m's kept elements / (1 - p_m), summed
-// in float32 and rounded once.
+// LoRA dropout with its keep decisions drawn from counters (kernels/lora_dropout.h defines them) and kept as
+// one bit an element, for up to kMaxDropoutMembers adapters reading one input (kernels/lora_dropout.cu). A
+// draw is the CUDA generator's (seed, offset) after philox_cuda_state(4) and the member's p in [0, 1).
+// Forward: x [n, in] (bf16 / fp16 / fp32, rows contiguous, any row stride) -> (h [M, n, in], member m's
+// dropped copy of x in row block m; mask uint8 [M, n, ceil(in / 8)], bit e of byte c: column 8 c + e kept).
+// Apply: the same copies from x and the mask, nothing drawn. Backward: g [M, n, in] contiguous -> dx [n, in] =
+// sum over m of g_m's kept elements / (1 - p_m), summed in float32 and rounded once.
 constexpr int kMaxDropoutMembers = 8;
 struct DropoutDraw {
   double p = 0.0;
   uint64_t seed = 0, offset = 0;
 };
-at::Tensor lora_dropout_fwd_cuda(const at::Tensor& x, const std::vector<DropoutDraw>& draws);
-at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const std::vector<DropoutDraw>& draws);
+std::pair<at::Tensor, at::Tensor> lora_dropout_fwd_cuda(const at::Tensor& x, const std::vector<DropoutDraw>& draws);
+at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& mask, const std::vector<double>& p);
+at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const at::Tensor& mask, const std::vector<double>& p);
 
 // Token cross-entropy and its gradient in one pass (kernels/cross_entropy.cu): logits [rows, V]
 // contiguous (bf16 / fp16 / fp32), targets int64 [rows] in [0, V) -> float32 [rows] of lse - logit[target]

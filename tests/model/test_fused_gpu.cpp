@@ -284,21 +284,29 @@ TEST(FusedKernels, LoraGradMatchesReference) {
   EXPECT_THROW(kernels::lora_grad_cuda(dy, xa, {{b12, 8, 0, 1.0}}), c10::Error);
 }
 // LoRA dropout by counters (kernels/lora_dropout.cu) against its definition (kernels/lora_dropout.h) recomputed
-// on the CPU with PyTorch's Philox engine: every member's copy bit for bit, the backward's masked sums bit for
-// bit (float32 sums in member order, one rounding), on strided rows and odd widths (the scalar kernels) in
-// each dtype; then the masks' statistics, and the module-level op's gradient and replay from the generator.
+// on the CPU with PyTorch's Philox engine: every member's copy and keep bits bit for bit, the copies made
+// again from the bits, the backward's masked sums bit for bit (float32 sums in member order, one rounding), on
+// strided rows and odd widths (the element-wise kernels) in each dtype; then the masks' statistics, and the
+// module-level op's gradient and replay from the generator.
 at::Tensor reference_keep(const kernels::DropoutDraw& d, int64_t n, int64_t cols) {
   at::Tensor keep = at::empty({n, cols}, at::kBool);
   auto k = keep.accessor<bool, 2>();
   const uint32_t threshold = kernels::dropout_threshold(d.p);
   for (int64_t r = 0; r < n; ++r) {
-    for (int64_t b = 0; b * 4 < cols; ++b) {
-      uint32_t w[4];
-      kernels::dropout_block(d.seed, d.offset, static_cast<uint64_t>(r), static_cast<uint64_t>(b), w);
-      for (int64_t e = 0; e < 4 && 4 * b + e < cols; ++e) k[r][4 * b + e] = w[e] >= threshold;
+    for (int64_t b = 0; b * 8 < cols; ++b) {
+      const uint32_t bits = kernels::dropout_keep_bits(d.seed, d.offset, static_cast<uint64_t>(r),
+                                                       static_cast<uint64_t>(b), threshold);
+      for (int64_t e = 0; e < 8 && 8 * b + e < cols; ++e) k[r][8 * b + e] = (bits >> e) & 1u;
     }
   }
   return keep;
+}
+
+// The keep bits of a mask [n, ceil(cols / 8)] (uint8) as bools [n, cols].
+at::Tensor unpack_bits(const at::Tensor& mask, int64_t cols) {
+  const at::Tensor bits = at::arange(8, at::kByte);
+  const at::Tensor unpacked = mask.cpu().unsqueeze(-1).bitwise_right_shift(bits).bitwise_and(1).to(at::kBool);
+  return unpacked.flatten(-2).narrow(-1, 0, cols);
 }
 
 TEST(LoraDropoutKernel, MatchesItsDefinition) {
@@ -307,6 +315,8 @@ TEST(LoraDropoutKernel, MatchesItsDefinition) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
   const std::vector<kernels::DropoutDraw> draws = {
       {0.1, 0x9e3779b97f4a7c15ULL, 0}, {0.25, 0x9e3779b97f4a7c15ULL, 4}, {0.0, 17, 8}, {0.5, 1234567, 1ULL << 40}};
+  std::vector<double> p;
+  for (const auto& d : draws) p.push_back(d.p);
   struct Case {
     int64_t n, cols, pitch;
   };
@@ -316,13 +326,16 @@ TEST(LoraDropoutKernel, MatchesItsDefinition) {
                    " pitch " + std::to_string(c.pitch));
       const at::Tensor wide = at::randn({c.n, c.pitch}, gen, at::kFloat).to(dt);
       const at::Tensor x = wide.to(dev).narrow(1, 0, c.cols);  // rows c.pitch apart, as a producer's buffer
-      const at::Tensor h = kernels::lora_dropout_fwd_cuda(x, draws).cpu();
+      const auto [h_dev, mask] = kernels::lora_dropout_fwd_cuda(x, draws);
+      const at::Tensor h = h_dev.cpu();
       ASSERT_EQ(h.sizes(), (std::vector<int64_t>{static_cast<int64_t>(draws.size()), c.n, c.cols}));
+      EXPECT_TRUE(test::same_bits(kernels::lora_dropout_apply_cuda(x, mask, p), h_dev));
       const at::Tensor g = at::randn({static_cast<int64_t>(draws.size()), c.n, c.cols}, gen, at::kFloat).to(dt);
-      const at::Tensor dx = kernels::lora_dropout_bwd_cuda(g.to(dev), draws).cpu();
+      const at::Tensor dx = kernels::lora_dropout_bwd_cuda(g.to(dev), mask, p).cpu();
       at::Tensor acc = at::zeros({c.n, c.cols}, at::kFloat);
       for (size_t m = 0; m < draws.size(); ++m) {
         const at::Tensor keep = reference_keep(draws[m], c.n, c.cols);
+        EXPECT_TRUE(at::equal(unpack_bits(mask[m], c.cols), keep)) << "member " << m;
         const float scale = static_cast<float>(1.0 / (1.0 - draws[m].p));
         const at::Tensor xs = wide.narrow(1, 0, c.cols).to(at::kFloat) * scale;
         EXPECT_TRUE(test::same_bits(h[m], at::where(keep, xs, at::zeros_like(xs)).to(dt))) << "member " << m;
@@ -340,7 +353,7 @@ TEST(LoraDropoutKernel, MasksLookIndependent) {
   const int64_t n = 2048, cols = 4096;
   const at::Tensor x = at::ones({n, cols}, at::TensorOptions(dev).dtype(at::kBFloat16));
   const std::vector<kernels::DropoutDraw> draws = {{0.1, 42, 0}, {0.1, 42, 4}, {0.3, 43, 0}};
-  const at::Tensor keep = (kernels::lora_dropout_fwd_cuda(x, draws) != 0).to(at::kDouble);
+  const at::Tensor keep = (kernels::lora_dropout_fwd_cuda(x, draws).first != 0).to(at::kDouble);
   // Within five standard deviations of the fraction that independent decisions give.
   auto expect_fraction = [&](const at::Tensor& k, double p, const char* what) {
     const double got = k.mean().item<double>(), tol = 5 * std::sqrt(p * (1 - p) / static_cast<double>(k.numel()));
@@ -350,11 +363,12 @@ TEST(LoraDropoutKernel, MasksLookIndependent) {
   expect_fraction(keep[2], 0.7, "kept, p 0.3");
   expect_fraction(keep[0] * keep[1], 0.81, "kept by two draws of one seed");
   expect_fraction(keep[0] * keep[2], 0.63, "kept by draws of two seeds");
-  expect_fraction(keep[0].narrow(1, 0, cols - 1) * keep[0].narrow(1, 1, cols - 1), 0.81, "next column");
-  expect_fraction(keep[0].narrow(1, 0, cols - 4) * keep[0].narrow(1, 4, cols - 4), 0.81, "next engine block");
+  expect_fraction(keep[0].narrow(1, 0, cols - 1) * keep[0].narrow(1, 1, cols - 1), 0.81, "next column (half)");
+  expect_fraction(keep[0].narrow(1, 0, cols - 2) * keep[0].narrow(1, 2, cols - 2), 0.81, "next engine word");
+  expect_fraction(keep[0].narrow(1, 0, cols - 8) * keep[0].narrow(1, 8, cols - 8), 0.81, "next engine block");
   expect_fraction(keep[0].narrow(0, 0, n - 1) * keep[0].narrow(0, 1, n - 1), 0.81, "next row");
   // Kept values are 1 / (1 - p) rounded to bf16, dropped ones 0.
-  const at::Tensor h0 = kernels::lora_dropout_fwd_cuda(x, {draws[0]})[0].to(at::kFloat);
+  const at::Tensor h0 = kernels::lora_dropout_fwd_cuda(x, {draws[0]}).first[0].to(at::kFloat);
   EXPECT_TRUE(((h0 == 0) | (h0 == h0.max())).all().item<bool>());
   EXPECT_FLOAT_EQ(h0.max().item<float>(), static_cast<float>(at::tensor(1.0f / 0.9f).to(at::kBFloat16).item<float>()));
 }

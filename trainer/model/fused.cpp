@@ -501,30 +501,19 @@ kernels::DropoutDraw draw_dropout(const at::Tensor& x, double p) {
   return {p, st.seed_.val, st.offset_.val};
 }
 
-// Draws as autograd keeps them between forward and backward: seed and offset of each, bit for bit.
-std::vector<int64_t> encode_draws(const std::vector<kernels::DropoutDraw>& draws) {
-  std::vector<int64_t> v;
-  for (const auto& d : draws) v.insert(v.end(), {static_cast<int64_t>(d.seed), static_cast<int64_t>(d.offset)});
-  return v;
-}
-kernels::DropoutDraw decode_draw(const std::vector<int64_t>& v, size_t i, double p) {
-  return {p, static_cast<uint64_t>(v[2 * i]), static_cast<uint64_t>(v[2 * i + 1])};
-}
-
-// Dropout on one adapter's input (the per-projection modules), masks by counters: the group's kernels with
-// one member, so a module and a group member given the same draw drop the same elements.
+// Dropout on one adapter's input (the per-projection modules), masks by counters: the groups' kernels with one
+// member, so a module and a group member given the same draw drop the same elements.
 struct CounterDropoutFunction : public torch::autograd::Function<CounterDropoutFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p) {
-    const at::Tensor x2 = as_rows(x, x.size(-1));
-    const kernels::DropoutDraw d = draw_dropout(x, p);
-    ctx->saved_data["draw"] = encode_draws({d});
+    auto [h, mask] = kernels::lora_dropout_fwd_cuda(as_rows(x, x.size(-1)), {draw_dropout(x, p)});
+    ctx->save_for_backward({mask});
     ctx->saved_data["p"] = p;
-    return kernels::lora_dropout_fwd_cuda(x2, {d}).view(x.sizes());
+    return h.view(x.sizes());
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     const at::Tensor g = grad[0].contiguous();
-    const auto d = decode_draw(ctx->saved_data["draw"].toIntVector(), 0, ctx->saved_data["p"].toDouble());
-    const at::Tensor dx = kernels::lora_dropout_bwd_cuda(g.view({1, -1, g.size(-1)}), {d});
+    const at::Tensor dx = kernels::lora_dropout_bwd_cuda(g.view({1, -1, g.size(-1)}), ctx->get_saved_variables()[0],
+                                                         {ctx->saved_data["p"].toDouble()});
     return {dx.view(g.sizes()), at::Tensor()};
   }
 };
@@ -551,25 +540,24 @@ bool can_fold(const GroupState& s, const at::Tensor& x2, int64_t spare) {
 // With dropout each adapted member reads its own masked copy of x: its x A_i^T, dA_i and input gradient
 // are then computed per member (the masks are drawn in the modules' order, so the same seed gives the same
 // step as the per-projection path).
-// The backward of the adapters' inputs under dropout by counters: the dropped copies of x drawn again
-// (kernels/lora_dropout.cu), dA_i = dxa_i^T h_i from them, then, in the same buffer, each dropped member's
-// dxa_i A_i, summed through its mask by one pass into dx (a member without dropout adds dxa_i A_i as is).
-// Returns dx (undefined unless need_dx); the A's gradients go into grads.
+// The backward of the adapters' inputs under dropout by counters: the dropped copies of x made again from
+// the forward's keep bits (kernels/lora_dropout.cu), dA_i = dxa_i^T h_i from them, then, in the same buffer,
+// each dropped member's dxa_i A_i, summed through its mask by one pass into dx (a member without dropout adds
+// dxa_i A_i as is). Returns dx (undefined unless need_dx); the A's gradients go into grads.
 at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, const at::Tensor& x2,
-                                    const at::Tensor& dxa, const at::Tensor& a_cat, bool need_dx,
-                                    variable_list& grads) {
+                                    const at::Tensor& mask, const at::Tensor& dxa, const at::Tensor& a_cat,
+                                    bool need_dx, variable_list& grads) {
 #ifdef QLORA_WITH_CUDA
-  const std::vector<int64_t> enc = ctx->saved_data["draws"].toIntVector();
-  std::vector<kernels::DropoutDraw> draws;
+  std::vector<double> p;  // the dropped members'
   bool need_da = false;
   for (const auto& m : st.members) {
     if (m.lora < 0) continue;
-    if (m.dropout > 0.0) draws.push_back(decode_draw(enc, draws.size(), m.dropout));
+    if (m.dropout > 0.0) p.push_back(m.dropout);
     need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
   }
-  const int64_t n = x2.size(0), k = static_cast<int64_t>(draws.size());
+  const int64_t n = x2.size(0), k = static_cast<int64_t>(p.size());
   at::Tensor buf;  // the dropped copies, then the dropped members' dxa_i A_i
-  if (k > 0 && need_da) buf = kernels::lora_dropout_fwd_cuda(x2, draws);
+  if (k > 0 && need_da) buf = kernels::lora_dropout_apply_cuda(x2, mask, p);
   else if (k > 0 && need_dx) buf = at::empty({k, n, st.in}, x2.options());
   int64_t d = 0;
   for (const auto& m : st.members) {
@@ -584,12 +572,12 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
     at::Tensor out = buf[d++];
     at::mm_out(out, dxa.narrow(1, m.col, m.rank), a_cat.narrow(0, m.col, m.rank));
   }
-  at::Tensor dx = k > 0 ? kernels::lora_dropout_bwd_cuda(buf, draws) : at::zeros({n, st.in}, x2.options());
+  at::Tensor dx = k > 0 ? kernels::lora_dropout_bwd_cuda(buf, mask, p) : at::zeros({n, st.in}, x2.options());
   for (const auto& m : st.members)
     if (m.lora >= 0 && m.dropout == 0.0) dx.addmm_(dxa.narrow(1, m.col, m.rank), a_cat.narrow(0, m.col, m.rank));
   return dx;
 #else
-  (void)ctx, (void)st, (void)x2, (void)dxa, (void)a_cat, (void)need_dx, (void)grads;
+  (void)ctx, (void)st, (void)x2, (void)mask, (void)dxa, (void)a_cat, (void)need_dx, (void)grads;
   TORCH_CHECK(false, "dropout by counters needs the CUDA kernels");
 #endif
 }
@@ -645,20 +633,20 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       }
     }
     variable_list saved{kept, x2, xa, a_cat, bd};
-    // Dropout by counters (CUDA): every dropped member's copy of x in one pass, [dropped, n, in], and no mask
-    // kept (the backward draws them again). Else ATen's dropout, a mask kept per member; its masks are drawn
-    // on contiguous rows: it assigns its random numbers by layout, and the same seed must give the same masks
-    // whether or not x's producer left spare columns (the modules' masks, and a recomputation's, where
-    // down_proj's input has none).
+    // Dropout by counters (CUDA): every dropped member's copy of x in one pass, [dropped, n, in], and their
+    // keep bits [dropped, n, in / 8] kept for the backward (saved last). Else ATen's dropout, a byte mask kept
+    // per member; its masks are drawn on contiguous rows: it assigns its random numbers by layout, and the
+    // same seed must give the same masks whether or not x's producer left spare columns (the modules' masks,
+    // and a recomputation's, where down_proj's input has none).
     const bool counters = st->any_dropout && counter_dropout(x2);
-    at::Tensor dropped, xc;
+    at::Tensor dropped, keep_bits, xc;
 #ifdef QLORA_WITH_CUDA
     if (counters) {
       std::vector<kernels::DropoutDraw> draws;  // in the modules' order, as they would draw them
       for (const auto& m : st->members)
         if (m.lora >= 0 && m.dropout > 0.0) draws.push_back(draw_dropout(x2, m.dropout));
-      if (!draws.empty()) dropped = kernels::lora_dropout_fwd_cuda(x2, draws);
-      ctx->saved_data["draws"] = encode_draws(draws);
+      if (!draws.empty()) std::tie(dropped, keep_bits) = kernels::lora_dropout_fwd_cuda(x2, draws);
+      ctx->saved_data["counter_dropout"] = true;
     }
 #endif
     if (st->any_dropout && !counters) xc = x2.contiguous();
@@ -676,6 +664,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       }
       saved.insert(saved.end(), {lora[2 * m.lora + 1], mask});
     }
+    if (counters) saved.push_back(keep_bits);
     if (st->folded) {
       at::mm_out(y2, x2.as_strided({n, st->in + st->ranks}, x2.strides(), x2.storage_offset()), w.t());
     } else if (compute_y) {
@@ -690,7 +679,8 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     const auto st = c10::static_intrusive_pointer_cast<GroupState>(ctx->saved_data["state"].toCapsule());
     // The kept weights (or none), then with adapters x2, xa, a_cat, bd (undefined when folded without kept
     // weights) and (B, mask) per adapted member, in the order of their lora index: member m's B is
-    // saved[5 + 2 m.lora], its mask the one after.
+    // saved[5 + 2 m.lora], its mask the one after (ATen's dropout), and last, with dropout by counters, the
+    // dropped members' keep bits.
     const auto saved = ctx->get_saved_variables();
     const at::Tensor dy = grad[0].reshape({-1, st->total}).contiguous();  // [n, total]
     const int64_t n = dy.size(0);
@@ -742,8 +732,8 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
             if (m.lora >= 0 && ctx->needs_input_grad(1 + 2 * m.lora)) grads[1 + 2 * m.lora] = da.narrow(0, m.col, m.rank);
         }
         if (need_dx) dx = at::mm(dxa, a_cat);  // [n, in]; the base GEMM below adds onto it
-      } else if (ctx->saved_data.count("draws") > 0) {
-        dx = counter_dropout_backward(ctx, *st, x2, dxa, a_cat, need_dx, grads);
+      } else if (ctx->saved_data.count("counter_dropout") > 0) {
+        dx = counter_dropout_backward(ctx, *st, x2, saved.back(), dxa, a_cat, need_dx, grads);
       } else {
         if (need_dx) dx = at::zeros({n, st->in}, dy.options());
         for (const auto& m : st->members) {
