@@ -556,9 +556,14 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
     need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
   }
   const int64_t n = x2.size(0), k = static_cast<int64_t>(p.size());
-  at::Tensor buf;  // the dropped copies, then the dropped members' dxa_i A_i
+  // dx in one pass over its elements where the kernel takes the ranks (16 to 64) and dtype.
+  std::vector<kernels::DropoutDxMember> dxm;
+  for (const auto& m : st.members)
+    if (m.lora >= 0) dxm.push_back({m.col, m.rank, m.dropout});
+  const bool one_pass = need_dx && kernels::lora_dropout_dx_supported(dxa, a_cat, dxm);
+  at::Tensor buf;  // the dropped copies, then (without the one-pass kernel) the dropped members' dxa_i A_i
   if (k > 0 && need_da) buf = kernels::lora_dropout_apply_cuda(x2, mask, p);
-  else if (k > 0 && need_dx) buf = at::empty({k, n, st.in}, x2.options());
+  else if (k > 0 && need_dx && !one_pass) buf = at::empty({k, n, st.in}, x2.options());
   int64_t d = 0;
   for (const auto& m : st.members) {
     if (m.lora < 0) continue;
@@ -566,6 +571,7 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
     if (ctx->needs_input_grad(1 + 2 * m.lora)) grads[1 + 2 * m.lora] = mm_float(dxa.narrow(1, m.col, m.rank).t(), h);
   }
   if (!need_dx) return {};
+  if (one_pass) return kernels::lora_dropout_dx_cuda(dxa, a_cat, mask, dxm);
   d = 0;
   for (const auto& m : st.members) {
     if (m.lora < 0 || m.dropout == 0.0) continue;

@@ -729,7 +729,7 @@ AttentionMask attention_layout(const at::Tensor& attention_mask, const at::Tenso
       return {at::Tensor(), to_device(offsets, device), longest};
     }
   }
-  return {build_attention_mask(attention_mask, position_ids, batch, t, past, device)};
+  return {build_attention_mask(attention_mask, position_ids, batch, t, past, device), {}, 0};
 }
 
 at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, const at::Tensor& attention_mask,
@@ -740,7 +740,7 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
   at::Tensor x = at::embedding(embed_tokens, to_device(input_ids, device()));
   Rope rope = this->rope(position_ids, b, t, past, x.scalar_type());
   const AttentionMask mask =
-      cache ? AttentionMask{build_attention_mask(attention_mask, position_ids, b, t, past, device())}
+      cache ? AttentionMask{build_attention_mask(attention_mask, position_ids, b, t, past, device()), {}, 0}
             : attention_layout(attention_mask, position_ids, b, t, past, device(), x.scalar_type(), arch_.head_dim);
   if (cache && cache->k.empty()) {
     cache->k.resize(layer_list.size());
