@@ -135,7 +135,7 @@ static __global__ void __launch_bounds__(kThreads)
 // member at a time, on tensor cores (mma.sync m16n8k16, float32 accumulation; the ldmatrix fragment layout
 // of kernels/lora_grad.cu), masks and scales each product in float32, sums them and rounds once. Ranks up
 // to kDxMaxRank in steps of 16; members without dropout add their product as is.
-constexpr int kDxRows = 64, kDxCols = 128, kDxThreads = 128;  // 4 warps, 2 x 2, each 32 rows x 64 columns
+constexpr int kDxRows = 128, kDxCols = 128, kDxThreads = 256;  // 8 warps, 4 x 2, each 32 rows x 64 columns
 constexpr int kDxMaxRank = 64;
 constexpr int kDxPitch = kDxMaxRank + 8;  // elements; the padding spreads the fragment loads over the banks
 
@@ -153,9 +153,12 @@ template <typename T>
 static __global__ void __launch_bounds__(kDxThreads)
     dx_kernel(const T* __restrict__ dxa, int64_t ldd, const T* __restrict__ a, int64_t lda, int64_t n, int64_t cols,
               DxMembers mb, const uint8_t* __restrict__ mask, T* __restrict__ dx) {
-  __shared__ __align__(16) T dxa_s[kDxRows * kDxPitch];
-  __shared__ __align__(16) T a_s[kDxCols * kDxPitch];  // A^T; at the end the output tile, [64][128 + 8]
-  static_assert(kDxRows * (kDxCols + 8) <= kDxCols * kDxPitch, "the output tile fits in a_s");
+  // dxa's tile [128][rank], then A's slab transposed [128 columns][rank]; at the end the output tile.
+  __shared__ __align__(16) T smem[(kDxRows + kDxCols) * kDxPitch];
+  T* dxa_s = smem;
+  T* a_s = smem + kDxRows * kDxPitch;
+  constexpr int kOutPitch = kDxCols + 8;
+  static_assert(kDxRows * kOutPitch <= (kDxRows + kDxCols) * kDxPitch, "the output tile fits");
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kDxRows, c0 = static_cast<int64_t>(blockIdx.x) * kDxCols;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int wr = warp / 2, wc = warp % 2;  // this warp's rows [32 wr, + 32) and columns [64 wc, + 64) of the tile
@@ -165,13 +168,20 @@ static __global__ void __launch_bounds__(kDxThreads)
   for (int m = 0; m < mb.count; ++m) {
     const int r = mb.rank[m];
     __syncthreads();  // the previous member's fragments are read
-    for (int i = tid; i < kDxRows * r; i += kDxThreads) {
-      const int row = i / r, k = i % r;
-      dxa_s[row * kDxPitch + k] = row0 + row < n ? dxa[(row0 + row) * ldd + mb.col[m] + k] : from_f32<T>(0.0f);
+    using P8 = Pack<T, 8>;  // 16-byte loads (lora_dropout_dx_supported checks the alignment)
+    P8 zero;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) zero.v[e] = from_f32<T>(0.0f);
+    for (int i = tid; i < kDxRows * r / 8; i += kDxThreads) {
+      const int row = i / (r / 8), k8 = (i % (r / 8)) * 8;
+      *reinterpret_cast<P8*>(dxa_s + row * kDxPitch + k8) =
+          row0 + row < n ? *reinterpret_cast<const P8*>(dxa + (row0 + row) * ldd + mb.col[m] + k8) : zero;
     }
-    for (int i = tid; i < kDxCols * r; i += kDxThreads) {  // consecutive threads, consecutive columns of A
-      const int k = i / kDxCols, c = i % kDxCols;
-      a_s[c * kDxPitch + k] = c0 + c < cols ? a[(mb.col[m] + k) * lda + c0 + c] : from_f32<T>(0.0f);
+    for (int i = tid; i < kDxCols / 8 * r; i += kDxThreads) {  // consecutive threads, consecutive columns of A
+      const int k = i / (kDxCols / 8), c8 = (i % (kDxCols / 8)) * 8;
+      const P8 v = c0 + c8 < cols ? *reinterpret_cast<const P8*>(a + (mb.col[m] + k) * lda + c0 + c8) : zero;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a_s[(c8 + e) * kDxPitch + k] = v.v[e];
     }
     __syncthreads();
     float acc[2][8][4] = {};
@@ -208,8 +218,7 @@ static __global__ void __launch_bounds__(kDxThreads)
   }
   // Through shared memory, so that the tile leaves in 16-byte rows.
   __syncthreads();
-  T* out_s = a_s;
-  constexpr int kOutPitch = kDxCols + 8;
+  T* out_s = smem;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -348,7 +357,12 @@ bool lora_dropout_dx_supported(const at::Tensor& dxa, const at::Tensor& a, const
   bool ok = dxa.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf) && a.scalar_type() == dt && dxa.dim() == 2 &&
             a.dim() == 2 && dxa.stride(1) == 1 && a.stride(1) == 1 && a.size(1) % kCols == 0 && !members.empty() &&
             members.size() <= static_cast<size_t>(kMaxDropoutMembers);
-  for (const auto& m : members) ok = ok && m.rank > 0 && m.rank % 16 == 0 && m.rank <= kDxMaxRank;
+  for (const auto& m : members) ok = ok && m.rank > 0 && m.rank % 16 == 0 && m.rank <= kDxMaxRank && m.col % 8 == 0;
+  // 16-byte loads of dxa's and A's rows
+  const auto aligned = [](const at::Tensor& t) {
+    return (t.size(0) <= 1 || t.stride(0) % 8 == 0) && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  };
+  ok = ok && aligned(dxa) && aligned(a);
   return ok;
 }
 

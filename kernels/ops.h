@@ -102,8 +102,8 @@ at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const at::Tensor& mask, co
 // The backward's input gradient of the adapters' A products in one pass: dx [n, in] = sum over members of
 // keep_m * (dxa[:, col, col + rank) A[col, col + rank)) / (1 - p_m) (float32 products and sums, one rounding;
 // keep_m from mask row block `mask index` = the member's place among those with p > 0, all kept for p 0).
-// dxa [n, R] and A [R, in] bf16 / fp16 with contiguous rows; lora_dropout_dx_supported says whether they and
-// the ranks (16 to 64, multiples of 16) fit.
+// dxa [n, R] and A [R, in] bf16 / fp16 with contiguous rows; lora_dropout_dx_supported says whether they fit
+// (ranks 16 to 64 in steps of 16, columns and row strides multiples of 8, 16-byte aligned).
 struct DropoutDxMember {
   int64_t col = 0, rank = 0;
   double p = 0.0;

@@ -378,13 +378,15 @@ TEST(LoraDropoutKernel, InputGradientInOnePass) {
       EXPECT_LE(test::rel_err(dx.cpu().to(at::kDouble), ref), dt == at::kBFloat16 ? 5e-3 : 1e-3);
     }
   }
-  // Refused: a rank not a multiple of 16 or above 64, float32.
+  // Refused: a rank not a multiple of 16 or above 64, float32, rows or columns off 16-byte alignment.
   const at::Tensor dxa = at::randn({16, 128}, at::TensorOptions(dev).dtype(at::kBFloat16));
   const at::Tensor a = at::randn({128, 64}, at::TensorOptions(dev).dtype(at::kBFloat16));
   EXPECT_TRUE(kernels::lora_dropout_dx_supported(dxa, a, {{0, 64, 0.1}}));
   EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, a, {{0, 8, 0.1}}));
   EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, a, {{0, 128, 0.1}}));
   EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa.to(at::kFloat), a.to(at::kFloat), {{0, 64, 0.1}}));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa.narrow(1, 4, 64), a, {{0, 64, 0.1}}));  // rows not 16-byte aligned
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, a, {{4, 64, 0.1}}));
 }
 
 TEST(LoraDropoutKernel, MasksLookIndependent) {

@@ -33,6 +33,7 @@ std::atomic<FusedMode> g_mode{FusedMode::Auto};
 std::atomic<bool> g_fold{true};
 std::atomic<bool> g_lora_grad_kernel{true};
 std::atomic<bool> g_counter_dropout{true};
+std::atomic<bool> g_dropout_dx_kernel{true};
 thread_local bool t_keep_weights = false;  // KeepDequantizedWeights
 
 using torch::autograd::AutogradContext;
@@ -560,7 +561,7 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
   std::vector<kernels::DropoutDxMember> dxm;
   for (const auto& m : st.members)
     if (m.lora >= 0) dxm.push_back({m.col, m.rank, m.dropout});
-  const bool one_pass = need_dx && kernels::lora_dropout_dx_supported(dxa, a_cat, dxm);
+  const bool one_pass = need_dx && g_dropout_dx_kernel.load() && kernels::lora_dropout_dx_supported(dxa, a_cat, dxm);
   at::Tensor buf;  // the dropped copies, then (without the one-pass kernel) the dropped members' dxa_i A_i
   if (k > 0 && need_da) buf = kernels::lora_dropout_apply_cuda(x2, mask, p);
   else if (k > 0 && need_dx && !one_pass) buf = at::empty({k, n, st.in}, x2.options());
@@ -842,6 +843,7 @@ int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxe
 void set_fold_adapters(bool on) { g_fold.store(on); }
 bool fold_adapters() { return g_fold.load(); }
 void set_counter_dropout(bool on) { g_counter_dropout.store(on); }
+void set_dropout_dx_kernel(bool on) { g_dropout_dx_kernel.store(on); }
 void set_lora_grad_kernel(bool on) { g_lora_grad_kernel.store(on); }
 
 #ifdef QLORA_WITH_CUDA
