@@ -15,7 +15,6 @@
 
 #include "kernels/convert.cuh"
 #include "kernels/lora_dropout.h"
-#include "kernels/mma.cuh"
 #include "kernels/ops.h"
 
 namespace qlora::kernels {
@@ -130,114 +129,6 @@ static __global__ void __launch_bounds__(kThreads)
   });
 }
 
-
-// dx = sum_m keep_m * (dxa_m A_m) / (1 - p_m) in one pass (dx_kernel): each CTA forms a 64 x 128 tile of dx, a
-// member at a time, on tensor cores (mma.sync m16n8k16, float32 accumulation; the ldmatrix fragment layout
-// of kernels/lora_grad.cu), masks and scales each product in float32, sums them and rounds once. Ranks up
-// to kDxMaxRank in steps of 16; members without dropout add their product as is.
-constexpr int kDxRows = 128, kDxCols = 128, kDxThreads = 256;  // 8 warps, 4 x 2, each 32 rows x 64 columns
-constexpr int kDxMaxRank = 64;
-constexpr int kDxPitch = kDxMaxRank + 8;  // elements; the padding spreads the fragment loads over the banks
-
-struct DxMembers {
-  int64_t col[kMaxDropoutMembers];  // first column of dxa and row of A
-  int rank[kMaxDropoutMembers];
-  int mask[kMaxDropoutMembers];     // its block of the keep bits, -1: no dropout
-  float scale[kMaxDropoutMembers];
-  int count;
-};
-
-// Fragments (their coordinates: kernels/mma.cuh): dxa's tile is stored as rows (A operand, ldmatrix x4), A's
-// slab transposed, as rows of dx's columns (B operand, x2), as kernels/lora_grad.cu stores its operands.
-template <typename T>
-static __global__ void __launch_bounds__(kDxThreads)
-    dx_kernel(const T* __restrict__ dxa, int64_t ldd, const T* __restrict__ a, int64_t lda, int64_t n, int64_t cols,
-              DxMembers mb, const uint8_t* __restrict__ mask, T* __restrict__ dx) {
-  // dxa's tile [128][rank], then A's slab transposed [128 columns][rank]; at the end the output tile.
-  __shared__ __align__(16) T smem[(kDxRows + kDxCols) * kDxPitch];
-  T* dxa_s = smem;
-  T* a_s = smem + kDxRows * kDxPitch;
-  constexpr int kOutPitch = kDxCols + 8;
-  static_assert(kDxRows * kOutPitch <= (kDxRows + kDxCols) * kDxPitch, "the output tile fits");
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kDxRows, c0 = static_cast<int64_t>(blockIdx.x) * kDxCols;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int wr = warp / 2, wc = warp % 2;  // this warp's rows [32 wr, + 32) and columns [64 wc, + 64) of the tile
-  const int mi = lane / 8, mj = lane % 8;  // the ldmatrix block this lane addresses, and the row in it
-  const int64_t blocks = ceil_div(cols, kCols);
-  float total[2][8][4] = {};
-  for (int m = 0; m < mb.count; ++m) {
-    const int r = mb.rank[m];
-    __syncthreads();  // the previous member's fragments are read
-    using P8 = Pack<T, 8>;  // 16-byte loads (lora_dropout_dx_supported checks the alignment)
-    P8 zero;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) zero.v[e] = from_f32<T>(0.0f);
-    for (int i = tid; i < kDxRows * r / 8; i += kDxThreads) {
-      const int row = i / (r / 8), k8 = (i % (r / 8)) * 8;
-      *reinterpret_cast<P8*>(dxa_s + row * kDxPitch + k8) =
-          row0 + row < n ? *reinterpret_cast<const P8*>(dxa + (row0 + row) * ldd + mb.col[m] + k8) : zero;
-    }
-    for (int i = tid; i < kDxCols / 8 * r; i += kDxThreads) {  // consecutive threads, consecutive columns of A
-      const int k = i / (kDxCols / 8), c8 = (i % (kDxCols / 8)) * 8;
-      const P8 v = c0 + c8 < cols ? *reinterpret_cast<const P8*>(a + (mb.col[m] + k) * lda + c0 + c8) : zero;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) a_s[(c8 + e) * kDxPitch + k] = v.v[e];
-    }
-    __syncthreads();
-    float acc[2][8][4] = {};
-    for (int ks = 0; ks < r / 16; ++ks) {
-      uint32_t bf[8][2];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) ldsm_x2(bf[nt], a_s + (wc * 64 + nt * 8 + mj) * kDxPitch + ks * 16 + (mi % 2) * 8);
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        uint32_t af[4];
-        ldsm_x4(af, dxa_s + (wr * 32 + mt * 16 + (mi % 2) * 8 + mj) * kDxPitch + ks * 16 + (mi / 2) * 8);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) mma16816<T>(acc[mt][nt], af, bf[nt][0], bf[nt][1]);
-      }
-    }
-    const int mk = mb.mask[m];
-    const float scale = mb.scale[m];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t row = row0 + wr * 32 + mt * 16 + g + 8 * half;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const int64_t c = c0 + wc * 64 + nt * 8 + 2 * t;  // c and c + 1: one mask byte, bits 2t and 2t + 1
-          uint32_t keep = 3u;
-          if (mk >= 0) keep = row < n && c < cols ? mask[(mk * n + row) * blocks + c / kCols] >> (2 * t) : 0u;
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            if ((keep >> e) & 1u) total[mt][nt][2 * half + e] += __fmul_rn(acc[mt][nt][2 * half + e], scale);
-        }
-      }
-    }
-  }
-  // Through shared memory, so that the tile leaves in 16-byte rows.
-  __syncthreads();
-  T* out_s = smem;
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          out_s[(wr * 32 + mt * 16 + g + 8 * half) * kOutPitch + wc * 64 + nt * 8 + 2 * t + e] =
-              from_f32<T>(total[mt][nt][2 * half + e]);
-  __syncthreads();
-  for (int i = tid; i < kDxRows * kDxCols / 8; i += kDxThreads) {
-    const int row = i / (kDxCols / 8), c8 = (i % (kDxCols / 8)) * 8;
-    if (row0 + row < n && c0 + c8 < cols)  // cols % 8 == 0: a segment is wholly in or out
-      *reinterpret_cast<Pack<T, 8>*>(dx + (row0 + row) * cols + c0 + c8) =
-          *reinterpret_cast<const Pack<T, 8>*>(out_s + row * kOutPitch + c8);
-  }
-}
-
 Members make_members(const std::vector<DropoutDraw>& draws, const char* op) {
   TORCH_CHECK(!draws.empty() && draws.size() <= static_cast<size_t>(kMaxDropoutMembers), op, ": 1 to ",
               kMaxDropoutMembers, " members, got ", draws.size());
@@ -348,63 +239,6 @@ at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const at::Tensor& mask, co
         reinterpret_cast<const T*>(g.const_data_ptr()), n, cols, mb, mask.const_data_ptr<uint8_t>(),
         reinterpret_cast<T*>(dx.data_ptr()));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dx;
-}
-
-bool lora_dropout_dx_supported(const at::Tensor& dxa, const at::Tensor& a, const std::vector<DropoutDxMember>& members) {
-  const auto dt = dxa.scalar_type();
-  bool ok = dxa.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf) && a.scalar_type() == dt && dxa.dim() == 2 &&
-            a.dim() == 2 && dxa.stride(1) == 1 && a.stride(1) == 1 && a.size(1) % kCols == 0 && !members.empty() &&
-            members.size() <= static_cast<size_t>(kMaxDropoutMembers);
-  for (const auto& m : members) ok = ok && m.rank > 0 && m.rank % 16 == 0 && m.rank <= kDxMaxRank && m.col % 8 == 0;
-  // 16-byte loads of dxa's and A's rows
-  const auto aligned = [](const at::Tensor& t) {
-    return (t.size(0) <= 1 || t.stride(0) % 8 == 0) && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-  };
-  ok = ok && aligned(dxa) && aligned(a);
-  return ok;
-}
-
-at::Tensor lora_dropout_dx_cuda(const at::Tensor& dxa, const at::Tensor& a, const at::Tensor& mask,
-                                const std::vector<DropoutDxMember>& members) {
-  TORCH_CHECK(lora_dropout_dx_supported(dxa, a, members),
-              "lora_dropout_dx: needs bf16 / fp16 dxa [n, R] and A [R, in] with contiguous rows, in % 8 == 0, and 1 to ",
-              kMaxDropoutMembers, " members of ranks 16 to ", kDxMaxRank, " in steps of 16");
-  const int64_t n = dxa.size(0), cols = a.size(1);
-  DxMembers mb{};
-  mb.count = static_cast<int>(members.size());
-  int masks = 0;
-  for (int m = 0; m < mb.count; ++m) {
-    const DropoutDxMember& w = members[m];
-    TORCH_CHECK(w.col >= 0 && w.col + w.rank <= dxa.size(1) && w.col + w.rank <= a.size(0),
-                "lora_dropout_dx: member ", m, "'s columns [", w.col, ", ", w.col + w.rank, ") outside dxa ",
-                dxa.sizes(), " or A ", a.sizes());
-    TORCH_CHECK(w.p >= 0.0 && w.p < 1.0, "lora_dropout_dx: p must be in [0, 1), got ", w.p);
-    mb.col[m] = w.col;
-    mb.rank[m] = static_cast<int>(w.rank);
-    mb.mask[m] = w.p > 0.0 ? masks++ : -1;
-    mb.scale[m] = static_cast<float>(1.0 / (1.0 - w.p));
-  }
-  if (masks > 0) check_mask(mask, masks, n, cols, dxa, "lora_dropout_dx");
-  const c10::cuda::CUDAGuard guard(dxa.device());
-  at::Tensor dx = at::empty({n, cols}, dxa.options());
-  if (n == 0 || cols == 0) return dx;
-  const int64_t ldd = n > 1 ? dxa.stride(0) : dxa.size(1), lda = a.size(0) > 1 ? a.stride(0) : cols;
-  const dim3 grid(static_cast<unsigned>(ceil_div(cols, kDxCols)), static_cast<unsigned>(ceil_div(n, kDxRows)));
-  TORCH_CHECK(grid.y <= 65535u, "lora_dropout_dx: ", n, " rows are more than one launch takes");
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const uint8_t* mp = masks > 0 ? mask.const_data_ptr<uint8_t>() : nullptr;
-  if (dxa.scalar_type() == at::kBFloat16) {
-    dx_kernel<__nv_bfloat16><<<grid, kDxThreads, 0, stream>>>(
-        reinterpret_cast<const __nv_bfloat16*>(dxa.const_data_ptr()), ldd,
-        reinterpret_cast<const __nv_bfloat16*>(a.const_data_ptr()), lda, n, cols, mb, mp,
-        reinterpret_cast<__nv_bfloat16*>(dx.data_ptr()));
-  } else {
-    dx_kernel<__half><<<grid, kDxThreads, 0, stream>>>(reinterpret_cast<const __half*>(dxa.const_data_ptr()), ldd,
-                                                       reinterpret_cast<const __half*>(a.const_data_ptr()), lda, n,
-                                                       cols, mb, mp, reinterpret_cast<__half*>(dx.data_ptr()));
-  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;
 }

@@ -99,18 +99,6 @@ struct DropoutDraw {
 std::pair<at::Tensor, at::Tensor> lora_dropout_fwd_cuda(const at::Tensor& x, const std::vector<DropoutDraw>& draws);
 at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& mask, const std::vector<double>& p);
 at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const at::Tensor& mask, const std::vector<double>& p);
-// The backward's input gradient of the adapters' A products in one pass: dx [n, in] = sum over members of
-// keep_m * (dxa[:, col, col + rank) A[col, col + rank)) / (1 - p_m) (float32 products and sums, one rounding;
-// keep_m from mask row block `mask index` = the member's place among those with p > 0, all kept for p 0).
-// dxa [n, R] and A [R, in] bf16 / fp16 with contiguous rows; lora_dropout_dx_supported says whether they fit
-// (ranks 16 to 64 in steps of 16, columns and row strides multiples of 8, 16-byte aligned).
-struct DropoutDxMember {
-  int64_t col = 0, rank = 0;
-  double p = 0.0;
-};
-bool lora_dropout_dx_supported(const at::Tensor& dxa, const at::Tensor& a, const std::vector<DropoutDxMember>& members);
-at::Tensor lora_dropout_dx_cuda(const at::Tensor& dxa, const at::Tensor& a, const at::Tensor& mask,
-                                const std::vector<DropoutDxMember>& members);
 
 // Token cross-entropy and its gradient in one pass (kernels/cross_entropy.cu): logits [rows, V]
 // contiguous (bf16 / fp16 / fp32), targets int64 [rows] in [0, V) -> float32 [rows] of lse - logit[target]

@@ -346,49 +346,6 @@ TEST(LoraDropoutKernel, MatchesItsDefinition) {
   }
 }
 
-TEST(LoraDropoutKernel, InputGradientInOnePass) {
-  // lora_dropout_dx_cuda against float64: dx = sum_m keep_m (dxa_m A_m) / (1 - p_m), members of ranks 16-64,
-  // one without dropout, dxa the spare columns of a wider buffer, rows and columns not multiples of the tile.
-  QLORA_SKIP_WITHOUT_CUDA();
-  const at::Device dev(at::kCUDA, 0);
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
-  const std::vector<kernels::DropoutDxMember> members = {{0, 16, 0.1}, {16, 64, 0.0}, {80, 32, 0.3}, {112, 64, 0.5}};
-  const int64_t ranks = 176;
-  for (auto dt : {at::kBFloat16, at::kHalf}) {
-    for (auto [n, cols] : {std::pair<int64_t, int64_t>{300, 1000}, {2048, 4096}, {64, 128}}) {
-      SCOPED_TRACE(std::string(c10::toString(dt)) + " " + std::to_string(n) + "x" + std::to_string(cols));
-      const at::Tensor x = at::randn({n, cols}, at::TensorOptions(dev).dtype(dt));
-      std::vector<kernels::DropoutDraw> draws;
-      for (const auto& m : members)
-        if (m.p > 0.0) draws.push_back({m.p, 99, 4 * draws.size()});
-      const at::Tensor mask = kernels::lora_dropout_fwd_cuda(x, draws).second;
-      const at::Tensor wide = at::randn({n, 24 + ranks}, gen, at::kFloat).to(dt).to(dev);
-      const at::Tensor dxa = wide.narrow(1, 24, ranks);
-      const at::Tensor a = (at::randn({ranks, cols}, gen, at::kFloat) * 0.1).to(dt).to(dev);
-      ASSERT_TRUE(kernels::lora_dropout_dx_supported(dxa, a, members));
-      const at::Tensor dx = kernels::lora_dropout_dx_cuda(dxa, a, mask, members);
-      at::Tensor ref = at::zeros({n, cols}, at::kDouble);
-      int64_t d = 0;
-      for (const auto& m : members) {
-        const at::Tensor prod = at::mm(dxa.narrow(1, m.col, m.rank).cpu().to(at::kDouble),
-                                       a.narrow(0, m.col, m.rank).cpu().to(at::kDouble)) / (1.0 - m.p);
-        ref += m.p > 0.0 ? prod * unpack_bits(mask[d++], cols).to(at::kDouble) : prod;
-      }
-      // One rounding of float32 sums to the 16-bit type.
-      EXPECT_LE(test::rel_err(dx.cpu().to(at::kDouble), ref), dt == at::kBFloat16 ? 5e-3 : 1e-3);
-    }
-  }
-  // Refused: a rank not a multiple of 16 or above 64, float32, rows or columns off 16-byte alignment.
-  const at::Tensor dxa = at::randn({16, 128}, at::TensorOptions(dev).dtype(at::kBFloat16));
-  const at::Tensor a = at::randn({128, 64}, at::TensorOptions(dev).dtype(at::kBFloat16));
-  EXPECT_TRUE(kernels::lora_dropout_dx_supported(dxa, a, {{0, 64, 0.1}}));
-  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, a, {{0, 8, 0.1}}));
-  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, a, {{0, 128, 0.1}}));
-  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa.to(at::kFloat), a.to(at::kFloat), {{0, 64, 0.1}}));
-  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa.narrow(1, 4, 64), a, {{0, 64, 0.1}}));  // rows not 16-byte aligned
-  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, a, {{4, 64, 0.1}}));
-}
-
 TEST(LoraDropoutKernel, MasksLookIndependent) {
   QLORA_SKIP_WITHOUT_CUDA();
   const at::Device dev(at::kCUDA, 0);

@@ -147,7 +147,6 @@ struct StepOptions {
   int64_t r = 16;
   double lora_dropout = 0.0;  // the recipe's 0.1 measures what the adapters' dropout costs
   std::string lora_dropout_masks = "counters";  // fused.h's set_counter_dropout: counters | aten
-  std::string lora_dropout_dx = "kernel";        // fused.h's set_dropout_dx_kernel: kernel | two-pass
   std::string base = "nf4";  // nf4 (QLoRA) | bf16 (LoRA on a bf16 base): the difference is the 4-bit cost
   int64_t seq = 2048;
   int64_t batch = 1;
@@ -268,7 +267,6 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::set_fold_adapters(so.fold == "on");
   model::set_lora_grad_kernel(so.lora_grad == "kernel");
   model::set_counter_dropout(so.lora_dropout_masks == "counters");
-  model::set_dropout_dx_kernel(so.lora_dropout_dx == "kernel");
   model::set_dequant_ahead_depth(so.ahead_depth);
   model::set_keep_attention(so.keep_attention == "on");
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
@@ -498,7 +496,6 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"r", so.r},
                       {"lora_dropout", so.lora_dropout},
                       {"lora_dropout_masks", so.lora_dropout_masks},
-                      {"lora_dropout_dx", so.lora_dropout_dx},
                       {"seq", so.seq},
                       {"batch", so.batch},
                       {"segments", so.segments},
@@ -533,10 +530,10 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
-             "lora-dropout={} ({}, dx {}) checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) "
+             "lora-dropout={} ({}) checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) "
              "lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
-             so.lora_dropout, so.lora_dropout_masks, so.lora_dropout_dx,
+             so.lora_dropout, so.lora_dropout_masks,
              to_string(so.checkpointing), model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead,
              so.ahead_depth, so.lora_grad, so.keep_attention, kept_per_step, so.pipeline, so.cuda_graph,
              ctx.device.str());
@@ -698,11 +695,6 @@ Runner add_bench(CLI::App& app) {
                   "LoRA dropout's masks on CUDA: counters (drawn again in the backward, a group's members in one "
                   "pass) | aten (ATen's dropout, a mask kept per adapter)")
       ->check(CLI::IsMember({"counters", "aten"}))
-      ->capture_default_str();
-  cmd->add_option("--lora-dropout-dx", so->lora_dropout_dx,
-                  "With counters, the backward's input gradient of the dropped adapters: kernel (one pass) | "
-                  "two-pass (cuBLAS products, then a masked sum)")
-      ->check(CLI::IsMember({"kernel", "two-pass"}))
       ->capture_default_str();
   cmd->add_option("--base", so->base, "Frozen base: nf4 (QLoRA) or bf16 (LoRA)")
       ->check(CLI::IsMember({"nf4", "bf16"}))

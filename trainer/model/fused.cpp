@@ -33,7 +33,6 @@ std::atomic<FusedMode> g_mode{FusedMode::Auto};
 std::atomic<bool> g_fold{true};
 std::atomic<bool> g_lora_grad_kernel{true};
 std::atomic<bool> g_counter_dropout{true};
-std::atomic<bool> g_dropout_dx_kernel{true};
 thread_local bool t_keep_weights = false;  // KeepDequantizedWeights
 
 using torch::autograd::AutogradContext;
@@ -557,14 +556,9 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
     need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
   }
   const int64_t n = x2.size(0), k = static_cast<int64_t>(p.size());
-  // dx in one pass over its elements where the kernel takes the ranks (16 to 64) and dtype.
-  std::vector<kernels::DropoutDxMember> dxm;
-  for (const auto& m : st.members)
-    if (m.lora >= 0) dxm.push_back({m.col, m.rank, m.dropout});
-  const bool one_pass = need_dx && g_dropout_dx_kernel.load() && kernels::lora_dropout_dx_supported(dxa, a_cat, dxm);
-  at::Tensor buf;  // the dropped copies, then (without the one-pass kernel) the dropped members' dxa_i A_i
+  at::Tensor buf;  // the dropped copies, then the dropped members' dxa_i A_i
   if (k > 0 && need_da) buf = kernels::lora_dropout_apply_cuda(x2, mask, p);
-  else if (k > 0 && need_dx && !one_pass) buf = at::empty({k, n, st.in}, x2.options());
+  else if (k > 0 && need_dx) buf = at::empty({k, n, st.in}, x2.options());
   int64_t d = 0;
   for (const auto& m : st.members) {
     if (m.lora < 0) continue;
@@ -572,7 +566,6 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
     if (ctx->needs_input_grad(1 + 2 * m.lora)) grads[1 + 2 * m.lora] = mm_float(dxa.narrow(1, m.col, m.rank).t(), h);
   }
   if (!need_dx) return {};
-  if (one_pass) return kernels::lora_dropout_dx_cuda(dxa, a_cat, mask, dxm);
   d = 0;
   for (const auto& m : st.members) {
     if (m.lora < 0 || m.dropout == 0.0) continue;
@@ -843,7 +836,6 @@ int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxe
 void set_fold_adapters(bool on) { g_fold.store(on); }
 bool fold_adapters() { return g_fold.load(); }
 void set_counter_dropout(bool on) { g_counter_dropout.store(on); }
-void set_dropout_dx_kernel(bool on) { g_dropout_dx_kernel.store(on); }
 void set_lora_grad_kernel(bool on) { g_lora_grad_kernel.store(on); }
 
 #ifdef QLORA_WITH_CUDA

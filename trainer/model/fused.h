@@ -96,10 +96,6 @@ void set_lora_grad_kernel(bool on);
 // dropped in one pass, nothing kept for the backward; default on) or runs ATen's dropout, a byte mask kept per
 // adapter (`qlora bench --lora-dropout-masks aten`, for A/B).
 void set_counter_dropout(bool on);
-// With them, whether the backward forms the adapters' input gradient in one pass (kernels/lora_dropout.cu's
-// dx kernel, where it takes the ranks; default on) or with cuBLAS products and a masked sum (`qlora bench
-// --lora-dropout-dx two-pass`, for A/B).
-void set_dropout_dx_kernel(bool on);
 
 // While one lives (on this thread), a group's forward keeps its dequantized weights for its backward instead
 // of dequantizing them again there. For a checkpointed layer's recomputation, whose backward follows at
