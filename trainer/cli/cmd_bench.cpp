@@ -692,8 +692,8 @@ Runner add_bench(CLI::App& app) {
   cmd->add_option("--lora-dropout", so->lora_dropout, "LoRA dropout on every adapter's input (the recipe's: 0.1)")
       ->capture_default_str();
   cmd->add_option("--lora-dropout-masks", so->lora_dropout_masks,
-                  "LoRA dropout's masks on CUDA: counters (drawn again in the backward, a group's members in one "
-                  "pass) | aten (ATen's dropout, a mask kept per adapter)")
+                  "LoRA dropout's masks on CUDA: counters (a group's members in one pass, 1 bit an element kept) | "
+                  "aten (ATen's dropout, a byte mask kept per adapter)")
       ->check(CLI::IsMember({"counters", "aten"}))
       ->capture_default_str();
   cmd->add_option("--base", so->base, "Frozen base: nf4 (QLoRA) or bf16 (LoRA)")

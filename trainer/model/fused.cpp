@@ -478,8 +478,8 @@ at::Tensor as_rows(const at::Tensor& x, int64_t in) {
 }
 
 // LoRA dropout by counters (kernels/lora_dropout.h): on CUDA, outside a graph capture (a draw's seed and
-// offset are read on the host; under capture ATen's dropout, which is graph-safe, runs instead). The masks are
-// drawn again in the backward instead of kept, and a group's members are dropped in one pass over x.
+// offset are read on the host; under capture ATen's dropout, which is graph-safe, runs instead). A group's
+// members are dropped in one pass over x, and the masks are kept as 1 bit an element for the backward.
 bool counter_dropout(const at::Tensor& x) {
 #ifdef QLORA_WITH_CUDA
   const auto dt = x.scalar_type();
@@ -527,19 +527,6 @@ bool can_fold(const GroupState& s, const at::Tensor& x2, int64_t spare) {
   return end * static_cast<int64_t>(x2.element_size()) <= static_cast<int64_t>(x2.storage().nbytes());
 }
 
-// The LoRA branches ride on the base GEMM instead of costing passes over the activations of their own.
-// With bd = the block-diagonal [s_0 B_0; s_1 B_1; ...] (block_diag_into) and a_cat = [A_0; A_1; ...]:
-//   forward   xa = x a_cat^T            one GEMM for the group (x read once), [n, ranks];
-//             folded (the producer of x left `spare` columns right of its rows, fused.h): xa is written
-//             there and the base GEMM runs on the extended K: y = [x | xa] [W | bd]^T, W dequantized into
-//             the first columns of a wider buffer whose last columns get bd, so the branches cost only the
-//             extra K columns;
-//             else y = xa bd^T, then y += x W^T (the base GEMM accumulating onto it, beta 1);
-//   backward  dxa = dy bd (one GEMM for the group), dB_i = s_i dy_i^T xa_i, dA = dxa^T x (one GEMM, x read
-//             once), dx = dxa a_cat, then dx += dy W (beta 1 again).
-// With dropout each adapted member reads its own masked copy of x: its x A_i^T, dA_i and input gradient
-// are then computed per member (the masks are drawn in the modules' order, so the same seed gives the same
-// step as the per-projection path).
 // The backward of the adapters' inputs under dropout by counters: the dropped copies of x made again from
 // the forward's keep bits (kernels/lora_dropout.cu), dA_i = dxa_i^T h_i from them, then, in the same buffer,
 // each dropped member's dxa_i A_i, summed through its mask by one pass into dx (a member without dropout adds
@@ -582,6 +569,19 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
 #endif
 }
 
+// The LoRA branches ride on the base GEMM instead of costing passes over the activations of their own.
+// With bd = the block-diagonal [s_0 B_0; s_1 B_1; ...] (block_diag_into) and a_cat = [A_0; A_1; ...]:
+//   forward   xa = x a_cat^T            one GEMM for the group (x read once), [n, ranks];
+//             folded (the producer of x left `spare` columns right of its rows, fused.h): xa is written
+//             there and the base GEMM runs on the extended K: y = [x | xa] [W | bd]^T, W dequantized into
+//             the first columns of a wider buffer whose last columns get bd, so the branches cost only the
+//             extra K columns;
+//             else y = xa bd^T, then y += x W^T (the base GEMM accumulating onto it, beta 1);
+//   backward  dxa = dy bd (one GEMM for the group), dB_i = s_i dy_i^T xa_i, dA = dxa^T x (one GEMM, x read
+//             once), dx = dxa a_cat, then dx += dy W (beta 1 again).
+// With dropout each adapted member reads its own masked copy of x: its x A_i^T, dA_i and input gradient
+// are then computed per member (the masks are drawn in the modules' order, so the same seed gives the same
+// step as the per-projection path).
 struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGroupFunction> {
   // x [..., in]; lora = A0, B0, A1, B1, ... for the adapted members in order (float32); spare: see fused.h.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList lora,

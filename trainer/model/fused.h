@@ -93,8 +93,8 @@ bool fold_adapters();
 void set_lora_grad_kernel(bool on);
 
 // Whether LoRA dropout on CUDA draws its masks from counters (kernels/lora_dropout.cu: a group's members
-// dropped in one pass, nothing kept for the backward; default on) or runs ATen's dropout, a byte mask kept per
-// adapter (`qlora bench --lora-dropout-masks aten`, for A/B).
+// dropped in one pass, 1 bit an element kept for the backward; default on) or runs ATen's dropout, a byte mask
+// kept per adapter (`qlora bench --lora-dropout-masks aten`, for A/B).
 void set_counter_dropout(bool on);
 
 // While one lives (on this thread), a group's forward keeps its dequantized weights for its backward instead
@@ -140,8 +140,8 @@ at::Tensor with_spare_columns(const at::Tensor& x, int64_t spare);
 
 // LoRA dropout on an adapter's input, training mode (the per-projection modules of trainer/lora): on CUDA
 // outside a graph capture its mask comes from counters, as the groups drop their members' inputs
-// (kernels/lora_dropout.h), and is drawn again in the backward instead of kept; the modules and the groups
-// then drop the same elements from the same generator state. Elsewhere ATen's dropout.
+// (kernels/lora_dropout.h), and is kept as 1 bit an element; the modules and the groups then drop the same
+// elements from the same generator state. Elsewhere ATen's dropout.
 at::Tensor lora_dropout(const at::Tensor& x, double p);
 
 // How many group forwards ran folded since the process started (tests check the path is taken).
