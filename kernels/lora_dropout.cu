@@ -70,36 +70,25 @@ __device__ __forceinline__ void for_blocks(int64_t n, int64_t blocks, int64_t co
   }
 }
 
-template <typename T, bool VEC>
+// Each member's copy of x; DRAW: the keep bits drawn and written to mask (the forward), else read from it.
+template <typename T, bool VEC, bool DRAW>
 static __global__ void __launch_bounds__(kThreads)
-    dropout_fwd_kernel(const T* __restrict__ x, int64_t ldx, int64_t n, int64_t cols, Members mb,
-                       T* __restrict__ out, uint8_t* __restrict__ mask) {
+    dropout_copies_kernel(const T* __restrict__ x, int64_t ldx, int64_t n, int64_t cols, Members mb,
+                          uint8_t* __restrict__ mask, T* __restrict__ out) {
   const int64_t blocks = ceil_div(cols, kCols);
   for_blocks(n, blocks, cols, [&](int64_t row, int64_t b, int64_t c, int64_t valid) {
     Cols<T, VEC> xv;
     xv.load(x + row * ldx + c, valid);
     for (int m = 0; m < mb.count; ++m) {
-      const uint32_t keep = dropout_keep_bits(mb.seed[m], mb.offset[m], static_cast<uint64_t>(row),
-                                              static_cast<uint64_t>(b), mb.threshold[m]);
-      Cols<T, VEC> h;
-#pragma unroll
-      for (int e = 0; e < kCols; ++e) h.v[e] = (keep >> e) & 1u ? xv.v[e] * mb.scale[m] : 0.0f;
-      h.store(out + (m * n + row) * cols + c, valid);
-      mask[(m * n + row) * blocks + b] = static_cast<uint8_t>(keep);
-    }
-  });
-}
-
-template <typename T, bool VEC>
-static __global__ void __launch_bounds__(kThreads)
-    dropout_apply_kernel(const T* __restrict__ x, int64_t ldx, int64_t n, int64_t cols, Members mb,
-                         const uint8_t* __restrict__ mask, T* __restrict__ out) {
-  const int64_t blocks = ceil_div(cols, kCols);
-  for_blocks(n, blocks, cols, [&](int64_t row, int64_t b, int64_t c, int64_t valid) {
-    Cols<T, VEC> xv;
-    xv.load(x + row * ldx + c, valid);
-    for (int m = 0; m < mb.count; ++m) {
-      const uint32_t keep = mask[(m * n + row) * blocks + b];
+      uint8_t* bits = mask + (m * n + row) * blocks + b;
+      uint32_t keep;
+      if constexpr (DRAW) {
+        keep = dropout_keep_bits(mb.seed[m], mb.offset[m], static_cast<uint64_t>(row), static_cast<uint64_t>(b),
+                                 mb.threshold[m]);
+        *bits = static_cast<uint8_t>(keep);
+      } else {
+        keep = *bits;
+      }
       Cols<T, VEC> h;
 #pragma unroll
       for (int e = 0; e < kCols; ++e) h.v[e] = (keep >> e) & 1u ? xv.v[e] * mb.scale[m] : 0.0f;
@@ -181,23 +170,33 @@ void check_mask(const at::Tensor& mask, int count, int64_t n, int64_t cols, cons
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> lora_dropout_fwd_cuda(const at::Tensor& x, const std::vector<DropoutDraw>& draws) {
-  check_x(x, "lora_dropout_fwd");
-  const Members mb = make_members(draws, "lora_dropout_fwd");
+namespace {
+
+// The members' copies of x into a new [M, n, in] tensor: drawing the keep bits into mask, or reading them.
+at::Tensor copies(const at::Tensor& x, const Members& mb, const at::Tensor& mask, bool draw, const char* op) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), cols = x.size(1), ldx = n > 1 ? x.stride(0) : cols;
   at::Tensor out = at::empty({mb.count, n, cols}, x.options());
-  at::Tensor mask = at::empty({mb.count, n, ceil_div(cols, kCols)}, x.options().dtype(at::kByte));
-  if (n == 0 || cols == 0) return {out, mask};
+  if (n == 0 || cols == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch(x, cols, {ldx}, {x.const_data_ptr(), out.data_ptr()}, "lora_dropout_fwd", [&](auto* tag, auto vec) {
+  dispatch(x, cols, {ldx}, {x.const_data_ptr(), out.data_ptr()}, op, [&](auto* tag, auto vec) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dropout_fwd_kernel<T, decltype(vec)::value><<<grid_for(n, cols), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(x.const_data_ptr()), ldx, n, cols, mb, reinterpret_cast<T*>(out.data_ptr()),
-        mask.data_ptr<uint8_t>());
+    constexpr bool V = decltype(vec)::value;
+    const auto kernel = draw ? dropout_copies_kernel<T, V, true> : dropout_copies_kernel<T, V, false>;
+    kernel<<<grid_for(n, cols), kThreads, 0, stream>>>(reinterpret_cast<const T*>(x.const_data_ptr()), ldx, n, cols, mb,
+                                                       mask.data_ptr<uint8_t>(), reinterpret_cast<T*>(out.data_ptr()));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, mask};
+  return out;
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> lora_dropout_fwd_cuda(const at::Tensor& x, const std::vector<DropoutDraw>& draws) {
+  check_x(x, "lora_dropout_fwd");
+  const Members mb = make_members(draws, "lora_dropout_fwd");
+  at::Tensor mask = at::empty({mb.count, x.size(0), ceil_div(x.size(1), kCols)}, x.options().dtype(at::kByte));
+  return {copies(x, mb, mask, /*draw=*/true, "lora_dropout_fwd"), mask};
 }
 
 at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& mask, const std::vector<double>& p) {
@@ -205,20 +204,8 @@ at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& mask, 
   std::vector<DropoutDraw> draws;
   for (double q : p) draws.push_back({q, 0, 0});
   const Members mb = make_members(draws, "lora_dropout_apply");
-  const int64_t n = x.size(0), cols = x.size(1), ldx = n > 1 ? x.stride(0) : cols;
-  check_mask(mask, mb.count, n, cols, x, "lora_dropout_apply");
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({mb.count, n, cols}, x.options());
-  if (n == 0 || cols == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch(x, cols, {ldx}, {x.const_data_ptr(), out.data_ptr()}, "lora_dropout_apply", [&](auto* tag, auto vec) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    dropout_apply_kernel<T, decltype(vec)::value><<<grid_for(n, cols), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(x.const_data_ptr()), ldx, n, cols, mb, mask.const_data_ptr<uint8_t>(),
-        reinterpret_cast<T*>(out.data_ptr()));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  check_mask(mask, mb.count, x.size(0), x.size(1), x, "lora_dropout_apply");
+  return copies(x, mb, mask, /*draw=*/false, "lora_dropout_apply");
 }
 
 at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const at::Tensor& mask, const std::vector<double>& p) {
