@@ -80,8 +80,8 @@ def main():
     if a.checkpointing == "on":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.lora_dropout, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.lora_dropout,
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # float32 adapters, as PEFT keeps them under autocast training
         p.data = p.data.float()
