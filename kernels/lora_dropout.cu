@@ -4,6 +4,7 @@
 //   forward   x [n, in] (rows contiguous, any row stride: x may be a producer's wider buffer) is read once;
 //             each member m gets its dropped copy h_m = keep_m * x / (1 - p_m) in out[m] ([M, n, in]) and
 //             its keep bits in mask[m] ([M, n, ceil(in / 8)] bytes, bit e of byte c: column 8 c + e);
+//   draw      the forward's keep bits alone (for kernels/lora_dropout_mm.cu's products, which need no copies);
 //   apply     the copies again from x and the mask (the backward's dA = dxa^T h), no draws;
 //   backward  g [M, n, in] (each member's gradient of h_m) -> dx = sum_m keep_m * g_m / (1 - p_m), the terms
 //             scaled and summed in float32 and rounded once.
@@ -94,6 +95,17 @@ static __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < kCols; ++e) h.v[e] = (keep >> e) & 1u ? xv.v[e] * mb.scale[m] : 0.0f;
       h.store(out + (m * n + row) * cols + c, valid);
     }
+  });
+}
+
+// The keep bits alone (the forward of kernels/lora_dropout_mm.cu's products): x is not read.
+static __global__ void __launch_bounds__(kThreads)
+    dropout_bits_kernel(int64_t n, int64_t cols, Members mb, uint8_t* __restrict__ mask) {
+  const int64_t blocks = ceil_div(cols, kCols);
+  for_blocks(n, blocks, cols, [&](int64_t row, int64_t b, int64_t, int64_t) {
+    for (int m = 0; m < mb.count; ++m)
+      mask[(m * n + row) * blocks + b] = static_cast<uint8_t>(dropout_keep_bits(
+          mb.seed[m], mb.offset[m], static_cast<uint64_t>(row), static_cast<uint64_t>(b), mb.threshold[m]));
   });
 }
 
@@ -197,6 +209,19 @@ std::pair<at::Tensor, at::Tensor> lora_dropout_fwd_cuda(const at::Tensor& x, con
   const Members mb = make_members(draws, "lora_dropout_fwd");
   at::Tensor mask = at::empty({mb.count, x.size(0), ceil_div(x.size(1), kCols)}, x.options().dtype(at::kByte));
   return {copies(x, mb, mask, /*draw=*/true, "lora_dropout_fwd"), mask};
+}
+
+at::Tensor lora_dropout_draw_cuda(const at::Tensor& x, const std::vector<DropoutDraw>& draws) {
+  check_x(x, "lora_dropout_draw");
+  const Members mb = make_members(draws, "lora_dropout_draw");
+  const int64_t n = x.size(0), cols = x.size(1);
+  at::Tensor mask = at::empty({mb.count, n, ceil_div(cols, kCols)}, x.options().dtype(at::kByte));
+  if (n == 0 || cols == 0) return mask;
+  const c10::cuda::CUDAGuard guard(x.device());
+  dropout_bits_kernel<<<grid_for(n, cols), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      n, cols, mb, mask.data_ptr<uint8_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return mask;
 }
 
 at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& mask, const std::vector<double>& p) {

@@ -97,8 +97,30 @@ struct DropoutDraw {
   uint64_t seed = 0, offset = 0;
 };
 std::pair<at::Tensor, at::Tensor> lora_dropout_fwd_cuda(const at::Tensor& x, const std::vector<DropoutDraw>& draws);
+// The forward's keep bits alone (the same mask as lora_dropout_fwd_cuda's), for the products below.
+at::Tensor lora_dropout_draw_cuda(const at::Tensor& x, const std::vector<DropoutDraw>& draws);
 at::Tensor lora_dropout_apply_cuda(const at::Tensor& x, const at::Tensor& mask, const std::vector<double>& p);
 at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const at::Tensor& mask, const std::vector<double>& p);
+
+// The adapters' products with the dropped copies of x without the copies (kernels/lora_dropout_mm.cu): the
+// keep bits (mask [M, n, in / 8] as above, row block m for member m) applied to x's tiles as they load.
+//   xa: out[:, col_m, col_m + R) = T((keep_m * x) A_m^T / (1 - p_m)), member m's A [R, in] (rows of one
+//       tensor a common stride apart, as a group's concatenated A);
+//   dA: returns float32 [R, in] per member = dxa[:, col_m, col_m + R)^T (keep_m * x) / (1 - p_m).
+// Products and sums in float32, one rounding; deterministic. lora_dropout_mm_supported says whether x fits:
+// bf16 / fp16 with 16-byte aligned contiguous rows, in % 64 == 0, 1 to kMaxDropoutMm members of one rank 8,
+// 16, 32 or 64 (dA also needs dxa's rows 16-byte aligned and col_m % 8 == 0).
+constexpr int kMaxDropoutMm = 3;
+struct DropoutMmMember {
+  at::Tensor a;  // xa only
+  int64_t col = 0;
+  double p = 0.0;
+};
+bool lora_dropout_mm_supported(const at::Tensor& x, int64_t members, int64_t rank);
+void lora_dropout_xa_cuda(const at::Tensor& x, const at::Tensor& mask, const std::vector<DropoutMmMember>& members,
+                          const at::Tensor& out);
+std::vector<at::Tensor> lora_dropout_da_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& dxa,
+                                             const std::vector<DropoutMmMember>& members, int64_t rank);
 
 // Token cross-entropy and its gradient in one pass (kernels/cross_entropy.cu): logits [rows, V]
 // contiguous (bf16 / fp16 / fp32), targets int64 [rows] in [0, V) -> float32 [rows] of lse - logit[target]

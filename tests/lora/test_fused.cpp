@@ -54,7 +54,7 @@ const std::vector<std::string> kAllProjections{"q_proj", "k_proj", "v_proj", "o_
 // The tiny QLoRA model (same seed, same weights and adapters), with every lora_B drawn non-zero: PEFT
 // starts B at zero, which would leave the branches (and their gradients into A) out of every check.
 model::LlamaForCausalLM make_model(at::Device dev, at::ScalarType dt, double dropout,
-                                   std::vector<std::string> targets = kAllProjections) {
+                                   std::vector<std::string> targets = kAllProjections, int64_t r = 4) {
   model::LoadOptions lo;
   lo.device = dev;
   lo.dtype = dt;
@@ -62,7 +62,7 @@ model::LlamaForCausalLM make_model(at::Device dev, at::ScalarType dt, double dro
   lo.double_quant = true;
   auto m = model::init_llama(tiny_arch(), lo, /*seed=*/77);
   LoraConfig lc;
-  lc.r = 4, lc.alpha = 8.0, lc.dropout = dropout;
+  lc.r = r, lc.alpha = 2.0 * static_cast<double>(r), lc.dropout = dropout;
   lc.target_modules = std::move(targets);
   lora::apply_lora(*m, lc, /*seed=*/5);
   at::NoGradGuard ng;
@@ -73,10 +73,11 @@ model::LlamaForCausalLM make_model(at::Device dev, at::ScalarType dt, double dro
 
 // One forward + backward of a fresh copy of the same model.
 StepResult run_model(at::Device dev, at::ScalarType dt, model::FusedMode mode, Checkpointing checkpointing, double dropout,
-                     bool train, uint64_t rng_seed, std::vector<std::string> targets = kAllProjections) {
+                     bool train, uint64_t rng_seed, std::vector<std::string> targets = kAllProjections,
+                     int64_t rank = 4) {
   ModeGuard guard(mode);
   auto arch = tiny_arch();
-  auto m = make_model(dev, dt, dropout, std::move(targets));
+  auto m = make_model(dev, dt, dropout, std::move(targets), rank);
   m->set_gradient_checkpointing(checkpointing);
   if (train) m->train();
   else m->eval();
@@ -319,6 +320,34 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
   StepResult ref = run_model(gpu, at::kFloat, model::FusedMode::Off, Off, 0.0, true, 1);
   StepResult got = run_model(gpu, at::kFloat, model::FusedMode::On, Off, 0.0, true, 1);
   expect_close(got, ref, kF32Tol, "gpu f32");
+}
+
+// LoRA dropout's masked products (kernels/lora_dropout_mm.cu, ranks 8 to 64; the test above's rank 4 takes the
+// copies) in the fused path: against the per-projection modules, whose copies cuBLAS multiplies, and against the
+// fused path with copies, at rank 8 with checkpointing off, selective and full. The masks are the same each way
+// (counters), so only rounding differs: the copies round x / (1 - p) to bf16 before their GEMM.
+TEST(FusedPath, DropoutMaskedProductsMatchTheCopiesOnGpu) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device gpu(at::kCUDA, 0);
+  for (Checkpointing ckpt : kCheckpointing) {
+    const std::string what = "gpu bf16 r 8, dropout" + label(ckpt);
+    StepResult modules = run_model(gpu, at::kBFloat16, model::FusedMode::Off, ckpt, 0.1, true, 21, kAllProjections, 8);
+    struct Restore {
+      ~Restore() { model::set_dropout_mm_kernels(true); }
+    } restore;
+    model::set_dropout_mm_kernels(false);
+    const int64_t before = model::dropout_mm_calls();
+    StepResult copies = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
+    EXPECT_EQ(model::dropout_mm_calls(), before);
+    model::set_dropout_mm_kernels(true);
+    StepResult got = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
+    // Without recomputation: x A^T and dA for each layer's four groups (q|k|v, o, gate|up, down), 2 layers.
+    const int64_t calls = model::dropout_mm_calls() - before;
+    if (ckpt == Off) EXPECT_EQ(calls, 16) << what;
+    else EXPECT_GT(calls, 16) << what;
+    expect_close(got, modules, 2e-2, (what + ", against the modules").c_str());
+    expect_close(got, copies, 2e-2, (what + ", against the fused path's copies").c_str());
+  }
 }
 
 // Dequantization ahead on a second stream (fused.h's DequantAhead, two groups) changes no bit: three steps of

@@ -373,6 +373,99 @@ TEST(LoraDropoutKernel, MasksLookIndependent) {
   EXPECT_FLOAT_EQ(h0.max().item<float>(), static_cast<float>(at::tensor(1.0f / 0.9f).to(at::kBFloat16).item<float>()));
 }
 
+// The masked products (kernels/lora_dropout_mm.cu) against float64 products of the definition's copies: every
+// member's x A^T (rounded to x's dtype: within half an ulp of it, plus 1e-6 of the sum of the terms'
+// magnitudes for the float32 sums) and dA (float32: 3e-5 of that sum), members at offset columns of wider
+// tensors, x's rows strided, row counts and widths off the tiles' sizes; then probes that pin each element:
+// one-hot rows of A (xa = the copy's element, bit for bit) and one-hot columns of dxa (dA = x / (1 - p) in
+// float32 where kept). The draw-only kernel's bits equal the forward's.
+TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  struct Case {
+    int64_t n, in, pitch, r, members;
+  };
+  for (auto dt : {at::kBFloat16, at::kHalf}) {
+    const double ulp = dt == at::kBFloat16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+    for (const Case& c : {Case{300, 192, 200, 16, 3}, Case{37, 64, 64, 8, 1}, Case{129, 320, 336, 64, 2},
+                          Case{200, 4096, 4096, 32, 3}, Case{70, 128, 128, 64, 3}}) {
+      SCOPED_TRACE(std::string(c10::toString(dt)) + " n " + std::to_string(c.n) + " in " + std::to_string(c.in) +
+                   " r " + std::to_string(c.r) + " members " + std::to_string(c.members));
+      const at::Tensor wide = at::randn({c.n, c.pitch}, gen, at::kFloat).to(dt);
+      const at::Tensor x = wide.to(dev).narrow(1, 0, c.in);
+      ASSERT_TRUE(kernels::lora_dropout_mm_supported(x, c.members, c.r));
+      std::vector<kernels::DropoutDraw> draws;
+      std::vector<double> p;
+      for (int64_t m = 0; m < c.members; ++m) {
+        draws.push_back({0.1 + 0.15 * static_cast<double>(m), 77 + static_cast<uint64_t>(m), 4 * static_cast<uint64_t>(m)});
+        p.push_back(draws.back().p);
+      }
+      const at::Tensor mask = kernels::lora_dropout_draw_cuda(x, draws);
+      const auto [h_dev, mask_fwd] = kernels::lora_dropout_fwd_cuda(x, draws);
+      EXPECT_TRUE(at::equal(mask, mask_fwd));
+      const at::Tensor h = h_dev.cpu();
+      // The members' columns start after 8 of a member without dropout; out has 16 columns more than used.
+      const int64_t ranks = 8 + c.members * c.r;
+      const at::Tensor a_cat = (at::randn({ranks, c.in}, gen, at::kFloat) / std::sqrt(c.in)).to(dt);
+      const at::Tensor dxa = at::randn({c.n, ranks}, gen, at::kFloat).to(dt);
+      auto run = [&](const at::Tensor& a, const at::Tensor& d) {
+        std::vector<kernels::DropoutMmMember> mm;
+        for (int64_t m = 0; m < c.members; ++m) mm.push_back({a.to(dev).narrow(0, 8 + m * c.r, c.r), 8 + m * c.r, p[m]});
+        const at::Tensor out = at::zeros({c.n, ranks + 16}, x.options());
+        kernels::lora_dropout_xa_cuda(x, mask, mm, out.narrow(1, 0, ranks));
+        return std::pair{out.cpu(), kernels::lora_dropout_da_cuda(x, mask, d.to(dev), mm, c.r)};
+      };
+      const auto [out, da] = run(a_cat, dxa);
+      EXPECT_TRUE(at::equal(out.narrow(1, 0, 8), at::zeros({c.n, 8}, out.options())));
+      EXPECT_TRUE(at::equal(out.narrow(1, ranks, 16), at::zeros({c.n, 16}, out.options())));
+      for (int64_t m = 0; m < c.members; ++m) {
+        const double scale = 1.0 / (1.0 - p[m]);
+        const at::Tensor keep = unpack_bits(mask[m], c.in);
+        const at::Tensor xk = at::where(keep, wide.narrow(1, 0, c.in).to(at::kDouble), at::zeros({}, at::kDouble));
+        const at::Tensor am = a_cat.narrow(0, 8 + m * c.r, c.r).to(at::kDouble);
+        const at::Tensor dm = dxa.narrow(1, 8 + m * c.r, c.r).to(at::kDouble);
+        const at::Tensor ref = at::mm(xk, am.t()) * scale, cond = at::mm(xk.abs(), am.abs().t()) * scale;
+        const at::Tensor got = out.narrow(1, 8 + m * c.r, c.r).to(at::kDouble);
+        EXPECT_TRUE(((got - ref).abs() <= ulp * ref.abs() + 1e-6 * cond + 1e-30).all().item<bool>())
+            << "xa, member " << m << ": worst " << ((got - ref).abs() / (ref.abs() + cond)).max().item<double>();
+        const at::Tensor dref = at::mm(dm.t(), xk) * scale, dcond = at::mm(dm.abs().t(), xk.abs()) * scale;
+        ASSERT_EQ(da[m].sizes(), (std::vector<int64_t>{c.r, c.in}));
+        EXPECT_TRUE(((da[m].cpu().to(at::kDouble) - dref).abs() <= 3e-5 * dcond + 1e-30).all().item<bool>())
+            << "dA, member " << m;
+      }
+      // Probes: A's row j of member m one-hot at column (7 j + 3 m + 5) % in, dxa's column j one-hot at row
+      // (11 j + 5 m + 1) % n.
+      at::Tensor a1 = at::zeros({ranks, c.in}, at::kFloat), d1 = at::zeros({c.n, ranks}, at::kFloat);
+      for (int64_t m = 0; m < c.members; ++m) {
+        for (int64_t j = 0; j < c.r; ++j) {
+          a1[8 + m * c.r + j][(7 * j + 3 * m + 5) % c.in] = 1.0f;
+          d1[(11 * j + 5 * m + 1) % c.n][8 + m * c.r + j] = 1.0f;
+        }
+      }
+      const auto [out1, da1] = run(a1.to(dt), d1.to(dt));
+      for (int64_t m = 0; m < c.members; ++m) {
+        const float scale = static_cast<float>(1.0 / (1.0 - p[m]));
+        const at::Tensor keep = unpack_bits(mask[m], c.in);
+        const at::Tensor xs = at::where(keep, wide.narrow(1, 0, c.in).to(at::kFloat) * scale, at::zeros({}, at::kFloat));
+        const at::Tensor dam = da1[m].cpu();
+        for (int64_t j = 0; j < c.r; ++j) {
+          const int64_t col = (7 * j + 3 * m + 5) % c.in, row = (11 * j + 5 * m + 1) % c.n;
+          EXPECT_TRUE(test::same_bits(out1.select(1, 8 + m * c.r + j), h[m].select(1, col))) << "xa probe " << m << "," << j;
+          EXPECT_TRUE(test::same_bits(dam[j], xs[row])) << "dA probe " << m << "," << j;
+        }
+      }
+    }
+  }
+  // What the kernels refuse: a width off 64, ranks off 8 / 16 / 32 / 64, too many members, float32.
+  const at::Tensor x = at::randn({16, 96}, at::TensorOptions(dev).dtype(at::kBFloat16));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x, 1, 16));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64), 1, 12));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64), kernels::kMaxDropoutMm + 1, 16));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64).to(at::kFloat), 1, 16));
+  EXPECT_TRUE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64), 1, 16));
+}
+
 TEST(LoraDropoutKernel, ModuleOpReplaysFromTheGenerator) {
   QLORA_SKIP_WITHOUT_CUDA();
   const at::Device dev(at::kCUDA, 0);

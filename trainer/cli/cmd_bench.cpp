@@ -147,6 +147,7 @@ struct StepOptions {
   int64_t r = 16;
   double lora_dropout = 0.0;  // the recipe's 0.1 measures what the adapters' dropout costs
   std::string lora_dropout_masks = "counters";  // fused.h's set_counter_dropout: counters | aten
+  std::string lora_dropout_mm = "kernels";       // fused.h's set_dropout_mm_kernels: kernels | copies
   std::string base = "nf4";  // nf4 (QLoRA) | bf16 (LoRA on a bf16 base): the difference is the 4-bit cost
   int64_t seq = 2048;
   int64_t batch = 1;
@@ -267,6 +268,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::set_fold_adapters(so.fold == "on");
   model::set_lora_grad_kernel(so.lora_grad == "kernel");
   model::set_counter_dropout(so.lora_dropout_masks == "counters");
+  model::set_dropout_mm_kernels(so.lora_dropout_mm == "kernels");
   model::set_dequant_ahead_depth(so.ahead_depth);
   model::set_keep_attention(so.keep_attention == "on");
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
@@ -496,6 +498,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"r", so.r},
                       {"lora_dropout", so.lora_dropout},
                       {"lora_dropout_masks", so.lora_dropout_masks},
+                      {"lora_dropout_mm", so.lora_dropout_mm},
                       {"seq", so.seq},
                       {"batch", so.batch},
                       {"segments", so.segments},
@@ -530,10 +533,10 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
-             "lora-dropout={} ({}) checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) "
+             "lora-dropout={} ({}, {}) checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) "
              "lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
-             so.lora_dropout, so.lora_dropout_masks,
+             so.lora_dropout, so.lora_dropout_masks, so.lora_dropout_mm,
              to_string(so.checkpointing), model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead,
              so.ahead_depth, so.lora_grad, so.keep_attention, kept_per_step, so.pipeline, so.cuda_graph,
              ctx.device.str());
@@ -695,6 +698,11 @@ Runner add_bench(CLI::App& app) {
                   "LoRA dropout's masks on CUDA: counters (a group's members in one pass, 1 bit an element kept) | "
                   "aten (ATen's dropout, a byte mask kept per adapter)")
       ->check(CLI::IsMember({"counters", "aten"}))
+      ->capture_default_str();
+  cmd->add_option("--lora-dropout-mm", so->lora_dropout_mm,
+                  "With counters: x A^T and dA by kernels that mask x as it loads (kernels) | from dropped copies of "
+                  "x (copies)")
+      ->check(CLI::IsMember({"kernels", "copies"}))
       ->capture_default_str();
   cmd->add_option("--base", so->base, "Frozen base: nf4 (QLoRA) or bf16 (LoRA)")
       ->check(CLI::IsMember({"nf4", "bf16"}))

@@ -33,6 +33,7 @@ std::atomic<FusedMode> g_mode{FusedMode::Auto};
 std::atomic<bool> g_fold{true};
 std::atomic<bool> g_lora_grad_kernel{true};
 std::atomic<bool> g_counter_dropout{true};
+std::atomic<bool> g_dropout_mm{true};
 thread_local bool t_keep_weights = false;  // KeepDequantizedWeights
 
 using torch::autograd::AutogradContext;
@@ -59,6 +60,7 @@ struct GroupState : torch::CustomClassHolder {
 int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 
 std::atomic<int64_t> g_folded{0};
+std::atomic<int64_t> g_dropout_mm_calls{0};
 
 using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
@@ -492,6 +494,23 @@ bool counter_dropout(const at::Tensor& x) {
 }
 
 #ifdef QLORA_WITH_CUDA
+// Whether a group's dropped members (k of them, each of rank `rank`) take their x A^T and dA from the kernels
+// that mask x as it loads (kernels/lora_dropout_mm.cu) instead of from dropped copies of x.
+bool dropout_mm(const at::Tensor& x2, int64_t k, int64_t rank) {
+  return g_dropout_mm.load() && rank > 0 && kernels::lora_dropout_mm_supported(x2, k, rank);
+}
+
+// The one rank of a group's dropped members, or 0 when they differ (or none is dropped).
+int64_t dropped_rank(const GroupState& st) {
+  int64_t r = -1;
+  for (const auto& m : st.members) {
+    if (m.lora < 0 || m.dropout == 0.0) continue;
+    if (r >= 0 && r != m.rank) return 0;
+    r = m.rank;
+  }
+  return std::max<int64_t>(r, 0);
+}
+
 // One draw of x's device's default generator, advanced as ATen's dropout advances it (so checkpointing's
 // saved generator state replays it in a recomputation).
 kernels::DropoutDraw draw_dropout(const at::Tensor& x, double p) {
@@ -527,8 +546,9 @@ bool can_fold(const GroupState& s, const at::Tensor& x2, int64_t spare) {
   return end * static_cast<int64_t>(x2.element_size()) <= static_cast<int64_t>(x2.storage().nbytes());
 }
 
-// The backward of the adapters' inputs under dropout by counters: the dropped copies of x made again from
-// the forward's keep bits (kernels/lora_dropout.cu), dA_i = dxa_i^T h_i from them, then, in the same buffer,
+// The backward of the adapters' inputs under dropout by counters: dA_i = dxa_i^T h_i with x masked by the
+// forward's keep bits as it loads (kernels/lora_dropout_mm.cu; else from the dropped copies of x made again from
+// the bits, kernels/lora_dropout.cu), then, in a buffer of the copies' size,
 // each dropped member's dxa_i A_i, summed through its mask by one pass into dx (a member without dropout adds
 // dxa_i A_i as is). Returns dx (undefined unless need_dx); the A's gradients go into grads.
 at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, const at::Tensor& x2,
@@ -542,15 +562,28 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
     if (m.dropout > 0.0) p.push_back(m.dropout);
     need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
   }
-  const int64_t n = x2.size(0), k = static_cast<int64_t>(p.size());
-  at::Tensor buf;  // the dropped copies, then the dropped members' dxa_i A_i
-  if (k > 0 && need_da) buf = kernels::lora_dropout_apply_cuda(x2, mask, p);
+  const int64_t n = x2.size(0), k = static_cast<int64_t>(p.size()), rank = dropped_rank(st);
+  // The dropped members' dA from x and the bits in one pass (no copies), where the kernel takes the shapes.
+  std::vector<at::Tensor> da;
+  if (k > 0 && need_da && dxa.stride(1) == 1 && dxa.stride(0) % 8 == 0 &&
+      reinterpret_cast<uintptr_t>(dxa.const_data_ptr()) % 16 == 0 && dropout_mm(x2, k, rank)) {
+    std::vector<kernels::DropoutMmMember> mm;
+    for (const auto& m : st.members)
+      if (m.lora >= 0 && m.dropout > 0.0) mm.push_back({at::Tensor(), m.col, m.dropout});
+    da = kernels::lora_dropout_da_cuda(x2, mask, dxa, mm, rank);
+    g_dropout_mm_calls.fetch_add(1, std::memory_order_relaxed);
+  }
+  at::Tensor buf;  // the dropped copies (for dA without the kernel), then the dropped members' dxa_i A_i
+  if (k > 0 && need_da && da.empty()) buf = kernels::lora_dropout_apply_cuda(x2, mask, p);
   else if (k > 0 && need_dx) buf = at::empty({k, n, st.in}, x2.options());
   int64_t d = 0;
   for (const auto& m : st.members) {
     if (m.lora < 0) continue;
-    const at::Tensor h = m.dropout > 0.0 ? buf[d++] : x2;
-    if (ctx->needs_input_grad(1 + 2 * m.lora)) grads[1 + 2 * m.lora] = mm_float(dxa.narrow(1, m.col, m.rank).t(), h);
+    const int64_t i = m.dropout > 0.0 ? d++ : -1;
+    if (!ctx->needs_input_grad(1 + 2 * m.lora)) continue;
+    grads[1 + 2 * m.lora] = i < 0 ? mm_float(dxa.narrow(1, m.col, m.rank).t(), x2)
+                            : !da.empty() ? da[i]
+                                          : mm_float(dxa.narrow(1, m.col, m.rank).t(), buf[i]);
   }
   if (!need_dx) return {};
   d = 0;
@@ -617,6 +650,35 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     // x A^T before the weights are asked for: it needs none of them, so it runs while the dequantization done
     // ahead finishes (the request makes the step's stream wait for that work; ~25 us a group before).
     if (!st->any_dropout) at::mm_out(xa, x2, a_cat.t());
+    // Dropout by counters (CUDA): the dropped members' keep bits [dropped, n, in / 8], kept for the backward
+    // (saved last), and their x A^T from x and the bits (kernels/lora_dropout_mm.cu), before the weights too;
+    // where that kernel does not take the shapes, every dropped member's copy of x in one pass, [dropped, n,
+    // in], multiplied below. Else ATen's dropout, a byte mask kept per member; its masks are drawn on
+    // contiguous rows: it assigns its random numbers by layout, and the same seed must give the same masks
+    // whether or not x's producer left spare columns (the modules' masks, and a recomputation's, where
+    // down_proj's input has none).
+    const bool counters = st->any_dropout && counter_dropout(x2);
+    at::Tensor dropped, keep_bits, xc;
+    bool masked_mm = false;  // the dropped members' x A^T made here
+#ifdef QLORA_WITH_CUDA
+    if (counters) {
+      std::vector<kernels::DropoutDraw> draws;  // in the modules' order, as they would draw them
+      for (const auto& m : st->members)
+        if (m.lora >= 0 && m.dropout > 0.0) draws.push_back(draw_dropout(x2, m.dropout));
+      masked_mm = !draws.empty() && dropout_mm(x2, static_cast<int64_t>(draws.size()), dropped_rank(*st));
+      if (masked_mm) {
+        keep_bits = kernels::lora_dropout_draw_cuda(x2, draws);
+        std::vector<kernels::DropoutMmMember> mm;
+        for (const auto& m : st->members)
+          if (m.lora >= 0 && m.dropout > 0.0) mm.push_back({a_cat.narrow(0, m.col, m.rank), m.col, m.dropout});
+        kernels::lora_dropout_xa_cuda(x2, keep_bits, mm, xa);
+        g_dropout_mm_calls.fetch_add(1, std::memory_order_relaxed);
+      } else if (!draws.empty()) {
+        std::tie(dropped, keep_bits) = kernels::lora_dropout_fwd_cuda(x2, draws);
+      }
+      ctx->saved_data["counter_dropout"] = true;
+    }
+#endif
     if (st->folded) {
       // W_ext = [W | bd]: rows 8-element aligned for the dequantize kernel's pitched stores.
       const at::Tensor buffer =
@@ -633,22 +695,6 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       }
     }
     variable_list saved{kept, x2, xa, a_cat, bd};
-    // Dropout by counters (CUDA): every dropped member's copy of x in one pass, [dropped, n, in], and their
-    // keep bits [dropped, n, in / 8] kept for the backward (saved last). Else ATen's dropout, a byte mask kept
-    // per member; its masks are drawn on contiguous rows: it assigns its random numbers by layout, and the
-    // same seed must give the same masks whether or not x's producer left spare columns (the modules' masks,
-    // and a recomputation's, where down_proj's input has none).
-    const bool counters = st->any_dropout && counter_dropout(x2);
-    at::Tensor dropped, keep_bits, xc;
-#ifdef QLORA_WITH_CUDA
-    if (counters) {
-      std::vector<kernels::DropoutDraw> draws;  // in the modules' order, as they would draw them
-      for (const auto& m : st->members)
-        if (m.lora >= 0 && m.dropout > 0.0) draws.push_back(draw_dropout(x2, m.dropout));
-      if (!draws.empty()) std::tie(dropped, keep_bits) = kernels::lora_dropout_fwd_cuda(x2, draws);
-      ctx->saved_data["counter_dropout"] = true;
-    }
-#endif
     if (st->any_dropout && !counters) xc = x2.contiguous();
     int64_t d = 0;  // the next dropped copy
     for (const auto& m : st->members) {
@@ -656,6 +702,10 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       at::Tensor mask;
       if (st->any_dropout) {
         at::Tensor h = counters ? x2 : xc;
+        if (masked_mm && m.dropout > 0.0) {  // its x A^T is made
+          saved.insert(saved.end(), {lora[2 * m.lora + 1], mask});
+          continue;
+        }
         if (m.dropout > 0.0) {
           if (counters) h = dropped[d++];
           else std::tie(h, mask) = at::native_dropout(xc, m.dropout, /*train=*/true);
@@ -836,6 +886,7 @@ int64_t dequant_ahead_hits() { return g_ahead_hits.load(std::memory_order_relaxe
 void set_fold_adapters(bool on) { g_fold.store(on); }
 bool fold_adapters() { return g_fold.load(); }
 void set_counter_dropout(bool on) { g_counter_dropout.store(on); }
+void set_dropout_mm_kernels(bool on) { g_dropout_mm.store(on); }
 void set_lora_grad_kernel(bool on) { g_lora_grad_kernel.store(on); }
 
 #ifdef QLORA_WITH_CUDA
@@ -953,6 +1004,7 @@ at::Tensor with_spare_columns(const at::Tensor& x, int64_t spare) {
 }
 
 int64_t folded_group_calls() { return g_folded.load(std::memory_order_relaxed); }
+int64_t dropout_mm_calls() { return g_dropout_mm_calls.load(std::memory_order_relaxed); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split(const at::Tensor& qkv, const at::Tensor& cos,
                                                           const at::Tensor& sin, int64_t nq, int64_t nk, int64_t d) {

@@ -97,6 +97,11 @@ void set_lora_grad_kernel(bool on);
 // kept per adapter (`qlora bench --lora-dropout-masks aten`, for A/B).
 void set_counter_dropout(bool on);
 
+// Whether, with masks by counters, a group's dropped members take x A^T and dA from kernels that apply the
+// keep bits to x as it loads (kernels/lora_dropout_mm.cu, where they take the shapes; default on) or from
+// dropped copies of x written and read by cuBLAS (`qlora bench --lora-dropout-mm copies`, for A/B).
+void set_dropout_mm_kernels(bool on);
+
 // While one lives (on this thread), a group's forward keeps its dequantized weights for its backward instead
 // of dequantizing them again there. For a checkpointed layer's recomputation, whose backward follows at
 // once: it saves one dequantization per group and step for one layer's bf16 weights held meanwhile (about
@@ -146,6 +151,9 @@ at::Tensor lora_dropout(const at::Tensor& x, double p);
 
 // How many group forwards ran folded since the process started (tests check the path is taken).
 int64_t folded_group_calls();
+// How many of LoRA dropout's masked products (x A^T in a forward, dA in a backward) ran by the kernels of
+// set_dropout_mm_kernels since the process started (tests).
+int64_t dropout_mm_calls();
 
 // RoPE on the packed q|k|v output [B, T, (nq + 2 nk) D] with cos/sin [B, T, D]; returns q [B, T, nq, D],
 // k [B, T, nk, D] (rotated) and v [B, T, nk, D], each contiguous. Differentiable.
