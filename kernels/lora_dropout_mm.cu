@@ -10,8 +10,10 @@
 // Both are split over the long dimension (x's columns for xa, its rows for dA) so that a 2048-token step
 // fills the GPU; each CTA writes float32 partial sums and a second kernel adds them in a fixed order
 // (deterministic), scales by 1 / (1 - p_m) and rounds. Tensor cores (mma.sync m16n8k16, float32
-// accumulation) multiply; x's fragments are masked in registers (an AND with each member's bits), so x's tile
-// is loaded once for all members. The sums differ from the copies' GEMMs in the scale's place (applied to the
+// accumulation) multiply; x's fragments are masked in registers (an AND with the member's bits). A CTA serves
+// one member: with all of a group's members in one CTA (x's tile loaded once from shared memory) every warp
+// multiplied all of them, and at q|k|v's three of rank 64 that ran at 2-3x the time of cuBLAS's unmasked
+// product of the same shape; the members' CTAs of one tile run side by side and read x's tile through L2. The sums differ from the copies' GEMMs in the scale's place (applied to the
 // float32 sum, not to each element before rounding) and the order of the float32 additions.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -30,6 +32,8 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
+// Tile sizes, pipeline depth and the splits' cap: 4 warps, 2 stages and 4 or 16 splits timed the same or
+// slower in kernels/dev/dropout_mm_bench.cpp (H100).
 constexpr int kStages = 3;  // cp.async pipeline depth
 constexpr int kK = 64;      // the reduced dimension's step through shared memory
 constexpr int kPitch = kK + 8;  // elements; the padding spreads ldmatrix rows over the banks
@@ -39,6 +43,7 @@ struct Members {
   float* da[kMaxDropoutMm];      // dA: the member's [R, in] float32 output
   int64_t col[kMaxDropoutMm];    // dA: the member's first column in dxa
   float scale[kMaxDropoutMm];    // 1 / (1 - p_m)
+  int count;
 };
 
 // 8 bytes global -> shared (the mask rows); `bytes` 0 writes zeros.
@@ -52,37 +57,39 @@ __device__ __forceinline__ uint32_t keep_halves(uint32_t lo, uint32_t hi) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// xa: a CTA takes kXaRows rows of x (16 a warp) by a range of its columns, all members' R outputs. Per stage:
-// x's [kXaRows, 64] tile, each member's mask bytes for it ([kXaRows, 8]) and A's [M R, 64] slice.
+// xa: a CTA takes kXaRows rows of x (16 a warp) by a range of its columns for one member (the members of a row
+// tile and split are neighbours in the grid, so they read x's tile from L2 after the first). Per stage: x's
+// [kXaRows, 64] tile, the member's mask bytes for it ([kXaRows, 8]) and A's [R, 64] slice.
 constexpr int kXaRows = kWarps * 16;
 
-template <typename T, int R, int M>
+template <typename T, int R>
 struct XaSmem {
-  static constexpr int x = kXaRows * kPitch;   // elements
-  static constexpr int a = M * R * kPitch;     // elements
-  static constexpr int mask = M * kXaRows * 8; // bytes
+  static constexpr int x = kXaRows * kPitch;  // elements
+  static constexpr int a = R * kPitch;        // elements
+  static constexpr int mask = kXaRows * 8;    // bytes
   static constexpr size_t stage = sizeof(T) * (x + a) + mask;
   static constexpr size_t bytes = kStages * stage;
 };
 
-template <typename T, int R, int M>
+template <typename T, int R>
 static __global__ void __launch_bounds__(kThreads)
     dropout_xa_kernel(const T* __restrict__ x, int64_t ldx, int64_t n, int64_t in, const uint8_t* __restrict__ mask,
                       Members mb, int64_t lda, int steps_per_split, int64_t row_tiles, float* __restrict__ work) {
-  using S = XaSmem<T, R, M>;
+  using S = XaSmem<T, R>;
   constexpr int NT = R / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t tile = blockIdx.x % row_tiles, split = blockIdx.x / row_tiles;
+  const int m = static_cast<int>(blockIdx.x % mb.count);
+  const int64_t rest = blockIdx.x / mb.count, tile = rest % row_tiles, split = rest / row_tiles;
   const int64_t r0 = tile * kXaRows, blocks = in / 8;
   const int64_t steps_all = in / kK, s0 = split * steps_per_split;
   const int steps = static_cast<int>(std::min<int64_t>(steps_per_split, steps_all - s0));
+  const T* am = static_cast<const T*>(mb.a[m]);
+  const uint8_t* mm = mask + m * n * blocks;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int mi = lane / 8, mj = lane % 8;
 
-  auto stage_ptr = [&](int buf) { return smem + buf * S::stage; };
   auto load = [&](int step, int buf) {
-    unsigned char* base = stage_ptr(buf);
-    T* xs = reinterpret_cast<T*>(base);
+    T* xs = reinterpret_cast<T*>(smem + buf * S::stage);
     T* as = xs + S::x;
     uint8_t* ms = reinterpret_cast<uint8_t*>(as + S::a);
     const int64_t c0 = (s0 + step) * kK;
@@ -91,18 +98,13 @@ static __global__ void __launch_bounds__(kThreads)
       const bool ok = r0 + row < n;
       cp_async16(xs + row * kPitch + c8, ok ? x + (r0 + row) * ldx + c0 + c8 : x, ok ? 16 : 0);
     }
-#pragma unroll
-    for (int m = 0; m < M; ++m) {  // members unrolled: mb's arrays indexed by constants stay in registers
-      const T* am = static_cast<const T*>(mb.a[m]);
-      for (int i = tid; i < R * (kK / 8); i += kThreads) {
-        const int row = i / (kK / 8), c8 = (i % (kK / 8)) * 8;
-        cp_async16(as + (m * R + row) * kPitch + c8, am + row * lda + c0 + c8, 16);
-      }
+    for (int i = tid; i < R * (kK / 8); i += kThreads) {
+      const int row = i / (kK / 8), c8 = (i % (kK / 8)) * 8;
+      cp_async16(as + row * kPitch + c8, am + row * lda + c0 + c8, 16);
     }
-    for (int i = tid; i < M * kXaRows; i += kThreads) {
-      const int m = i / kXaRows, row = i % kXaRows;
+    for (int row = tid; row < kXaRows; row += kThreads) {
       const bool ok = r0 + row < n;
-      cp_async8(ms + i * 8, ok ? mask + (m * n + r0 + row) * blocks + c0 / 8 : mask, ok ? 8 : 0);
+      cp_async8(ms + row * 8, ok ? mm + (r0 + row) * blocks + c0 / 8 : mm, ok ? 8 : 0);
     }
     cp_async_commit();
   };
@@ -112,43 +114,38 @@ static __global__ void __launch_bounds__(kThreads)
     if (s < steps) load(s, s);
     else cp_async_commit();  // empty groups keep the wait counts uniform
   }
-  float acc[M][NT][4] = {};
+  float acc[NT][4] = {};
   for (int step = 0; step < steps; ++step) {
     const int buf = step % kStages;
     if (step + kStages - 1 < steps) load(step + kStages - 1, (step + kStages - 1) % kStages);
     else cp_async_commit();
     cp_async_wait<kStages - 1>();
     __syncthreads();
-    const unsigned char* base = stage_ptr(buf);
-    const T* xs = reinterpret_cast<const T*>(base);
+    const T* xs = reinterpret_cast<const T*>(smem + buf * S::stage);
     const T* as = xs + S::x;
     const uint8_t* ms = reinterpret_cast<const uint8_t*>(as + S::a);
 #pragma unroll
     for (int ks = 0; ks < kK / 16; ++ks) {
       uint32_t af[4];  // rows g / g + 8 of the warp's 16, columns 2t, 2t + 1 (+ 8)
       ldsm_x4(af, xs + (warp * 16 + (mi % 2) * 8 + mj) * kPitch + ks * 16 + (mi / 2) * 8);
+      // Bytes 2 ks and 2 ks + 1 of rows g and g + 8: columns 16 ks .. 16 ks + 15.
+      const uint32_t lo = *reinterpret_cast<const uint16_t*>(ms + (warp * 16 + g) * 8 + 2 * ks);
+      const uint32_t hi = *reinterpret_cast<const uint16_t*>(ms + (warp * 16 + g + 8) * 8 + 2 * ks);
+      af[0] &= keep_halves(lo >> (2 * t), lo >> (2 * t + 1));
+      af[1] &= keep_halves(hi >> (2 * t), hi >> (2 * t + 1));
+      af[2] &= keep_halves(lo >> (8 + 2 * t), lo >> (9 + 2 * t));
+      af[3] &= keep_halves(hi >> (8 + 2 * t), hi >> (9 + 2 * t));
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        // Bytes 2 ks and 2 ks + 1 of rows g and g + 8: columns 16 ks .. 16 ks + 15.
-        const uint32_t lo = *reinterpret_cast<const uint16_t*>(ms + (m * kXaRows + warp * 16 + g) * 8 + 2 * ks);
-        const uint32_t hi = *reinterpret_cast<const uint16_t*>(ms + (m * kXaRows + warp * 16 + g + 8) * 8 + 2 * ks);
-        uint32_t a[4];
-        a[0] = af[0] & keep_halves(lo >> (2 * t), lo >> (2 * t + 1));
-        a[1] = af[1] & keep_halves(hi >> (2 * t), hi >> (2 * t + 1));
-        a[2] = af[2] & keep_halves(lo >> (8 + 2 * t), lo >> (9 + 2 * t));
-        a[3] = af[3] & keep_halves(hi >> (8 + 2 * t), hi >> (9 + 2 * t));
-#pragma unroll
-        for (int nt = 0; nt < NT; nt += 2) {
-          if constexpr (NT % 2 == 0) {
-            uint32_t bf[4];  // n tiles nt and nt + 1: A's rows, k halves
-            ldsm_x4(bf, as + (m * R + (nt + mi / 2) * 8 + mj) * kPitch + ks * 16 + (mi % 2) * 8);
-            mma16816<T>(acc[m][nt], a, bf[0], bf[1]);
-            mma16816<T>(acc[m][nt + 1], a, bf[2], bf[3]);
-          } else {
-            uint32_t bf[2];
-            ldsm_x2(bf, as + (m * R + nt * 8 + mj) * kPitch + ks * 16 + (mi % 2) * 8);
-            mma16816<T>(acc[m][nt], a, bf[0], bf[1]);
-          }
+      for (int nt = 0; nt < NT; nt += 2) {
+        if constexpr (NT % 2 == 0) {
+          uint32_t bf[4];  // n tiles nt and nt + 1: A's rows, k halves
+          ldsm_x4(bf, as + ((nt + mi / 2) * 8 + mj) * kPitch + ks * 16 + (mi % 2) * 8);
+          mma16816<T>(acc[nt], af, bf[0], bf[1]);
+          mma16816<T>(acc[nt + 1], af, bf[2], bf[3]);
+        } else {
+          uint32_t bf[2];
+          ldsm_x2(bf, as + (nt * 8 + mj) * kPitch + ks * 16 + (mi % 2) * 8);
+          mma16816<T>(acc[nt], af, bf[0], bf[1]);
         }
       }
     }
@@ -156,16 +153,12 @@ static __global__ void __launch_bounds__(kThreads)
   }
   cp_async_wait<0>();
   // Partial sums [split, n, M R].
-  constexpr int W = M * R;
+  const int64_t W = static_cast<int64_t>(mb.count) * R, row = r0 + warp * 16 + g;
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int64_t row = r0 + warp * 16 + g;
-      float* p = work + (split * n + row) * W + m * R + nt * 8 + 2 * t;
-      if (row < n) *reinterpret_cast<float2*>(p) = make_float2(acc[m][nt][0], acc[m][nt][1]);
-      if (row + 8 < n) *reinterpret_cast<float2*>(p + 8 * W) = make_float2(acc[m][nt][2], acc[m][nt][3]);
-    }
+  for (int nt = 0; nt < NT; ++nt) {
+    float* p = work + (split * n + row) * W + m * R + nt * 8 + 2 * t;
+    if (row < n) *reinterpret_cast<float2*>(p) = make_float2(acc[nt][0], acc[nt][1]);
+    if (row + 8 < n) *reinterpret_cast<float2*>(p + 8 * W) = make_float2(acc[nt][2], acc[nt][3]);
   }
 }
 
@@ -186,9 +179,9 @@ __device__ __forceinline__ float4 sum_splits(const float4* __restrict__ p, int64
 // xa_m[row, j] = T(scale_m * sum over splits), into out (member m's columns at out + col_m, row stride ldo);
 // four columns a thread (R % 8 == 0).
 template <typename T>
-static __global__ void dropout_xa_finish(const float* __restrict__ work, int64_t splits, int64_t n, int R, int M,
+static __global__ void dropout_xa_finish(const float* __restrict__ work, int64_t splits, int64_t n, int R,
                                          Members mb, T* __restrict__ out, int64_t ldo) {
-  const int64_t W = static_cast<int64_t>(M) * R, quads = n * W / 4;
+  const int64_t W = static_cast<int64_t>(mb.count) * R, quads = n * W / 4;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < quads;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = 4 * i / W, c = 4 * i % W;
@@ -202,43 +195,45 @@ static __global__ void dropout_xa_finish(const float* __restrict__ work, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// dA: a CTA takes kDaCols columns of x (16 a warp) by a range of its rows; C^T[f, j] = sum_t h_m[t, f]
-// dxa_m[t, j] with A = h^T (x's tile through ldmatrix.trans) and B = dxa (trans too). Per stage: x's
-// [64, kDaCols] tile, the members' mask bytes for it ([64, kDaCols / 8]) and dxa's [64, M R] rows.
+// dA: a CTA takes kDaCols columns of x (16 a warp) by a range of its rows for one member (neighbours in the
+// grid, as in xa); C^T[f, j] = sum_t h_m[t, f] dxa_m[t, j] with A = h^T (x's tile through ldmatrix.trans)
+// and B = dxa (trans too). Per stage: x's [64, kDaCols] tile, the member's mask bytes for it
+// ([64, kDaCols / 8]) and its dxa's [64, R] rows.
 constexpr int kDaCols = kWarps * 16;
 constexpr int kDaXPitch = kDaCols + 8;
 
-template <typename T, int R, int M>
+template <typename T, int R>
 struct DaSmem {
-  static constexpr int dpitch = M * R + 8;
-  static constexpr int x = kK * kDaXPitch;           // elements
-  static constexpr int d = kK * dpitch;              // elements
-  static constexpr int mask = M * kK * (kDaCols / 8);  // bytes
+  static constexpr int dpitch = R + 8;
+  static constexpr int x = kK * kDaXPitch;      // elements
+  static constexpr int d = kK * dpitch;         // elements
+  static constexpr int mask = kK * (kDaCols / 8);  // bytes
   static constexpr size_t stage = sizeof(T) * (x + d) + mask;
   static constexpr size_t bytes = kStages * stage;
 };
 
-template <typename T, int R, int M>
+template <typename T, int R>
 static __global__ void __launch_bounds__(kThreads)
     dropout_da_kernel(const T* __restrict__ x, int64_t ldx, int64_t n, int64_t in, const uint8_t* __restrict__ mask,
                       const T* __restrict__ dxa, int64_t ldd, Members mb, int steps_per_split, int64_t col_tiles,
                       float* __restrict__ work) {
-  using S = DaSmem<T, R, M>;
+  using S = DaSmem<T, R>;
   constexpr int NT = R / 8;
   constexpr int DP = S::dpitch;
   constexpr int MB = kDaCols / 8;  // mask bytes a row of the tile
   extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t tile = blockIdx.x % col_tiles, split = blockIdx.x / col_tiles;
+  const int m = static_cast<int>(blockIdx.x % mb.count);
+  const int64_t rest = blockIdx.x / mb.count, tile = rest % col_tiles, split = rest / col_tiles;
   const int64_t f0 = tile * kDaCols, blocks = in / 8;
   const int64_t steps_all = (n + kK - 1) / kK, s0 = split * steps_per_split;
   const int steps = static_cast<int>(std::min<int64_t>(steps_per_split, steps_all - s0));
+  const T* dm = dxa + mb.col[m];
+  const uint8_t* mm = mask + m * n * blocks;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int mi = lane / 8, mj = lane % 8;
 
-  auto stage_ptr = [&](int buf) { return smem + buf * S::stage; };
   auto load = [&](int step, int buf) {
-    unsigned char* base = stage_ptr(buf);
-    T* xs = reinterpret_cast<T*>(base);
+    T* xs = reinterpret_cast<T*>(smem + buf * S::stage);
     T* ds = xs + S::x;
     uint8_t* ms = reinterpret_cast<uint8_t*>(ds + S::d);
     const int64_t t0 = (s0 + step) * kK;
@@ -247,20 +242,15 @@ static __global__ void __launch_bounds__(kThreads)
       const bool ok = t0 + row < n && f0 + c8 < in;
       cp_async16(xs + row * kDaXPitch + c8, ok ? x + (t0 + row) * ldx + f0 + c8 : x, ok ? 16 : 0);
     }
-#pragma unroll
-    for (int m = 0; m < M; ++m) {  // members unrolled, as in dropout_xa_kernel
-      const T* dm = dxa + mb.col[m];
-      for (int i = tid; i < kK * (R / 8); i += kThreads) {
-        const int row = i / (R / 8), c8 = (i % (R / 8)) * 8;
-        const bool ok = t0 + row < n;
-        cp_async16(ds + row * DP + m * R + c8, ok ? dm + (t0 + row) * ldd + c8 : dxa, ok ? 16 : 0);
-      }
+    for (int i = tid; i < kK * (R / 8); i += kThreads) {
+      const int row = i / (R / 8), c8 = (i % (R / 8)) * 8;
+      const bool ok = t0 + row < n;
+      cp_async16(ds + row * DP + c8, ok ? dm + (t0 + row) * ldd + c8 : dxa, ok ? 16 : 0);
     }
-    for (int i = tid; i < M * kK * (MB / 8); i += kThreads) {  // 8 bytes a copy
-      const int m = i / (kK * (MB / 8)), row = (i / (MB / 8)) % kK, b8 = (i % (MB / 8)) * 8;
+    for (int i = tid; i < kK * (MB / 8); i += kThreads) {  // 8 bytes a copy
+      const int row = i / (MB / 8), b8 = (i % (MB / 8)) * 8;
       const bool ok = t0 + row < n && f0 / 8 + b8 < blocks;
-      cp_async8(ms + (m * kK + row) * MB + b8, ok ? mask + (m * n + t0 + row) * blocks + f0 / 8 + b8 : mask,
-                ok ? 8 : 0);
+      cp_async8(ms + row * MB + b8, ok ? mm + (t0 + row) * blocks + f0 / 8 + b8 : mm, ok ? 8 : 0);
     }
     cp_async_commit();
   };
@@ -270,70 +260,57 @@ static __global__ void __launch_bounds__(kThreads)
     if (s < steps) load(s, s);
     else cp_async_commit();
   }
-  float acc[M][NT][4] = {};  // C^T: this warp's 16 features by each member's R
+  float acc[NT][4] = {};  // C^T: this warp's 16 features by the member's R
   for (int step = 0; step < steps; ++step) {
     const int buf = step % kStages;
     if (step + kStages - 1 < steps) load(step + kStages - 1, (step + kStages - 1) % kStages);
     else cp_async_commit();
     cp_async_wait<kStages - 1>();
     __syncthreads();
-    const unsigned char* base = stage_ptr(buf);
-    const T* xs = reinterpret_cast<const T*>(base);
+    const T* xs = reinterpret_cast<const T*>(smem + buf * S::stage);
     const T* ds = xs + S::x;
     const uint8_t* ms = reinterpret_cast<const uint8_t*>(ds + S::d);
 #pragma unroll
     for (int ks = 0; ks < kK / 16; ++ks) {
       uint32_t af[4];  // h^T: features g / g + 8 of the warp's 16, tokens 2t, 2t + 1 (+ 8)
       ldsm_x4_trans(af, xs + (ks * 16 + (mi / 2) * 8 + mj) * kDaXPitch + warp * 16 + (mi % 2) * 8);
+      // Mask bytes 2 warp, 2 warp + 1 (features +0..7, +8..15) of tokens 2t, 2t + 1, 2t + 8, 2t + 9.
+      const uint8_t* mrow = ms + (ks * 16 + 2 * t) * MB + 2 * warp;
+      const uint32_t v0 = *reinterpret_cast<const uint16_t*>(mrow);
+      const uint32_t v1 = *reinterpret_cast<const uint16_t*>(mrow + MB);
+      const uint32_t v8 = *reinterpret_cast<const uint16_t*>(mrow + 8 * MB);
+      const uint32_t v9 = *reinterpret_cast<const uint16_t*>(mrow + 9 * MB);
+      af[0] &= keep_halves(v0 >> g, v1 >> g);
+      af[1] &= keep_halves(v0 >> (8 + g), v1 >> (8 + g));
+      af[2] &= keep_halves(v8 >> g, v9 >> g);
+      af[3] &= keep_halves(v8 >> (8 + g), v9 >> (8 + g));
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        // Mask bytes 2 warp, 2 warp + 1 (features +0..7, +8..15) of tokens 2t, 2t + 1, 2t + 8, 2t + 9.
-        const uint8_t* mrow = ms + (m * kK + ks * 16 + 2 * t) * MB + 2 * warp;
-        const uint32_t v0 = *reinterpret_cast<const uint16_t*>(mrow);
-        const uint32_t v1 = *reinterpret_cast<const uint16_t*>(mrow + MB);
-        const uint32_t v8 = *reinterpret_cast<const uint16_t*>(mrow + 8 * MB);
-        const uint32_t v9 = *reinterpret_cast<const uint16_t*>(mrow + 9 * MB);
-        uint32_t a[4];
-        a[0] = af[0] & keep_halves(v0 >> g, v1 >> g);
-        a[1] = af[1] & keep_halves(v0 >> (8 + g), v1 >> (8 + g));
-        a[2] = af[2] & keep_halves(v8 >> g, v9 >> g);
-        a[3] = af[3] & keep_halves(v8 >> (8 + g), v9 >> (8 + g));
-#pragma unroll
-        for (int nt = 0; nt < NT; nt += 2) {
-          if constexpr (NT % 2 == 0) {
-            uint32_t bf[4];  // dxa's tokens (k) by ranks nt, nt + 1 (n), transposed
-            ldsm_x4_trans(bf, ds + (ks * 16 + (mi % 2) * 8 + mj) * DP + m * R + (nt + mi / 2) * 8);
-            mma16816<T>(acc[m][nt], a, bf[0], bf[1]);
-            mma16816<T>(acc[m][nt + 1], a, bf[2], bf[3]);
-          } else {
-            uint32_t bf[4];  // x2.trans has no helper: the x4 form with lanes 16-31 repeating 0-15
-            ldsm_x4_trans(bf, ds + (ks * 16 + (mi % 2) * 8 + mj) * DP + m * R + nt * 8);
-            mma16816<T>(acc[m][nt], a, bf[0], bf[1]);
-          }
-        }
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t bf[4];  // dxa's tokens (k) by ranks nt, nt + 1 (n), transposed; for one n tile (R = 8) lanes
+                         // 16-31 repeat 0-15 (x2.trans has no helper)
+        const int n8 = NT % 2 == 0 ? nt + mi / 2 : nt;
+        ldsm_x4_trans(bf, ds + (ks * 16 + (mi % 2) * 8 + mj) * DP + n8 * 8);
+        mma16816<T>(acc[nt], af, bf[0], bf[1]);
+        if constexpr (NT % 2 == 0) mma16816<T>(acc[nt + 1], af, bf[2], bf[3]);
       }
     }
     __syncthreads();
   }
   cp_async_wait<0>();
   // Partial sums [split, M R, in]: thread holds features g, g + 8 by ranks 2t, 2t + 1.
-  const int64_t W = static_cast<int64_t>(M) * R;
+  const int64_t W = static_cast<int64_t>(mb.count) * R, f = f0 + warp * 16 + g;
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int64_t j = m * R + nt * 8 + 2 * t, f = f0 + warp * 16 + g;
-      float* p = work + (split * W + j) * in + f;
-      if (f < in) p[0] = acc[m][nt][0], p[in] = acc[m][nt][1];
-      if (f + 8 < in) p[8] = acc[m][nt][2], p[in + 8] = acc[m][nt][3];
-    }
+  for (int nt = 0; nt < NT; ++nt) {
+    float* p = work + (split * W + m * R + nt * 8 + 2 * t) * in + f;
+    if (f < in) p[0] = acc[nt][0], p[in] = acc[nt][1];
+    if (f + 8 < in) p[8] = acc[nt][2], p[in + 8] = acc[nt][3];
   }
 }
 
 // dA_m[j, f] = scale_m * sum over splits, float32; four features a thread (in % 64 == 0).
-static __global__ void dropout_da_finish(const float* __restrict__ work, int64_t splits, int64_t in, int R, int M,
+static __global__ void dropout_da_finish(const float* __restrict__ work, int64_t splits, int64_t in, int R,
                                          Members mb) {
-  const int64_t per_member = static_cast<int64_t>(R) * in / 4, quads = M * per_member;
+  const int64_t per_member = static_cast<int64_t>(R) * in / 4, quads = mb.count * per_member;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < quads;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int m = static_cast<int>(i / per_member);
@@ -373,19 +350,14 @@ int steps_per_split(int64_t steps, int64_t tiles, int64_t slots) {
   return static_cast<int>(ceil_div(std::max<int64_t>(steps, 1), splits));
 }
 
-// Calls f(T*, R, M) as compile-time constants for the supported element types, ranks and member counts.
+// Calls f(T*, R) with R a compile-time constant for the supported element types and ranks.
 template <typename F>
-void dispatch_mm(c10::ScalarType s, int64_t r, int64_t m, F&& f) {
-  auto by_m = [&](auto* tag, auto rc) {
-    if (m == 1) f(tag, rc, std::integral_constant<int, 1>{});
-    else if (m == 2) f(tag, rc, std::integral_constant<int, 2>{});
-    else f(tag, rc, std::integral_constant<int, 3>{});
-  };
+void dispatch_mm(c10::ScalarType s, int64_t r, F&& f) {
   auto by_r = [&](auto* tag) {
-    if (r == 8) by_m(tag, std::integral_constant<int, 8>{});
-    else if (r == 16) by_m(tag, std::integral_constant<int, 16>{});
-    else if (r == 32) by_m(tag, std::integral_constant<int, 32>{});
-    else by_m(tag, std::integral_constant<int, 64>{});
+    if (r == 8) f(tag, std::integral_constant<int, 8>{});
+    else if (r == 16) f(tag, std::integral_constant<int, 16>{});
+    else if (r == 32) f(tag, std::integral_constant<int, 32>{});
+    else f(tag, std::integral_constant<int, 64>{});
   };
   if (s == at::kBFloat16) by_r(static_cast<__nv_bfloat16*>(nullptr));
   else by_r(static_cast<__half*>(nullptr));
@@ -432,6 +404,7 @@ void lora_dropout_xa_cuda(const at::Tensor& x, const at::Tensor& mask, const std
   TORCH_CHECK(a0.defined() && a0.dim() == 2 && rank_ok(a0.size(0)), op, ": A must be [R, in] with R 8, 16, 32 or 64");
   const int64_t R = a0.size(0), lda = a0.stride(0);
   Members mb{};
+  mb.count = static_cast<int>(M);
   for (int64_t m = 0; m < M; ++m) {
     const at::Tensor& a = members[m].a;
     TORCH_CHECK(a.scalar_type() == x.scalar_type() && a.device() == x.device() && a.dim() == 2 && a.size(0) == R &&
@@ -451,24 +424,23 @@ void lora_dropout_xa_cuda(const at::Tensor& x, const at::Tensor& mask, const std
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t ldo = n > 1 ? out.stride(0) : out.size(1), ldx = n > 1 ? x.stride(0) : in;
-  dispatch_mm(x.scalar_type(), R, M, [&](auto* tag, auto rc, auto mc) {
+  dispatch_mm(x.scalar_type(), R, [&](auto* tag, auto rc) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    constexpr int Rc = decltype(rc)::value, Mc = decltype(mc)::value;
-    auto* kernel = dropout_xa_kernel<T, Rc, Mc>;
-    const size_t smem = XaSmem<T, Rc, Mc>::bytes;
+    constexpr int Rc = decltype(rc)::value;
+    auto* kernel = dropout_xa_kernel<T, Rc>;
+    const size_t smem = XaSmem<T, Rc>::bytes;
     const int64_t tiles = ceil_div(n, kXaRows), steps = in / kK;
-    const int per = steps_per_split(steps, tiles, resident_ctas(reinterpret_cast<const void*>(kernel), smem));
+    const int per = steps_per_split(steps, tiles * M, resident_ctas(reinterpret_cast<const void*>(kernel), smem));
     const int64_t splits = ceil_div(steps, per);
     at::Tensor work = at::empty({splits, n, M * R}, x.options().dtype(at::kFloat));
-    kernel<<<static_cast<unsigned>(tiles * splits), kThreads, smem, stream>>>(
+    kernel<<<static_cast<unsigned>(M * tiles * splits), kThreads, smem, stream>>>(
         static_cast<const T*>(x.const_data_ptr()), ldx, n, in, mask.const_data_ptr<uint8_t>(), mb, lda, per, tiles,
         work.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t quads = n * M * R / 4;
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     dropout_xa_finish<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(quads, 256), 8 * sms)), 256, 0, stream>>>(
-        work.const_data_ptr<float>(), splits, n, static_cast<int>(R), static_cast<int>(M), mb,
-        static_cast<T*>(out.data_ptr()), ldo);
+        work.const_data_ptr<float>(), splits, n, static_cast<int>(R), mb, static_cast<T*>(out.data_ptr()), ldo);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -485,6 +457,7 @@ std::vector<at::Tensor> lora_dropout_da_cuda(const at::Tensor& x, const at::Tens
               op, ": dxa must be ", x.scalar_type(), " [", n, ", ranks] with 16-byte aligned rows, got ", dxa.sizes(),
               " strides ", dxa.strides());
   Members mb{};
+  mb.count = static_cast<int>(M);
   std::vector<at::Tensor> da;
   for (int64_t m = 0; m < M; ++m) {
     const int64_t col = members[m].col;
@@ -502,23 +475,23 @@ std::vector<at::Tensor> lora_dropout_da_cuda(const at::Tensor& x, const at::Tens
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t ldx = n > 1 ? x.stride(0) : in, ldd = n > 1 ? dxa.stride(0) : dxa.size(1);
-  dispatch_mm(x.scalar_type(), R, M, [&](auto* tag, auto rc, auto mc) {
+  dispatch_mm(x.scalar_type(), R, [&](auto* tag, auto rc) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    constexpr int Rc = decltype(rc)::value, Mc = decltype(mc)::value;
-    auto* kernel = dropout_da_kernel<T, Rc, Mc>;
-    const size_t smem = DaSmem<T, Rc, Mc>::bytes;
+    constexpr int Rc = decltype(rc)::value;
+    auto* kernel = dropout_da_kernel<T, Rc>;
+    const size_t smem = DaSmem<T, Rc>::bytes;
     const int64_t tiles = ceil_div(in, kDaCols), steps = ceil_div(n, kK);
-    const int per = steps_per_split(steps, tiles, resident_ctas(reinterpret_cast<const void*>(kernel), smem));
+    const int per = steps_per_split(steps, tiles * M, resident_ctas(reinterpret_cast<const void*>(kernel), smem));
     const int64_t splits = ceil_div(steps, per);
     at::Tensor work = at::empty({splits, M * R, in}, x.options().dtype(at::kFloat));
-    kernel<<<static_cast<unsigned>(tiles * splits), kThreads, smem, stream>>>(
+    kernel<<<static_cast<unsigned>(M * tiles * splits), kThreads, smem, stream>>>(
         static_cast<const T*>(x.const_data_ptr()), ldx, n, in, mask.const_data_ptr<uint8_t>(),
         static_cast<const T*>(dxa.const_data_ptr()), ldd, mb, per, tiles, work.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t quads = M * R * in / 4;
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     dropout_da_finish<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(quads, 256), 8 * sms)), 256, 0, stream>>>(
-        work.const_data_ptr<float>(), splits, in, static_cast<int>(R), static_cast<int>(M), mb);
+        work.const_data_ptr<float>(), splits, in, static_cast<int>(R), mb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return da;

@@ -110,7 +110,7 @@ at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const at::Tensor& mask, co
 // Products and sums in float32, one rounding; deterministic. lora_dropout_mm_supported says whether x fits:
 // bf16 / fp16 with 16-byte aligned contiguous rows, in % 64 == 0, 1 to kMaxDropoutMm members of one rank 8,
 // 16, 32 or 64 (dA also needs dxa's rows 16-byte aligned and col_m % 8 == 0).
-constexpr int kMaxDropoutMm = 3;
+constexpr int kMaxDropoutMm = kMaxDropoutMembers;
 struct DropoutMmMember {
   at::Tensor a;  // xa only
   int64_t col = 0;

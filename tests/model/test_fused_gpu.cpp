@@ -389,7 +389,7 @@ TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
   for (auto dt : {at::kBFloat16, at::kHalf}) {
     const double ulp = dt == at::kBFloat16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
     for (const Case& c : {Case{300, 192, 200, 16, 3}, Case{37, 64, 64, 8, 1}, Case{129, 320, 336, 64, 2},
-                          Case{200, 4096, 4096, 32, 3}, Case{70, 128, 128, 64, 3}}) {
+                          Case{200, 4096, 4096, 32, 3}, Case{70, 128, 128, 64, 5}}) {
       SCOPED_TRACE(std::string(c10::toString(dt)) + " n " + std::to_string(c.n) + " in " + std::to_string(c.in) +
                    " r " + std::to_string(c.r) + " members " + std::to_string(c.members));
       const at::Tensor wide = at::randn({c.n, c.pitch}, gen, at::kFloat).to(dt);
