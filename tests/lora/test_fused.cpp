@@ -323,30 +323,43 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
 }
 
 // LoRA dropout's masked products (kernels/lora_dropout_mm.cu, ranks 8 to 64; the test above's rank 4 takes the
-// copies) in the fused path: against the per-projection modules, whose copies cuBLAS multiplies, and against the
-// fused path with copies, at rank 8 with checkpointing off, selective and full. The masks are the same each way
-// (counters), so only rounding differs: the copies round x / (1 - p) to bf16 before their GEMM.
+// copies) in the fused path, at rank 8 with checkpointing off, selective and full. The masks are the same in
+// every run (counters: the same decisions in float32 and bfloat16, for the modules and the groups), so the
+// float32 run (the copies: the kernels take 16-bit types) is the reference: the kernels' logits and worst
+// adapter gradient must be no further from it than the fused path's copies (ratio 1.1, plus 1e-3). bf16
+// alone costs ~4% of the logits and ~7.5% of the worst gradient on this random model (H100), the two bf16
+// paths within 2% of each other; a wrong mask or scale would cost far more.
 TEST(FusedPath, DropoutMaskedProductsMatchTheCopiesOnGpu) {
   QLORA_SKIP_WITHOUT_CUDA();
   const at::Device gpu(at::kCUDA, 0);
+  auto worst_grad = [](const StepResult& a, const StepResult& b) {
+    double e = 0;
+    for (size_t i = 0; i < a.grads.size(); ++i) e = std::max(e, test::rel_err(a.grads[i], b.grads[i]));
+    return e;
+  };
   for (Checkpointing ckpt : kCheckpointing) {
     const std::string what = "gpu bf16 r 8, dropout" + label(ckpt);
-    StepResult modules = run_model(gpu, at::kBFloat16, model::FusedMode::Off, ckpt, 0.1, true, 21, kAllProjections, 8);
+    const StepResult exact = run_model(gpu, at::kFloat, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
     struct Restore {
       ~Restore() { model::set_dropout_mm_kernels(true); }
     } restore;
     model::set_dropout_mm_kernels(false);
     const int64_t before = model::dropout_mm_calls();
-    StepResult copies = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
+    const StepResult copies = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
     EXPECT_EQ(model::dropout_mm_calls(), before);
     model::set_dropout_mm_kernels(true);
-    StepResult got = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
+    const StepResult got = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
     // Without recomputation: x A^T and dA for each layer's four groups (q|k|v, o, gate|up, down), 2 layers.
     const int64_t calls = model::dropout_mm_calls() - before;
     if (ckpt == Off) EXPECT_EQ(calls, 16) << what;
     else EXPECT_GT(calls, 16) << what;
-    expect_close(got, modules, 2e-2, (what + ", against the modules").c_str());
-    expect_close(got, copies, 2e-2, (what + ", against the fused path's copies").c_str());
+    ASSERT_EQ(got.grads.size(), exact.grads.size());
+    const double lk = test::rel_err(got.logits, exact.logits), lc = test::rel_err(copies.logits, exact.logits);
+    const double gk = worst_grad(got, exact), gc = worst_grad(copies, exact);
+    std::printf("%s, against float32: logits %.2e (copies %.2e), worst adapter gradient %.2e (copies %.2e)\n",
+                what.c_str(), lk, lc, gk, gc);
+    EXPECT_LE(lk, 1.1 * lc + 1e-3) << what;
+    EXPECT_LE(gk, 1.1 * gc + 1e-3) << what;
   }
 }
 
