@@ -13,7 +13,8 @@
 // accumulation) multiply; x's fragments are masked in registers (an AND with the member's bits). A CTA serves
 // one member: with all of a group's members in one CTA (x's tile loaded once from shared memory) every warp
 // multiplied all of them, and at q|k|v's three of rank 64 that ran at 2-3x the time of cuBLAS's unmasked
-// product of the same shape; the members' CTAs of one tile run side by side and read x's tile through L2. The sums differ from the copies' GEMMs in the scale's place (applied to the
+// product of the same shape; the members' CTAs of one tile run side by side and read x's tile through L2.
+// The sums differ from the copies' GEMMs in the scale's place (applied to the
 // float32 sum, not to each element before rounding) and the order of the float32 additions.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -371,8 +372,9 @@ bool rows_aligned(const at::Tensor& t) {  // 16-byte rows: cp.async's 16-byte co
 void check_common(const at::Tensor& x, const at::Tensor& mask, int64_t members, const char* op) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
               op, ": x must be a 2-D bfloat16 / float16 CUDA tensor, got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(rows_aligned(x) && x.size(1) % kK == 0, op, ": x needs contiguous 16-byte aligned rows and a multiple of ",
-              kK, " columns, got ", x.sizes(), " strides ", x.strides());
+  TORCH_CHECK(rows_aligned(x) && x.size(1) % kK == 0, op,
+              ": x needs contiguous 16-byte aligned rows and a multiple of ", kK, " columns, got ", x.sizes(),
+              " strides ", x.strides());
   TORCH_CHECK(members >= 1 && members <= kMaxDropoutMm, op, ": 1 to ", kMaxDropoutMm, " members, got ", members);
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.device() == x.device() && mask.is_contiguous() &&
                   mask.sizes() == at::IntArrayRef({members, x.size(0), x.size(1) / 8}),

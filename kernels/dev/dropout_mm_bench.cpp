@@ -5,7 +5,8 @@
 //   qlora_dropout_mm_bench [iterations]
 //
 // Prints one row per shape: microseconds a call of each (median over `iterations`, default 30, batches of 10
-// calls queued back to back).
+// calls queued back to back), and each kernel's largest difference from the copies' result relative to its
+// largest element (bf16 rounding: ~4e-3; the tests check the kernels exactly, this guards the timed runs).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -54,8 +55,8 @@ int main(int argc, char** argv) {
     const char* name;
     int64_t in, members;
   };
-  std::printf("%-10s %4s %8s | %9s %9s %9s %9s | %9s %9s %9s\n", "group", "r", "in", "bits", "xa", "copies+mm",
-              "mm x A^T", "dA", "apply+mm", "mm dA");
+  std::printf("%-10s %4s %8s | %9s %9s %9s %9s | %9s %9s %9s | %8s %8s\n", "group", "r", "in", "bits", "xa",
+              "copies+mm", "mm x A^T", "dA", "apply+mm", "mm dA", "xa err", "dA err");
   for (int64_t r : {16, 64}) {
     for (const Shape& s : {Shape{"q|k|v", 4096, 3}, Shape{"gate|up", 4096, 2}, Shape{"o", 4096, 1},
                            Shape{"down", 11008, 1}}) {
@@ -72,8 +73,20 @@ int main(int argc, char** argv) {
         p.push_back(0.1);
       }
       const at::Tensor mask = lora_dropout_draw_cuda(x, draws);
+      // The kernels' results against the copies' (the same masks).
+      lora_dropout_xa_cuda(x, mask, mm, xa);
+      const at::Tensor xa_k = xa.to(at::kFloat);
+      const at::Tensor h = lora_dropout_apply_cuda(x, mask, p);
+      const std::vector<at::Tensor> da = lora_dropout_da_cuda(x, mask, dxa, mm, r);
+      double xa_err = 0, da_err = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        const at::Tensor ref = at::mm(h[m], a.narrow(0, m * r, r).t()).to(at::kFloat);
+        xa_err = std::max(xa_err, ((xa_k.narrow(1, m * r, r) - ref).abs().max() / ref.abs().max()).item<double>());
+        const at::Tensor dref = at::mm(dxa.narrow(1, m * r, r).t(), h[m], at::kFloat);
+        da_err = std::max(da_err, ((da[m] - dref).abs().max() / dref.abs().max()).item<double>());
+      }
       const double bits = median_us(iterations, [&] { lora_dropout_draw_cuda(x, draws); });
-      const double xa_k = median_us(iterations, [&] { lora_dropout_xa_cuda(x, mask, mm, xa); });
+      const double xa_us = median_us(iterations, [&] { lora_dropout_xa_cuda(x, mask, mm, xa); });
       const double copies = median_us(iterations, [&] {
         const at::Tensor h = lora_dropout_fwd_cuda(x, draws).first;
         for (int64_t m = 0; m < M; ++m) {
@@ -82,14 +95,15 @@ int main(int argc, char** argv) {
         }
       });
       const double mm_xa = median_us(iterations, [&] { at::mm_out(xa, x, a.t()); });
-      const double da_k = median_us(iterations, [&] { lora_dropout_da_cuda(x, mask, dxa, mm, r); });
+      const double da_us = median_us(iterations, [&] { lora_dropout_da_cuda(x, mask, dxa, mm, r); });
       const double apply = median_us(iterations, [&] {
         const at::Tensor h = lora_dropout_apply_cuda(x, mask, p);
         for (int64_t m = 0; m < M; ++m) at::mm(dxa.narrow(1, m * r, r).t(), h[m], at::kFloat);
       });
       const double mm_da = median_us(iterations, [&] { at::mm(dxa.t(), x, at::kFloat); });
-      std::printf("%-10s %4ld %8ld | %9.1f %9.1f %9.1f %9.1f | %9.1f %9.1f %9.1f\n", s.name, static_cast<long>(r),
-                  static_cast<long>(s.in), bits, xa_k, copies, mm_xa, da_k, apply, mm_da);
+      std::printf("%-10s %4ld %8ld | %9.1f %9.1f %9.1f %9.1f | %9.1f %9.1f %9.1f | %8.1e %8.1e\n", s.name,
+                  static_cast<long>(r), static_cast<long>(s.in), bits, xa_us, copies, mm_xa, da_us, apply, mm_da,
+                  xa_err, da_err);
     }
   }
   return 0;

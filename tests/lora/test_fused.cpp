@@ -72,9 +72,9 @@ model::LlamaForCausalLM make_model(at::Device dev, at::ScalarType dt, double dro
 }
 
 // One forward + backward of a fresh copy of the same model.
-StepResult run_model(at::Device dev, at::ScalarType dt, model::FusedMode mode, Checkpointing checkpointing, double dropout,
-                     bool train, uint64_t rng_seed, std::vector<std::string> targets = kAllProjections,
-                     int64_t rank = 4) {
+StepResult run_model(at::Device dev, at::ScalarType dt, model::FusedMode mode, Checkpointing checkpointing,
+                     double dropout, bool train, uint64_t rng_seed,
+                     std::vector<std::string> targets = kAllProjections, int64_t rank = 4) {
   ModeGuard guard(mode);
   auto arch = tiny_arch();
   auto m = make_model(dev, dt, dropout, std::move(targets), rank);
@@ -339,16 +339,19 @@ TEST(FusedPath, DropoutMaskedProductsMatchTheCopiesOnGpu) {
   };
   for (Checkpointing ckpt : kCheckpointing) {
     const std::string what = "gpu bf16 r 8, dropout" + label(ckpt);
-    const StepResult exact = run_model(gpu, at::kFloat, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
+    auto run = [&](at::ScalarType dt) {
+      return run_model(gpu, dt, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, /*rank=*/8);
+    };
+    const StepResult exact = run(at::kFloat);
     struct Restore {
       ~Restore() { model::set_dropout_mm_kernels(true); }
     } restore;
     model::set_dropout_mm_kernels(false);
     const int64_t before = model::dropout_mm_calls();
-    const StepResult copies = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
+    const StepResult copies = run(at::kBFloat16);
     EXPECT_EQ(model::dropout_mm_calls(), before);
     model::set_dropout_mm_kernels(true);
-    const StepResult got = run_model(gpu, at::kBFloat16, model::FusedMode::On, ckpt, 0.1, true, 21, kAllProjections, 8);
+    const StepResult got = run(at::kBFloat16);
     // Without recomputation: x A^T and dA for each layer's four groups (q|k|v, o, gate|up, down), 2 layers.
     const int64_t calls = model::dropout_mm_calls() - before;
     if (ckpt == Off) EXPECT_EQ(calls, 16) << what;

@@ -398,7 +398,8 @@ TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
       std::vector<kernels::DropoutDraw> draws;
       std::vector<double> p;
       for (int64_t m = 0; m < c.members; ++m) {
-        draws.push_back({0.1 + 0.15 * static_cast<double>(m), 77 + static_cast<uint64_t>(m), 4 * static_cast<uint64_t>(m)});
+        const auto um = static_cast<uint64_t>(m);
+        draws.push_back({0.1 + 0.15 * static_cast<double>(m), 77 + um, 4 * um});
         p.push_back(draws.back().p);
       }
       const at::Tensor mask = kernels::lora_dropout_draw_cuda(x, draws);
@@ -411,7 +412,8 @@ TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
       const at::Tensor dxa = at::randn({c.n, ranks}, gen, at::kFloat).to(dt);
       auto run = [&](const at::Tensor& a, const at::Tensor& d) {
         std::vector<kernels::DropoutMmMember> mm;
-        for (int64_t m = 0; m < c.members; ++m) mm.push_back({a.to(dev).narrow(0, 8 + m * c.r, c.r), 8 + m * c.r, p[m]});
+        for (int64_t m = 0; m < c.members; ++m)
+          mm.push_back({a.to(dev).narrow(0, 8 + m * c.r, c.r), 8 + m * c.r, p[m]});
         const at::Tensor out = at::zeros({c.n, ranks + 16}, x.options());
         kernels::lora_dropout_xa_cuda(x, mask, mm, out.narrow(1, 0, ranks));
         return std::pair{out.cpu(), kernels::lora_dropout_da_cuda(x, mask, d.to(dev), mm, c.r)};
@@ -447,11 +449,13 @@ TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
       for (int64_t m = 0; m < c.members; ++m) {
         const float scale = static_cast<float>(1.0 / (1.0 - p[m]));
         const at::Tensor keep = unpack_bits(mask[m], c.in);
-        const at::Tensor xs = at::where(keep, wide.narrow(1, 0, c.in).to(at::kFloat) * scale, at::zeros({}, at::kFloat));
+        const at::Tensor xf = wide.narrow(1, 0, c.in).to(at::kFloat);
+        const at::Tensor xs = at::where(keep, xf * scale, at::zeros({}, at::kFloat));
         const at::Tensor dam = da1[m].cpu();
         for (int64_t j = 0; j < c.r; ++j) {
           const int64_t col = (7 * j + 3 * m + 5) % c.in, row = (11 * j + 5 * m + 1) % c.n;
-          EXPECT_TRUE(test::same_bits(out1.select(1, 8 + m * c.r + j), h[m].select(1, col))) << "xa probe " << m << "," << j;
+          EXPECT_TRUE(test::same_bits(out1.select(1, 8 + m * c.r + j), h[m].select(1, col)))
+              << "xa probe " << m << "," << j;
           EXPECT_TRUE(test::same_bits(dam[j], xs[row])) << "dA probe " << m << "," << j;
         }
       }
