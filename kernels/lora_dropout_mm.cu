@@ -33,8 +33,8 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-// Tile sizes, pipeline depth and the splits' cap: 4 warps, 2 stages and 4 or 16 splits timed the same or
-// slower in kernels/dev/dropout_mm_bench.cpp (H100).
+// Tile sizes, pipeline depth and the splits' cap: 4 warps, 2 stages, 4 or 16 splits and two m16 tiles a warp
+// timed the same or slower in kernels/dev/dropout_mm_bench.cpp (H100).
 constexpr int kStages = 3;  // cp.async pipeline depth
 constexpr int kK = 64;      // the reduced dimension's step through shared memory
 constexpr int kPitch = kK + 8;  // elements; the padding spreads ldmatrix rows over the banks
