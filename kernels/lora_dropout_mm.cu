@@ -57,6 +57,26 @@ __device__ __forceinline__ uint32_t keep_halves(uint32_t lo, uint32_t hi) {
   return (lo & 1u) * 0x0000ffffu | (hi & 1u) * 0xffff0000u;
 }
 
+// `steps` steps through a kStages-deep cp.async pipeline: load(step, buf) issues a step's copies into stage
+// buffer buf, compute(buf) consumes a stage once its copies have landed; kStages - 1 steps are in flight.
+template <typename Load, typename Compute>
+__device__ __forceinline__ void pipeline(int steps, Load&& load, Compute&& compute) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load(s, s);
+    cp_async_commit();  // empty groups too: they keep the wait counts uniform
+  }
+  for (int step = 0; step < steps; ++step) {
+    if (step + kStages - 1 < steps) load(step + kStages - 1, (step + kStages - 1) % kStages);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncthreads();
+    compute(step % kStages);
+    __syncthreads();  // this buffer is refilled next
+  }
+  cp_async_wait<0>();
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // xa: a CTA takes kXaRows rows of x (16 a warp) by a range of its columns for one member (the members of a row
 // tile and split are neighbours in the grid, so they read x's tile from L2 after the first). Per stage: x's
@@ -107,21 +127,10 @@ static __global__ void __launch_bounds__(kThreads)
       const bool ok = r0 + row < n;
       cp_async8(ms + row * 8, ok ? mm + (r0 + row) * blocks + c0 / 8 : mm, ok ? 8 : 0);
     }
-    cp_async_commit();
   };
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load(s, s);
-    else cp_async_commit();  // empty groups keep the wait counts uniform
-  }
   float acc[NT][4] = {};
-  for (int step = 0; step < steps; ++step) {
-    const int buf = step % kStages;
-    if (step + kStages - 1 < steps) load(step + kStages - 1, (step + kStages - 1) % kStages);
-    else cp_async_commit();
-    cp_async_wait<kStages - 1>();
-    __syncthreads();
+  pipeline(steps, load, [&](int buf) {
     const T* xs = reinterpret_cast<const T*>(smem + buf * S::stage);
     const T* as = xs + S::x;
     const uint8_t* ms = reinterpret_cast<const uint8_t*>(as + S::a);
@@ -150,9 +159,7 @@ static __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    __syncthreads();  // this buffer is refilled next
-  }
-  cp_async_wait<0>();
+  });
   // Partial sums [split, n, M R].
   const int64_t W = static_cast<int64_t>(mb.count) * R, row = r0 + warp * 16 + g;
 #pragma unroll
@@ -253,21 +260,10 @@ static __global__ void __launch_bounds__(kThreads)
       const bool ok = t0 + row < n && f0 / 8 + b8 < blocks;
       cp_async8(ms + row * MB + b8, ok ? mm + (t0 + row) * blocks + f0 / 8 + b8 : mm, ok ? 8 : 0);
     }
-    cp_async_commit();
   };
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load(s, s);
-    else cp_async_commit();
-  }
   float acc[NT][4] = {};  // C^T: this warp's 16 features by the member's R
-  for (int step = 0; step < steps; ++step) {
-    const int buf = step % kStages;
-    if (step + kStages - 1 < steps) load(step + kStages - 1, (step + kStages - 1) % kStages);
-    else cp_async_commit();
-    cp_async_wait<kStages - 1>();
-    __syncthreads();
+  pipeline(steps, load, [&](int buf) {
     const T* xs = reinterpret_cast<const T*>(smem + buf * S::stage);
     const T* ds = xs + S::x;
     const uint8_t* ms = reinterpret_cast<const uint8_t*>(ds + S::d);
@@ -295,9 +291,7 @@ static __global__ void __launch_bounds__(kThreads)
         if constexpr (NT % 2 == 0) mma16816<T>(acc[nt + 1], af, bf[2], bf[3]);
       }
     }
-    __syncthreads();
-  }
-  cp_async_wait<0>();
+  });
   // Partial sums [split, M R, in]: thread holds features g, g + 8 by ranks 2t, 2t + 1.
   const int64_t W = static_cast<int64_t>(mb.count) * R, f = f0 + warp * 16 + g;
 #pragma unroll
