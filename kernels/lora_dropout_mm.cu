@@ -387,7 +387,8 @@ bool rank_ok(int64_t r) { return r == 8 || r == 16 || r == 32 || r == 64; }
 
 bool lora_dropout_mm_supported(const at::Tensor& x, int64_t members, int64_t rank) {
   return x.is_cuda() && x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
-         rows_aligned(x) && x.size(1) % kK == 0 && members >= 1 && members <= kMaxDropoutMm && rank_ok(rank);
+         rows_aligned(x) && x.size(1) > 0 && x.size(1) % kK == 0 && members >= 1 && members <= kMaxDropoutMm &&
+         rank_ok(rank);
 }
 
 void lora_dropout_xa_cuda(const at::Tensor& x, const at::Tensor& mask, const std::vector<DropoutMmMember>& members,
@@ -417,6 +418,10 @@ void lora_dropout_xa_cuda(const at::Tensor& x, const at::Tensor& mask, const std
                   out.size(0) == n && out.stride(1) == 1,
               op, ": out must be ", x.scalar_type(), " [", n, ", >= ", R, "] with contiguous rows, got ", out.sizes());
   if (n == 0) return;
+  if (in == 0) {  // empty sums
+    for (int64_t m = 0; m < M; ++m) out.narrow(1, members[m].col, R).zero_();
+    return;
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t ldo = n > 1 ? out.stride(0) : out.size(1), ldx = n > 1 ? x.stride(0) : in;
@@ -464,7 +469,7 @@ std::vector<at::Tensor> lora_dropout_da_cuda(const at::Tensor& x, const at::Tens
     da.push_back(at::empty({R, in}, x.options().dtype(at::kFloat)));
     mb.da[m] = da.back().data_ptr<float>();
   }
-  if (n == 0) {
+  if (n == 0 || in == 0) {  // empty sums, or nothing to sum into
     for (auto& d : da) d.zero_();
     return da;
   }

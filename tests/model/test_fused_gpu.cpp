@@ -461,9 +461,10 @@ TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
       }
     }
   }
-  // What the kernels refuse: a width off 64, ranks off 8 / 16 / 32 / 64, too many members, float32.
+  // What the kernels refuse: a width off 64 or none, ranks off 8 / 16 / 32 / 64, too many members, float32.
   const at::Tensor x = at::randn({16, 96}, at::TensorOptions(dev).dtype(at::kBFloat16));
   EXPECT_FALSE(kernels::lora_dropout_mm_supported(x, 1, 16));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 0), 1, 16));
   EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64), 1, 12));
   EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64), kernels::kMaxDropoutMm + 1, 16));
   EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64).to(at::kFloat), 1, 16));
