@@ -4,18 +4,19 @@
 //   dA   dA_m = dxa_m^T (keep_m * x) / (1 - p_m)        [R, in] per member, float32 (the backward's)
 // for up to kMaxDropoutMm members of one rank R reading one x (a fused group's dropped members: q, k and v
 // read one x with masks of their own). Before, one pass wrote every member's copy of x and each member's
-// GEMM read its copy: for a group of k members 2k + 1 passes over x in each direction where these make one
-// (docs/performance.md item 27).
+// GEMM read its copy: for a group of k members 2k + 1 passes over x in each direction, where these read x
+// from memory once (docs/performance.md item 27).
 //
 // Both are split over the long dimension (x's columns for xa, its rows for dA) so that a 2048-token step
 // fills the GPU; each CTA writes float32 partial sums and a second kernel adds them in a fixed order
 // (deterministic), scales by 1 / (1 - p_m) and rounds. Tensor cores (mma.sync m16n8k16, float32
 // accumulation) multiply; x's fragments are masked in registers (an AND with the member's bits). A CTA serves
-// one member: with all of a group's members in one CTA (x's tile loaded once from shared memory) every warp
-// multiplied all of them, and at q|k|v's three of rank 64 that ran at 2-3x the time of cuBLAS's unmasked
-// product of the same shape; the members' CTAs of one tile run side by side and read x's tile through L2.
-// The sums differ from the copies' GEMMs in the scale's place (applied to the
-// float32 sum, not to each element before rounding) and the order of the float32 additions.
+// one member; the members' CTAs of one tile run side by side and read x's tile through L2. That timed as fast
+// as all members in one CTA (x's tile loaded once into shared memory, every warp multiplying every member) or
+// faster, and builds a third of the kernels. Either way the time grows with the members' total rank (at q|k|v's
+// three of rank 64, 2-3x cuBLAS's unmasked product of the same shape, whose time does not): item 27 lists what
+// was tried. The sums differ from the copies' GEMMs in the scale's place (applied to the float32 sum, not to
+// each element before rounding) and the order of the float32 additions.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -42,7 +43,7 @@ constexpr int kPitch = kK + 8;  // elements; the padding spreads ldmatrix rows o
 struct Members {
   const void* a[kMaxDropoutMm];  // xa: A_m's rows [R, in] (T), row stride lda
   float* da[kMaxDropoutMm];      // dA: the member's [R, in] float32 output
-  int64_t col[kMaxDropoutMm];    // dA: the member's first column in dxa
+  int64_t col[kMaxDropoutMm];    // the member's first column in xa's out or in dxa
   float scale[kMaxDropoutMm];    // 1 / (1 - p_m)
   int count;
 };
