@@ -22,8 +22,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 
 #include "kernels/convert.cuh"
 #include "kernels/mma.cuh"
@@ -319,24 +317,6 @@ static __global__ void dropout_da_finish(const float* __restrict__ work, int64_t
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
 
-// How many CTAs of `kernel` the current device holds at once; the first call for a (device, kernel) raises
-// the kernel's shared-memory limit there, which its launches need.
-int64_t resident_ctas(const void* kernel, size_t smem) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, const void*>, int64_t> known;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(device, kernel);
-  auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return known[key] = std::max(1, per_sm) * sms;
-}
-
 // Splits of `steps` so that tiles x splits fills the resident CTAs once, at most kMaxSplits (each split adds
 // a partial product of the output's size to write and add up again); returns steps per split.
 constexpr int64_t kMaxSplits = 8;
@@ -432,7 +412,8 @@ void lora_dropout_xa_cuda(const at::Tensor& x, const at::Tensor& mask, const std
     auto* kernel = dropout_xa_kernel<T, Rc>;
     const size_t smem = XaSmem<T, Rc>::bytes;
     const int64_t tiles = ceil_div(n, kXaRows), steps = in / kK;
-    const int per = steps_per_split(steps, tiles * M, resident_ctas(reinterpret_cast<const void*>(kernel), smem));
+    const int per =
+        steps_per_split(steps, tiles * M, resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, smem));
     const int64_t splits = ceil_div(steps, per);
     at::Tensor work = at::empty({splits, n, M * R}, x.options().dtype(at::kFloat));
     kernel<<<static_cast<unsigned>(M * tiles * splits), kThreads, smem, stream>>>(
@@ -483,7 +464,8 @@ std::vector<at::Tensor> lora_dropout_da_cuda(const at::Tensor& x, const at::Tens
     auto* kernel = dropout_da_kernel<T, Rc>;
     const size_t smem = DaSmem<T, Rc>::bytes;
     const int64_t tiles = ceil_div(in, kDaCols), steps = ceil_div(n, kK);
-    const int per = steps_per_split(steps, tiles * M, resident_ctas(reinterpret_cast<const void*>(kernel), smem));
+    const int per =
+        steps_per_split(steps, tiles * M, resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, smem));
     const int64_t splits = ceil_div(steps, per);
     at::Tensor work = at::empty({splits, M * R, in}, x.options().dtype(at::kFloat));
     kernel<<<static_cast<unsigned>(M * tiles * splits), kThreads, smem, stream>>>(

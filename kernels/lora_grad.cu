@@ -22,8 +22,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <map>
-#include <mutex>
 
 #include "kernels/convert.cuh"
 #include "kernels/mma.cuh"
@@ -227,23 +225,11 @@ size_t smem_bytes() {
   return sizeof(T) * (2 * kTokens * kDyPitch + R * kXaPitch + 2 * R * kDyPitch);
 }
 
-// How many CTAs of the kernel the current device holds at once; the first call for a device raises the
-// kernel's shared-memory limit there (which its launches need) and asks the occupancy API.
+// How many CTAs of the kernel the current device holds at once (kernels/mma.cuh; raises its shared-memory
+// limit, which its launches need, on the first call for a device).
 template <typename T, int R>
-int64_t resident_ctas(int64_t sms) {
-  static std::mutex mutex;
-  static std::map<int, int64_t> per_device;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = per_device.find(device);
-  if (it != per_device.end()) return it->second;
-  auto* kernel = lora_grad_kernel<T, R>;
-  const int smem = static_cast<int>(smem_bytes<T, R>());
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  return per_device[device] = std::max(1, per_sm) * sms;
+int64_t grad_slots() {
+  return resident_ctas(reinterpret_cast<const void*>(lora_grad_kernel<T, R>), kThreads, smem_bytes<T, R>());
 }
 
 template <typename T, int R>
@@ -298,8 +284,8 @@ std::pair<at::Tensor, std::vector<at::Tensor>> lora_grad_cuda(const at::Tensor& 
   constexpr int64_t kSlice = 32 * kTokens;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const bool bf16 = dy.scalar_type() == at::kBFloat16;
-  const int64_t slots = bf16 ? (R == 8 ? resident_ctas<__nv_bfloat16, 8>(sms) : resident_ctas<__nv_bfloat16, 16>(sms))
-                             : (R == 8 ? resident_ctas<__half, 8>(sms) : resident_ctas<__half, 16>(sms));
+  const int64_t slots = bf16 ? (R == 8 ? grad_slots<__nv_bfloat16, 8>() : grad_slots<__nv_bfloat16, 16>())
+                             : (R == 8 ? grad_slots<__half, 8>() : grad_slots<__half, 16>());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int64_t s0 = 0; s0 < n; s0 += kSlice) {
     const int64_t len = std::min(kSlice, n - s0);

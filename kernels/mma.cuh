@@ -1,15 +1,40 @@
 // Tensor-core and shared-memory primitives the hand-written GEMM-like kernels share (kernels/lora_grad.cu,
 // kernels/lora_dropout_mm.cu): cp.async copies, ldmatrix fragment loads and the m16n8k16 MMA with float32
-// accumulation, as inline PTX (sm_80 and later).
+// accumulation, as inline PTX (sm_80 and later); and their launchers' occupancy query.
 #pragma once
 
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 namespace qlora::kernels {
+
+// How many CTAs of `kernel` (`threads` a CTA, `smem` bytes of dynamic shared memory) the current device holds
+// at once; the first call for a (device, kernel) raises the kernel's shared-memory limit there, which its
+// launches need, and asks the occupancy API.
+inline int64_t resident_ctas(const void* kernel, int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int64_t> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, kernel);
+  auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return known[key] = std::max(1, per_sm) * sms;
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
