@@ -366,10 +366,20 @@ bool rank_ok(int64_t r) { return r == 8 || r == 16 || r == 32 || r == 64; }
 
 }  // namespace
 
-bool lora_dropout_mm_supported(const at::Tensor& x, int64_t members, int64_t rank) {
-  return x.is_cuda() && x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
-         rows_aligned(x) && x.size(1) > 0 && x.size(1) % kK == 0 && members >= 1 && members <= kMaxDropoutMm &&
-         rank_ok(rank);
+bool lora_dropout_mm_supported(const at::Tensor& x, const std::vector<DropoutMmMember>& members, int64_t rank,
+                               const at::Tensor& dxa) {
+  const auto count = static_cast<int64_t>(members.size());
+  if (!x.is_cuda() || x.dim() != 2 || (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) ||
+      !rows_aligned(x) || x.size(1) <= 0 || x.size(1) % kK != 0 || count < 1 || count > kMaxDropoutMm ||
+      !rank_ok(rank))
+    return false;
+  if (!dxa.defined()) return true;
+  if (dxa.scalar_type() != x.scalar_type() || dxa.device() != x.device() || !rows_aligned(dxa) ||
+      dxa.size(0) != x.size(0))
+    return false;
+  for (const auto& m : members)
+    if (m.col < 0 || m.col % 8 != 0 || m.col + rank > dxa.size(1)) return false;
+  return true;
 }
 
 void lora_dropout_xa_cuda(const at::Tensor& x, const at::Tensor& mask, const std::vector<DropoutMmMember>& members,

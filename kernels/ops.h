@@ -107,16 +107,18 @@ at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const at::Tensor& mask, co
 //   xa: out[:, col_m, col_m + R) = T((keep_m * x) A_m^T / (1 - p_m)), member m's A [R, in] (rows of one
 //       tensor a common stride apart, as a group's concatenated A);
 //   dA: returns float32 [R, in] per member = dxa[:, col_m, col_m + R)^T (keep_m * x) / (1 - p_m).
-// Products and sums in float32, one rounding; deterministic. lora_dropout_mm_supported says whether x fits:
-// bf16 / fp16 with 16-byte aligned contiguous rows, in % 64 == 0, 1 to kMaxDropoutMm members of one rank 8,
-// 16, 32 or 64 (dA also needs dxa's rows 16-byte aligned and col_m % 8 == 0).
+// Products and sums in float32, one rounding; deterministic. lora_dropout_mm_supported says whether they take
+// the arguments: x bf16 / fp16 with 16-byte aligned contiguous rows, in a positive multiple of 64, 1 to
+// kMaxDropoutMm members of one rank 8, 16, 32 or 64; given dxa (dA's), dxa like x's dtype with 16-byte aligned
+// contiguous rows and every col_m % 8 == 0 inside it.
 constexpr int kMaxDropoutMm = kMaxDropoutMembers;
 struct DropoutMmMember {
   at::Tensor a;  // xa only
   int64_t col = 0;
   double p = 0.0;
 };
-bool lora_dropout_mm_supported(const at::Tensor& x, int64_t members, int64_t rank);
+bool lora_dropout_mm_supported(const at::Tensor& x, const std::vector<DropoutMmMember>& members, int64_t rank,
+                               const at::Tensor& dxa = {});
 void lora_dropout_xa_cuda(const at::Tensor& x, const at::Tensor& mask, const std::vector<DropoutMmMember>& members,
                           const at::Tensor& out);
 std::vector<at::Tensor> lora_dropout_da_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& dxa,

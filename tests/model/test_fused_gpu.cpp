@@ -394,7 +394,7 @@ TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
                    " r " + std::to_string(c.r) + " members " + std::to_string(c.members));
       const at::Tensor wide = at::randn({c.n, c.pitch}, gen, at::kFloat).to(dt);
       const at::Tensor x = wide.to(dev).narrow(1, 0, c.in);
-      ASSERT_TRUE(kernels::lora_dropout_mm_supported(x, c.members, c.r));
+      ASSERT_TRUE(kernels::lora_dropout_mm_supported(x, std::vector<kernels::DropoutMmMember>(c.members), c.r));
       std::vector<kernels::DropoutDraw> draws;
       std::vector<double> p;
       for (int64_t m = 0; m < c.members; ++m) {
@@ -463,12 +463,21 @@ TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
   }
   // What the kernels refuse: a width off 64 or none, ranks off 8 / 16 / 32 / 64, too many members, float32.
   const at::Tensor x = at::randn({16, 96}, at::TensorOptions(dev).dtype(at::kBFloat16));
-  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x, 1, 16));
-  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 0), 1, 16));
-  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64), 1, 12));
-  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64), kernels::kMaxDropoutMm + 1, 16));
-  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64).to(at::kFloat), 1, 16));
-  EXPECT_TRUE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 64), 1, 16));
+  using Members = std::vector<kernels::DropoutMmMember>;
+  const Members one(1);
+  const at::Tensor x64 = x.narrow(1, 0, 64);
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x, one, 16));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x.narrow(1, 0, 0), one, 16));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x64, one, 12));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x64, Members(kernels::kMaxDropoutMm + 1), 16));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x64.to(at::kFloat), one, 16));
+  EXPECT_TRUE(kernels::lora_dropout_mm_supported(x64, one, 16));
+  // dA's dxa: its rows 16-byte aligned, each member's columns at a multiple of 8 inside it.
+  const at::Tensor dxa = at::zeros({16, 40}, x.options());
+  EXPECT_TRUE(kernels::lora_dropout_mm_supported(x64, Members{{at::Tensor(), 8, 0.1}}, 16, dxa));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x64, Members{{at::Tensor(), 4, 0.1}}, 16, dxa));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x64, Members{{at::Tensor(), 32, 0.1}}, 16, dxa));
+  EXPECT_FALSE(kernels::lora_dropout_mm_supported(x64, one, 16, at::zeros({16, 36}, x.options())));  // 72-byte rows
 }
 
 TEST(LoraDropoutKernel, ModuleOpReplaysFromTheGenerator) {

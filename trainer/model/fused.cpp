@@ -494,10 +494,20 @@ bool counter_dropout(const at::Tensor& x) {
 }
 
 #ifdef QLORA_WITH_CUDA
-// Whether a group's dropped members (k of them, each of rank `rank`) take their x A^T and dA from the kernels
+// A group's dropped members as kernels/lora_dropout_mm.cu takes them, with their rows of a_cat when given.
+std::vector<kernels::DropoutMmMember> dropped_members(const GroupState& st, const at::Tensor& a_cat = {}) {
+  std::vector<kernels::DropoutMmMember> mm;
+  for (const auto& m : st.members)
+    if (m.lora >= 0 && m.dropout > 0.0)
+      mm.push_back({a_cat.defined() ? a_cat.narrow(0, m.col, m.rank) : at::Tensor(), m.col, m.dropout});
+  return mm;
+}
+
+// Whether the dropped members `mm` (each of rank `rank`) take their x A^T and, given dxa, dA from the kernels
 // that mask x as it loads (kernels/lora_dropout_mm.cu) instead of from dropped copies of x.
-bool dropout_mm(const at::Tensor& x2, int64_t k, int64_t rank) {
-  return g_dropout_mm.load() && rank > 0 && kernels::lora_dropout_mm_supported(x2, k, rank);
+bool dropout_mm(const at::Tensor& x2, const std::vector<kernels::DropoutMmMember>& mm, int64_t rank,
+                const at::Tensor& dxa = {}) {
+  return g_dropout_mm.load() && rank > 0 && kernels::lora_dropout_mm_supported(x2, mm, rank, dxa);
 }
 
 // The one rank of a group's dropped members, or 0 when they differ (or none is dropped).
@@ -555,21 +565,15 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
                                     const at::Tensor& mask, const at::Tensor& dxa, const at::Tensor& a_cat,
                                     bool need_dx, variable_list& grads) {
 #ifdef QLORA_WITH_CUDA
+  const std::vector<kernels::DropoutMmMember> mm = dropped_members(st);
   std::vector<double> p;  // the dropped members'
+  for (const auto& m : mm) p.push_back(m.p);
   bool need_da = false;
-  for (const auto& m : st.members) {
-    if (m.lora < 0) continue;
-    if (m.dropout > 0.0) p.push_back(m.dropout);
-    need_da = need_da || ctx->needs_input_grad(1 + 2 * m.lora);
-  }
+  for (const auto& m : st.members) need_da = need_da || (m.lora >= 0 && ctx->needs_input_grad(1 + 2 * m.lora));
   const int64_t n = x2.size(0), k = static_cast<int64_t>(p.size()), rank = dropped_rank(st);
   // The dropped members' dA from x and the bits in one pass (no copies), where the kernel takes the shapes.
   std::vector<at::Tensor> da;
-  if (k > 0 && need_da && dxa.stride(1) == 1 && dxa.stride(0) % 8 == 0 &&
-      reinterpret_cast<uintptr_t>(dxa.const_data_ptr()) % 16 == 0 && dropout_mm(x2, k, rank)) {
-    std::vector<kernels::DropoutMmMember> mm;
-    for (const auto& m : st.members)
-      if (m.lora >= 0 && m.dropout > 0.0) mm.push_back({at::Tensor(), m.col, m.dropout});
+  if (k > 0 && need_da && dropout_mm(x2, mm, rank, dxa)) {
     da = kernels::lora_dropout_da_cuda(x2, mask, dxa, mm, rank);
     g_dropout_mm_calls.fetch_add(1, std::memory_order_relaxed);
   }
@@ -662,15 +666,12 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     bool masked_mm = false;  // the dropped members' x A^T made here
 #ifdef QLORA_WITH_CUDA
     if (counters) {
+      const std::vector<kernels::DropoutMmMember> mm = dropped_members(*st, a_cat);
       std::vector<kernels::DropoutDraw> draws;  // in the modules' order, as they would draw them
-      for (const auto& m : st->members)
-        if (m.lora >= 0 && m.dropout > 0.0) draws.push_back(draw_dropout(x2, m.dropout));
-      masked_mm = !draws.empty() && dropout_mm(x2, static_cast<int64_t>(draws.size()), dropped_rank(*st));
+      for (const auto& m : mm) draws.push_back(draw_dropout(x2, m.p));
+      masked_mm = !mm.empty() && dropout_mm(x2, mm, dropped_rank(*st));
       if (masked_mm) {
         keep_bits = kernels::lora_dropout_draw_cuda(x2, draws);
-        std::vector<kernels::DropoutMmMember> mm;
-        for (const auto& m : st->members)
-          if (m.lora >= 0 && m.dropout > 0.0) mm.push_back({a_cat.narrow(0, m.col, m.rank), m.col, m.dropout});
         kernels::lora_dropout_xa_cuda(x2, keep_bits, mm, xa);
         g_dropout_mm_calls.fetch_add(1, std::memory_order_relaxed);
       } else if (!draws.empty()) {
@@ -700,12 +701,8 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     for (const auto& m : st->members) {
       if (m.lora < 0) continue;
       at::Tensor mask;
-      if (st->any_dropout) {
+      if (st->any_dropout && !(masked_mm && m.dropout > 0.0)) {  // (else its x A^T is made)
         at::Tensor h = counters ? x2 : xc;
-        if (masked_mm && m.dropout > 0.0) {  // its x A^T is made
-          saved.insert(saved.end(), {lora[2 * m.lora + 1], mask});
-          continue;
-        }
         if (m.dropout > 0.0) {
           if (counters) h = dropped[d++];
           else std::tie(h, mask) = at::native_dropout(xc, m.dropout, /*train=*/true);
