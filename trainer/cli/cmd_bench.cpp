@@ -690,23 +690,27 @@ Runner add_bench(CLI::App& app) {
   auto so = std::make_shared<StepOptions>();
   auto kernels = std::make_shared<bool>(false);
   auto ckpt = std::make_shared<std::string>("on");
+  // An option that takes one of `choices` (the value the JSON and the header line echo), and a switch.
+  auto one_of = [&](const char* name, std::string& value, const std::string& help,
+                    std::vector<std::string> choices) {
+    cmd->add_option(name, value, help)->check(CLI::IsMember(std::move(choices)))->capture_default_str();
+  };
+  auto on_off = [&](const char* name, std::string& value, const std::string& help) {
+    one_of(name, value, help + ": on | off", {"on", "off"});
+  };
   cmd->add_option("--shape", so->shape, "llama2-7b | llama2-13b | llama3-8b | tiny")->capture_default_str();
   cmd->add_option("--r", so->r, "LoRA rank (all seven projections, alpha = 2r)")->capture_default_str();
   cmd->add_option("--lora-dropout", so->lora_dropout, "LoRA dropout on every adapter's input (the recipe's: 0.1)")
       ->capture_default_str();
-  cmd->add_option("--lora-dropout-masks", so->lora_dropout_masks,
-                  "LoRA dropout's masks on CUDA: counters (a group's members in one pass, 1 bit an element kept) | "
-                  "aten (ATen's dropout, a byte mask kept per adapter)")
-      ->check(CLI::IsMember({"counters", "aten"}))
-      ->capture_default_str();
-  cmd->add_option("--lora-dropout-mm", so->lora_dropout_mm,
-                  "With counters: x A^T and dA by kernels that mask x as it loads (kernels) | from dropped copies of "
-                  "x (copies)")
-      ->check(CLI::IsMember({"kernels", "copies"}))
-      ->capture_default_str();
-  cmd->add_option("--base", so->base, "Frozen base: nf4 (QLoRA) or bf16 (LoRA)")
-      ->check(CLI::IsMember({"nf4", "bf16"}))
-      ->capture_default_str();
+  one_of("--lora-dropout-masks", so->lora_dropout_masks,
+         "LoRA dropout's masks on CUDA: counters (a group's members in one pass, 1 bit an element kept) | "
+         "aten (ATen's dropout, a byte mask kept per adapter)",
+         {"counters", "aten"});
+  one_of("--lora-dropout-mm", so->lora_dropout_mm,
+         "With counters: x A^T and dA by kernels that mask x as it loads (kernels) | from dropped copies of "
+         "x (copies)",
+         {"kernels", "copies"});
+  one_of("--base", so->base, "Frozen base: nf4 (QLoRA) or bf16 (LoRA)", {"nf4", "bf16"});
   cmd->add_option("--seq", so->seq, "Sequence length")->capture_default_str();
   cmd->add_option("--batch", so->batch, "Sequences per step")->capture_default_str();
   cmd->add_option("--segments", so->segments,
@@ -715,34 +719,27 @@ Runner add_bench(CLI::App& app) {
   cmd->add_option("--padding", so->padding,
                   "The last N tokens of each row are padding: masked, unlabelled and not counted in tokens/s")
       ->capture_default_str();
-  cmd->add_option("--checkpointing", *ckpt,
-                  "Gradient checkpointing: on (= selective, the trainer's default) | off | full (layer inputs only)")
-      ->check(CLI::IsMember({"on", "selective", "off", "full"}))
-      ->capture_default_str();
+  one_of("--checkpointing", *ckpt,
+         "Gradient checkpointing: on (= selective, the trainer's default) | off | full (layer inputs only)",
+         {"on", "selective", "off", "full"});
   cmd->add_option("--checkpoint-layers", so->checkpoint_layers,
                   "How many decoder layers recompute (the first N; model.gradient_checkpointing_layers): -1 = all")
       ->check(CLI::Range(int64_t{-1}, std::numeric_limits<int64_t>::max()))
       ->capture_default_str();
-  cmd->add_option("--fused", so->fused, "Fused projection groups: auto (on CUDA) | on | off (per-projection modules)")
-      ->check(CLI::IsMember({"auto", "on", "off"}))
-      ->capture_default_str();
-  // A switch given as on | off (the value the JSON and the header line echo).
-  auto on_off = [&](const char* name, std::string& value, const std::string& help) {
-    cmd->add_option(name, value, help + ": on | off")->check(CLI::IsMember({"on", "off"}))->capture_default_str();
-  };
+  one_of("--fused", so->fused,
+         "Fused projection groups: auto (on CUDA) | on | off (per-projection modules)",
+         {"auto", "on", "off"});
   on_off("--fold", so->fold,
          "Adapters folded into the base GEMM's K dimension where the input's producer leaves room (off: the B "
          "products written first, the base GEMM accumulating onto them)");
-  cmd->add_option("--lora-grad", so->lora_grad,
-                  "The backward's adapter products dxa and dB: kernel (one pass over dy) | cublas (dy bd, then a "
-                  "GEMM per dB)")
-      ->check(CLI::IsMember({"kernel", "cublas"}))
-      ->capture_default_str();
-  cmd->add_option("--ahead", so->ahead,
-                  "Dequantization ahead on a second stream: low (below the step's stream) | even (the "
-                  "same priority, the step on the default stream) | high (above it) | off")
-      ->check(CLI::IsMember({"low", "even", "high", "off"}))
-      ->capture_default_str();
+  one_of("--lora-grad", so->lora_grad,
+         "The backward's adapter products dxa and dB: kernel (one pass over dy) | cublas (dy bd, then a "
+         "GEMM per dB)",
+         {"kernel", "cublas"});
+  one_of("--ahead", so->ahead,
+         "Dequantization ahead on a second stream: low (below the step's stream) | even (the "
+         "same priority, the step on the default stream) | high (above it) | off",
+         {"low", "even", "high", "off"});
   cmd->add_option("--ahead-depth", so->ahead_depth, "How many projection groups are dequantized ahead")
       ->check(CLI::Range(1, 8))
       ->capture_default_str();
@@ -760,8 +757,7 @@ Runner add_bench(CLI::App& app) {
   on_off("--pipeline", so->pipeline,
          "Queue each step before reading the previous one's loss, as the trainer does (on), or wait for every "
          "step at its end (off)");
-  cmd->add_option("--device", so->device, "auto | cuda | cpu")->check(CLI::IsMember({"auto", "cuda", "cpu"}))
-      ->capture_default_str();
+  one_of("--device", so->device, "auto | cuda | cpu", {"auto", "cuda", "cpu"});
   cmd->add_flag("--kernels", *kernels, "Benchmark the 4-bit kernels instead (GPU)");
   cmd->add_option("--json", so->json, "Also write the figures as JSON to this file");
   cmd->add_flag("--profile-gpu-only", so->profile_gpu_only,
