@@ -315,6 +315,155 @@ static __global__ void dropout_da_finish(const float* __restrict__ work, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// dx: a CTA forms 128 x 128 tiles of dx (8 warps, 4 x 2, each 32 rows by 64 columns), persistent over the
+// tiles gridDim.x apart from its first, its pipeline running on from one tile's members into the next's. A
+// step brings one member's operands for the tile: dxa's [128, R] rows (A operand), A_m's [R, 128] slab as
+// stored (the B operand, through ldmatrix.trans) and the mask bytes [128, 16]. The member's product is formed
+// in float32, its dropped elements skipped, the rest scaled and added to the tile's sum in member order; after
+// the last member the sum is rounded and leaves through shared memory in 16-byte row segments (stored from the
+// fragments, 4 bytes a thread and 8 rows an instruction, it ran at half the speed: twice the L2 write
+// transactions, each sector half written). Rank 8 is padded to the MMA's k of 16 with zeros.
+constexpr int kDxRows = 128, kDxCols = 128;
+
+template <typename T, int R>
+struct DxSmem {
+  static constexpr int k = R < 16 ? 16 : R;
+  static constexpr int dpitch = k + 8;               // elements
+  static constexpr int apitch = kDxCols + 8;         // elements
+  static constexpr int d = kDxRows * dpitch;         // elements
+  static constexpr int a = k * apitch;               // elements
+  static constexpr int mask = kDxRows * (kDxCols / 8);  // bytes
+  static constexpr size_t stage = sizeof(T) * (d + a) + mask;
+  static constexpr int opitch = kDxCols + 8;  // elements: the output tile's rows
+  static constexpr size_t bytes = kStages * stage + sizeof(T) * kDxRows * opitch;
+};
+
+template <typename T, int R>
+static __global__ void __launch_bounds__(kThreads)
+    dropout_dx_kernel(const T* __restrict__ dxa, int64_t ldd, const uint8_t* __restrict__ mask, Members mb,
+                      int64_t lda, int64_t n, int64_t in, int64_t col_tiles, int64_t tiles, T* __restrict__ dx) {
+  using S = DxSmem<T, R>;
+  constexpr int K = S::k;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int count = mb.count;
+  const int64_t mine = tiles > blockIdx.x ? ceil_div(tiles - blockIdx.x, gridDim.x) : 0;
+  const int steps = static_cast<int>(mine * count);
+  const int64_t blocks = in / 8;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int mi = lane / 8, mj = lane % 8;
+  const int wr = warp / 2, wc = warp % 2;  // the warp's rows [32 wr, + 32) and columns [64 wc, + 64) of a tile
+  struct Origin {
+    int64_t r0, c0;
+  };
+  auto origin = [&](int step) {  // the step's tile's first row and column
+    const int64_t tile = blockIdx.x + static_cast<int64_t>(step / count) * gridDim.x;
+    return Origin{tile / col_tiles * kDxRows, tile % col_tiles * kDxCols};
+  };
+  if constexpr (K != R) {  // the padding of rank 8: dxa's columns and A's rows 8..15, zero in every stage
+    for (int s = 0; s < kStages; ++s) {
+      T* ds = reinterpret_cast<T*>(smem + s * S::stage);
+      T* as = ds + S::d;
+      for (int i = tid; i < kDxRows * (K - R); i += kThreads) ds[i / (K - R) * S::dpitch + R + i % (K - R)] = from_f32<T>(0.0f);
+      for (int i = tid; i < (K - R) * S::apitch; i += kThreads) as[R * S::apitch + i] = from_f32<T>(0.0f);
+    }
+  }
+
+  auto load = [&](int step, int buf) {
+    const int m = step % count;
+    const auto [r0, c0] = origin(step);
+    T* ds = reinterpret_cast<T*>(smem + buf * S::stage);
+    T* as = ds + S::d;
+    uint8_t* ms = reinterpret_cast<uint8_t*>(as + S::a);
+    for (int i = tid; i < kDxRows * (R / 8); i += kThreads) {
+      const int row = i / (R / 8), c8 = (i % (R / 8)) * 8;
+      const bool ok = r0 + row < n;
+      cp_async16(ds + row * S::dpitch + c8, ok ? dxa + (r0 + row) * ldd + mb.col[m] + c8 : dxa, ok ? 16 : 0);
+    }
+    const T* am = static_cast<const T*>(mb.a[m]);
+    for (int i = tid; i < R * (kDxCols / 8); i += kThreads) {
+      const int k = i / (kDxCols / 8), c8 = (i % (kDxCols / 8)) * 8;
+      const bool ok = c0 + c8 < in;
+      cp_async16(as + k * S::apitch + c8, ok ? am + k * lda + c0 + c8 : am, ok ? 16 : 0);
+    }
+    const uint8_t* mm = mask + m * n * blocks;
+    for (int i = tid; i < kDxRows * 2; i += kThreads) {  // two 8-byte halves a row (in % 64 == 0)
+      const int row = i / 2, h = i % 2;
+      const bool ok = r0 + row < n && c0 + 64 * h < in;
+      cp_async8(ms + row * 16 + 8 * h, ok ? mm + (r0 + row) * blocks + c0 / 8 + 8 * h : mm, ok ? 8 : 0);
+    }
+  };
+
+  float total[2][8][4] = {};  // the tile's sum: this warp's rows g (+ 8) of m16 tile mt, columns of n8 tile nt
+  int step = 0;
+  pipeline(steps, load, [&](int buf) {
+    const int m = step % count;
+    const T* ds = reinterpret_cast<const T*>(smem + buf * S::stage);
+    const T* as = ds + S::d;
+    const uint8_t* ms = reinterpret_cast<const uint8_t*>(as + S::a);
+    float acc[2][8][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < K / 16; ++ks) {
+      uint32_t bf[8][2];  // n8 tiles 2 np and 2 np + 1 from one x4.trans: k rows +0 / +8, n columns +0 / +8
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t r[4];
+        ldsm_x4_trans(r, as + (ks * 16 + (mi % 2) * 8 + mj) * S::apitch + wc * 64 + np * 16 + (mi / 2) * 8);
+        bf[2 * np][0] = r[0], bf[2 * np][1] = r[1], bf[2 * np + 1][0] = r[2], bf[2 * np + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        uint32_t af[4];
+        ldsm_x4(af, ds + (wr * 32 + mt * 16 + (mi % 2) * 8 + mj) * S::dpitch + ks * 16 + (mi / 2) * 8);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) mma16816<T>(acc[mt][nt], af, bf[nt][0], bf[nt][1]);
+      }
+    }
+    const float scale = mb.scale[m];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        // The mask bytes of this row's 64 columns: byte nt holds columns 8 nt .. 8 nt + 7 (bit e: + e).
+        const uint2 kb = *reinterpret_cast<const uint2*>(ms + (wr * 32 + mt * 16 + g + 8 * half) * 16 + wc * 8);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const uint32_t byte = (nt < 4 ? kb.x >> (8 * nt) : kb.y >> (8 * (nt - 4))) >> (2 * t);
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if ((byte >> e) & 1u) total[mt][nt][2 * half + e] += __fmul_rn(acc[mt][nt][2 * half + e], scale);
+        }
+      }
+    }
+    if (m == count - 1) {  // the tile's last member: round and store, start the next tile's sum
+      T* out = reinterpret_cast<T*>(smem + kStages * S::stage);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          T* o = out + (wr * 32 + mt * 16 + g + 8 * half) * S::opitch + wc * 64 + 2 * t;
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) {
+            Pack<T, 2> v;
+            v.v[0] = from_f32<T>(total[mt][nt][2 * half]), v.v[1] = from_f32<T>(total[mt][nt][2 * half + 1]);
+            *reinterpret_cast<Pack<T, 2>*>(o + nt * 8) = v;
+            total[mt][nt][2 * half] = 0.0f, total[mt][nt][2 * half + 1] = 0.0f;
+          }
+        }
+      }
+      __syncthreads();
+      const auto [r0, c0] = origin(step);
+      for (int i = tid; i < kDxRows * (kDxCols / 8); i += kThreads) {
+        const int row = i / (kDxCols / 8), c8 = (i % (kDxCols / 8)) * 8;
+        if (r0 + row < n && c0 + c8 < in)  // in % 64 == 0: a segment is wholly in or out
+          *reinterpret_cast<Pack<T, 8>*>(dx + (r0 + row) * in + c0 + c8) =
+              *reinterpret_cast<const Pack<T, 8>*>(out + row * S::opitch + c8);
+      }
+    }
+    ++step;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Host side.
 
 // Splits of `steps` so that tiles x splits fills the resident CTAs once, at most kMaxSplits (each split adds
@@ -489,6 +638,63 @@ std::vector<at::Tensor> lora_dropout_da_cuda(const at::Tensor& x, const at::Tens
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return da;
+}
+
+bool lora_dropout_dx_supported(const at::Tensor& dxa, const std::vector<DropoutMmMember>& members, int64_t rank) {
+  const auto count = static_cast<int64_t>(members.size());
+  if (!dxa.is_cuda() || dxa.dim() != 2 || (dxa.scalar_type() != at::kBFloat16 && dxa.scalar_type() != at::kHalf) ||
+      !rows_aligned(dxa) || count < 1 || count > kMaxDropoutMm || !rank_ok(rank))
+    return false;
+  const at::Tensor& a0 = members[0].a;
+  if (!a0.defined() || a0.dim() != 2 || a0.size(1) <= 0 || a0.size(1) % kK != 0) return false;
+  for (const auto& m : members) {
+    const at::Tensor& a = m.a;
+    if (!a.defined() || a.scalar_type() != dxa.scalar_type() || a.device() != dxa.device() || a.dim() != 2 ||
+        a.size(0) != rank || a.size(1) != a0.size(1) || !rows_aligned(a) || a.stride(0) != a0.stride(0) ||
+        m.col < 0 || m.col % 8 != 0 || m.col + rank > dxa.size(1))
+      return false;
+  }
+  return true;
+}
+
+at::Tensor lora_dropout_dx_cuda(const at::Tensor& dxa, const at::Tensor& mask,
+                                const std::vector<DropoutMmMember>& members, int64_t rank) {
+  constexpr const char* op = "lora_dropout_dx";
+  const int64_t M = static_cast<int64_t>(members.size());
+  TORCH_CHECK(lora_dropout_dx_supported(dxa, members, rank), op,
+              ": takes dxa bf16 / fp16 [n, ranks] with 16-byte aligned rows, 1 to ", kMaxDropoutMm,
+              " members of one rank 8, 16, 32 or 64 at columns a multiple of 8 inside it, and their A's [rank, in] "
+              "of dxa's dtype with 16-byte rows a common stride apart, in a positive multiple of ",
+              kK, "; got dxa ", dxa.sizes(), " strides ", dxa.strides(), ", ", M, " members, rank ", rank);
+  const int64_t n = dxa.size(0), in = members[0].a.size(1), R = rank, lda = members[0].a.stride(0);
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.device() == dxa.device() && mask.is_contiguous() &&
+                  mask.sizes() == at::IntArrayRef({M, n, in / 8}),
+              op, ": mask must be contiguous uint8 [", M, ", ", n, ", ", in / 8, "], got ", mask.sizes());
+  Members mb{};
+  mb.count = static_cast<int>(M);
+  for (int64_t m = 0; m < M; ++m) {
+    mb.a[m] = members[m].a.const_data_ptr();
+    mb.col[m] = members[m].col;
+    mb.scale[m] = keep_scale(members[m].p, op);
+  }
+  at::Tensor dx = at::empty({n, in}, dxa.options());
+  if (n == 0) return dx;
+  const c10::cuda::CUDAGuard guard(dxa.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t ldd = n > 1 ? dxa.stride(0) : dxa.size(1);
+  dispatch_mm(dxa.scalar_type(), R, [&](auto* tag, auto rc) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int Rc = decltype(rc)::value;
+    auto* kernel = dropout_dx_kernel<T, Rc>;
+    const size_t smem = DxSmem<T, Rc>::bytes;
+    const int64_t col_tiles = ceil_div(in, kDxCols), tiles = ceil_div(n, kDxRows) * col_tiles;
+    const int64_t grid = std::min(tiles, resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, smem));
+    kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(
+        static_cast<const T*>(dxa.const_data_ptr()), ldd, mask.const_data_ptr<uint8_t>(), mb, lda, n, in, col_tiles,
+        tiles, static_cast<T*>(dx.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
 }
 
 }  // namespace qlora::kernels

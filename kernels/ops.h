@@ -113,7 +113,7 @@ at::Tensor lora_dropout_bwd_cuda(const at::Tensor& g, const at::Tensor& mask, co
 // contiguous rows and every col_m % 8 == 0 inside it.
 constexpr int kMaxDropoutMm = kMaxDropoutMembers;
 struct DropoutMmMember {
-  at::Tensor a;  // xa only
+  at::Tensor a;  // xa and dx only
   int64_t col = 0;
   double p = 0.0;
 };
@@ -123,6 +123,15 @@ void lora_dropout_xa_cuda(const at::Tensor& x, const at::Tensor& mask, const std
                           const at::Tensor& out);
 std::vector<at::Tensor> lora_dropout_da_cuda(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& dxa,
                                              const std::vector<DropoutMmMember>& members, int64_t rank);
+// The backward's input gradient through the same masks, each member's product never written:
+//   dx: returns [n, in] of dxa's dtype = sum over m of keep_m * (dxa[:, col_m, col_m + R) A_m) / (1 - p_m),
+//       the products in float32, each masked and scaled, summed in member order and rounded once.
+// lora_dropout_dx_supported: dxa bf16 / fp16 [n, ranks] with 16-byte aligned contiguous rows; 1 to
+// kMaxDropoutMm members of one rank 8, 16, 32 or 64 at columns col_m % 8 == 0 inside dxa; their A's [R, in] of
+// dxa's dtype, 16-byte aligned rows a common stride apart, in a positive multiple of 64.
+bool lora_dropout_dx_supported(const at::Tensor& dxa, const std::vector<DropoutMmMember>& members, int64_t rank);
+at::Tensor lora_dropout_dx_cuda(const at::Tensor& dxa, const at::Tensor& mask,
+                                const std::vector<DropoutMmMember>& members, int64_t rank);
 
 // Token cross-entropy and its gradient in one pass (kernels/cross_entropy.cu): logits [rows, V]
 // contiguous (bf16 / fp16 / fp32), targets int64 [rows] in [0, V) -> float32 [rows] of lse - logit[target]

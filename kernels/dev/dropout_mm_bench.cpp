@@ -1,6 +1,7 @@
-// Kernel lab: LoRA dropout's masked products (kernels/lora_dropout_mm.cu) alone on an idle GPU, against what
-// they replace (the dropped copies and one cuBLAS GEMM per member) and against cuBLAS's unmasked product of
-// the same shapes (the floor the step's dropout-0 path pays), at a 2048-token step's group shapes.
+// Kernel lab: LoRA dropout's masked products and input gradient (kernels/lora_dropout_mm.cu) alone on an idle
+// GPU, against what they replace (the dropped copies and one cuBLAS GEMM per member; for dx each member's
+// product by cuBLAS, then the masked sum) and against cuBLAS's unmasked product of the same shapes (the floor the
+// step's dropout-0 path pays), at a 2048-token step's group shapes.
 //
 //   qlora_dropout_mm_bench [iterations]
 //
@@ -55,8 +56,9 @@ int main(int argc, char** argv) {
     const char* name;
     int64_t in, members;
   };
-  std::printf("%-10s %4s %8s | %9s %9s %9s %9s | %9s %9s %9s | %8s %8s\n", "group", "r", "in", "bits", "xa",
-              "copies+mm", "mm x A^T", "dA", "apply+mm", "mm dA", "xa err", "dA err");
+  std::printf("%-10s %4s %8s | %9s %9s %9s %9s | %9s %9s %9s | %9s %9s %9s | %8s %8s %8s\n", "group", "r", "in",
+              "bits", "xa", "copies+mm", "mm x A^T", "dA", "apply+mm", "mm dA", "dx", "mm+sum", "mm dx", "xa err",
+              "dA err", "dx err");
   for (int64_t r : {16, 64}) {
     for (const Shape& s : {Shape{"q|k|v", 4096, 3}, Shape{"gate|up", 4096, 2}, Shape{"o", 4096, 1},
                            Shape{"down", 11008, 1}}) {
@@ -79,6 +81,18 @@ int main(int argc, char** argv) {
       const at::Tensor h = lora_dropout_apply_cuda(x, mask, p);
       const std::vector<at::Tensor> da = lora_dropout_da_cuda(x, mask, dxa, mm, r);
       double xa_err = 0, da_err = 0;
+      const at::Tensor products = at::empty({M, n, s.in}, opt);
+      auto two_pass_dx = [&] {
+        for (int64_t m = 0; m < M; ++m) {
+          at::Tensor out = products[m];
+          at::mm_out(out, dxa.narrow(1, m * r, r), a.narrow(0, m * r, r));
+        }
+        return lora_dropout_bwd_cuda(products, mask, p);
+      };
+      const at::Tensor dx_ref = two_pass_dx().to(at::kFloat);
+      const double dx_err =
+          ((lora_dropout_dx_cuda(dxa, mask, mm, r).to(at::kFloat) - dx_ref).abs().max() / dx_ref.abs().max())
+              .item<double>();
       for (int64_t m = 0; m < M; ++m) {
         const at::Tensor ref = at::mm(h[m], a.narrow(0, m * r, r).t()).to(at::kFloat);
         xa_err = std::max(xa_err, ((xa_k.narrow(1, m * r, r) - ref).abs().max() / ref.abs().max()).item<double>());
@@ -101,9 +115,13 @@ int main(int argc, char** argv) {
         for (int64_t m = 0; m < M; ++m) at::mm(dxa.narrow(1, m * r, r).t(), h[m], at::kFloat);
       });
       const double mm_da = median_us(iterations, [&] { at::mm(dxa.t(), x, at::kFloat); });
-      std::printf("%-10s %4ld %8ld | %9.1f %9.1f %9.1f %9.1f | %9.1f %9.1f %9.1f | %8.1e %8.1e\n", s.name,
-                  static_cast<long>(r), static_cast<long>(s.in), bits, xa_us, copies, mm_xa, da_us, apply, mm_da,
-                  xa_err, da_err);
+      const double dx_us = median_us(iterations, [&] { lora_dropout_dx_cuda(dxa, mask, mm, r); });
+      const double two_pass = median_us(iterations, [&] { two_pass_dx(); });
+      const double mm_dx = median_us(iterations, [&] { at::mm(dxa, a); });
+      std::printf("%-10s %4ld %8ld | %9.1f %9.1f %9.1f %9.1f | %9.1f %9.1f %9.1f | %9.1f %9.1f %9.1f | %8.1e %8.1e "
+                  "%8.1e\n",
+                  s.name, static_cast<long>(r), static_cast<long>(s.in), bits, xa_us, copies, mm_xa, da_us, apply,
+                  mm_da, dx_us, two_pass, mm_dx, xa_err, da_err, dx_err);
     }
   }
   return 0;

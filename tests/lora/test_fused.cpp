@@ -322,8 +322,9 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
   expect_close(got, ref, kF32Tol, "gpu f32");
 }
 
-// LoRA dropout's masked products (kernels/lora_dropout_mm.cu, ranks 8 to 64; the test above's rank 4 takes the
-// copies) in the fused path, at rank 8 with checkpointing off, selective and full. The masks are the same in
+// LoRA dropout's masked products and input gradient (kernels/lora_dropout_mm.cu, ranks 8 to 64; the test above's
+// rank 4 takes the copies and the two passes) in the fused path, at rank 8 with checkpointing off, selective and
+// full. The masks are the same in
 // every run (counters: the same decisions in float32 and bfloat16, for the modules and the groups), so the
 // float32 run (the copies: the kernels take 16-bit types) is the reference: the kernels' logits and worst
 // adapter gradient must be no further from it than the fused path's copies (ratio 1.1, plus 1e-3). bf16
@@ -344,18 +345,22 @@ TEST(FusedPath, DropoutMaskedProductsMatchTheCopiesOnGpu) {
     };
     const StepResult exact = run(at::kFloat);
     struct Restore {
-      ~Restore() { model::set_dropout_mm_kernels(true); }
+      ~Restore() { model::set_dropout_mm_kernels(true), model::set_dropout_dx_kernel(true); }
     } restore;
-    model::set_dropout_mm_kernels(false);
-    const int64_t before = model::dropout_mm_calls();
+    model::set_dropout_mm_kernels(false), model::set_dropout_dx_kernel(false);
+    const int64_t before = model::dropout_mm_calls(), dx_before = model::dropout_dx_calls();
     const StepResult copies = run(at::kBFloat16);
     EXPECT_EQ(model::dropout_mm_calls(), before);
-    model::set_dropout_mm_kernels(true);
+    EXPECT_EQ(model::dropout_dx_calls(), dx_before);
+    model::set_dropout_mm_kernels(true), model::set_dropout_dx_kernel(true);
     const StepResult got = run(at::kBFloat16);
     // Without recomputation: x A^T and dA for each layer's four groups (q|k|v, o, gate|up, down), 2 layers.
     const int64_t calls = model::dropout_mm_calls() - before;
     if (ckpt == Off) EXPECT_EQ(calls, 16) << what;
     else EXPECT_GT(calls, 16) << what;
+    // dx for each layer's four groups, 2 layers; selective recomputation asks no gradient of the first layer's
+    // q|k|v input.
+    EXPECT_EQ(model::dropout_dx_calls() - dx_before, ckpt == Selective ? 7 : 8) << what;
     ASSERT_EQ(got.grads.size(), exact.grads.size());
     const double lk = test::rel_err(got.logits, exact.logits), lc = test::rel_err(copies.logits, exact.logits);
     const double gk = worst_grad(got, exact), gc = worst_grad(copies, exact);

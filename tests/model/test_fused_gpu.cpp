@@ -480,6 +480,102 @@ TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
   EXPECT_FALSE(kernels::lora_dropout_mm_supported(x64, one, 16, at::zeros({16, 36}, x.options())));  // 72-byte rows
 }
 
+// The backward's input gradient through the masks (lora_dropout_mm.cu's dx) against float64 sums of the
+// members' products through the definition's masks (rounded to the dtype: within an ulp of the sum, plus 1e-6 of
+// the sum of the terms' magnitudes for the float32 products), members at offset columns of a wider dxa, row
+// counts and widths off the 128 x 128 tiles, 1 to 8 members; then probes that pin each element: one-hot rows of
+// dxa make each member's product a row of its A exactly, and dx must equal the float32 sum of the kept ones,
+// scaled, in member order, rounded once, bit for bit. Last, what the kernel refuses.
+TEST(LoraDropoutKernel, InputGradientMatchesTheDefinition) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(std::random_device{}());
+  struct Case {
+    int64_t n, in, r, members;
+  };
+  for (auto dt : {at::kBFloat16, at::kHalf}) {
+    const double ulp = dt == at::kBFloat16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+    for (const Case& c : {Case{300, 192, 16, 3}, Case{37, 64, 8, 1}, Case{129, 320, 64, 2}, Case{200, 4096, 32, 3},
+                          Case{70, 128, 64, 5}, Case{130, 256, 8, 8}}) {
+      SCOPED_TRACE(std::string(c10::toString(dt)) + " n " + std::to_string(c.n) + " in " + std::to_string(c.in) +
+                   " r " + std::to_string(c.r) + " members " + std::to_string(c.members));
+      std::vector<kernels::DropoutDraw> draws;
+      std::vector<double> p;
+      for (int64_t m = 0; m < c.members; ++m) {
+        const auto um = static_cast<uint64_t>(m);
+        draws.push_back({0.05 + 0.1 * static_cast<double>(m), 91 + um, 4 * um});
+        p.push_back(draws.back().p);
+      }
+      const at::Tensor mask = kernels::lora_dropout_draw_cuda(at::empty({c.n, c.in}, at::TensorOptions(dev).dtype(dt)),
+                                                              draws);
+      // The members' columns start after 8 of a member without dropout; dxa has 16 columns more than used.
+      const int64_t ranks = 8 + c.members * c.r;
+      auto run = [&](const at::Tensor& a_cat, const at::Tensor& dxa) {
+        const at::Tensor a = a_cat.to(dev), d = at::zeros({c.n, ranks + 16}, a.options());
+        d.narrow(1, 0, ranks).copy_(dxa);
+        std::vector<kernels::DropoutMmMember> mm;
+        for (int64_t m = 0; m < c.members; ++m) mm.push_back({a.narrow(0, 8 + m * c.r, c.r), 8 + m * c.r, p[m]});
+        EXPECT_TRUE(kernels::lora_dropout_dx_supported(d, mm, c.r));
+        return kernels::lora_dropout_dx_cuda(d, mask, mm, c.r).cpu();
+      };
+      const at::Tensor a_cat = (at::randn({ranks, c.in}, gen, at::kFloat) / std::sqrt(c.r)).to(dt);
+      const at::Tensor dxa = at::randn({c.n, ranks}, gen, at::kFloat).to(dt);
+      const at::Tensor dx = run(a_cat, dxa);
+      ASSERT_EQ(dx.sizes(), (std::vector<int64_t>{c.n, c.in}));
+      at::Tensor ref = at::zeros({c.n, c.in}, at::kDouble), cond = at::zeros({c.n, c.in}, at::kDouble);
+      for (int64_t m = 0; m < c.members; ++m) {
+        const double scale = 1.0 / (1.0 - p[m]);
+        const at::Tensor keep = unpack_bits(mask[m], c.in);
+        const at::Tensor am = a_cat.narrow(0, 8 + m * c.r, c.r).to(at::kDouble);
+        const at::Tensor dm = dxa.narrow(1, 8 + m * c.r, c.r).to(at::kDouble);
+        const at::Tensor zero = at::zeros({}, at::kDouble);
+        ref += at::where(keep, at::mm(dm, am) * scale, zero);
+        cond += at::where(keep, at::mm(dm.abs(), am.abs()) * scale, zero);
+      }
+      const at::Tensor err = (dx.to(at::kDouble) - ref).abs();
+      EXPECT_TRUE((err <= ulp * ref.abs() + 1e-6 * cond + 1e-30).all().item<bool>())
+          << "worst " << (err / (ref.abs() + cond)).max().item<double>();
+      // Probes: dxa's row t one-hot at column (7 t + 3 m) % r of member m.
+      at::Tensor d1 = at::zeros({c.n, ranks}, at::kFloat);
+      for (int64_t t = 0; t < c.n; ++t)
+        for (int64_t m = 0; m < c.members; ++m) d1[t][8 + m * c.r + (7 * t + 3 * m) % c.r] = 1.0f;
+      const at::Tensor dx1 = run(a_cat, d1.to(dt));
+      at::Tensor acc = at::zeros({c.n, c.in}, at::kFloat);
+      const at::Tensor rows = at::arange(c.n, at::kLong);
+      for (int64_t m = 0; m < c.members; ++m) {
+        const float scale = static_cast<float>(1.0 / (1.0 - p[m]));
+        const at::Tensor picked = a_cat.to(at::kFloat).index_select(0, 8 + m * c.r + (7 * rows + 3 * m) % c.r);
+        acc = acc + at::where(unpack_bits(mask[m], c.in), picked * scale, at::zeros_like(acc));
+      }
+      EXPECT_TRUE(test::same_bits(dx1, acc.to(dt)));
+    }
+  }
+  // What it refuses: ranks off 8 / 16 / 32 / 64, no or too many members, float32, dxa's rows off 16 bytes, a
+  // member's columns off a multiple of 8 or past dxa, widths off 64, A's of another dtype, shape or stride.
+  const auto opt = at::TensorOptions(dev).dtype(at::kBFloat16);
+  const at::Tensor dxa = at::zeros({16, 48}, opt), a = at::zeros({32, 128}, opt);
+  using Members = std::vector<kernels::DropoutMmMember>;
+  const Members one{{a.narrow(0, 0, 16), 8, 0.1}};
+  EXPECT_TRUE(kernels::lora_dropout_dx_supported(dxa, one, 16));
+  EXPECT_TRUE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16), 8, 0.1}, {a.narrow(0, 16, 16),
+                                                                                            24, 0.1}}, 16));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 12), 8, 0.1}}, 12));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{}, 16));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members(kernels::kMaxDropoutMm + 1, one[0]), 16));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa.to(at::kFloat), Members{{a.narrow(0, 0, 16).to(at::kFloat), 8,
+                                                                               0.1}}, 16));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(at::zeros({16, 36}, opt), one, 16));  // 72-byte rows
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16), 4, 0.1}}, 16));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16), 40, 0.1}}, 16));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16).narrow(1, 0, 96), 8, 0.1}}, 16));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16).to(at::kHalf), 8, 0.1}}, 16));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16), 8, 0.1},
+                                                               {at::zeros({16, 192}, opt).narrow(1, 0, 128), 24, 0.1}},
+                                                  16));
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{at::Tensor(), 8, 0.1}}, 16));
+  EXPECT_THROW(kernels::lora_dropout_dx_cuda(dxa, at::zeros({2, 16, 16}, opt.dtype(at::kByte)), one, 16), c10::Error);
+}
+
 TEST(LoraDropoutKernel, ModuleOpReplaysFromTheGenerator) {
   QLORA_SKIP_WITHOUT_CUDA();
   const at::Device dev(at::kCUDA, 0);

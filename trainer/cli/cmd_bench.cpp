@@ -148,6 +148,7 @@ struct StepOptions {
   double lora_dropout = 0.0;  // the recipe's 0.1 measures what the adapters' dropout costs
   std::string lora_dropout_masks = "counters";  // fused.h's set_counter_dropout: counters | aten
   std::string lora_dropout_mm = "kernels";       // fused.h's set_dropout_mm_kernels: kernels | copies
+  std::string lora_dropout_dx = "kernel";        // fused.h's set_dropout_dx_kernel: kernel | two-pass
   std::string base = "nf4";  // nf4 (QLoRA) | bf16 (LoRA on a bf16 base): the difference is the 4-bit cost
   int64_t seq = 2048;
   int64_t batch = 1;
@@ -269,6 +270,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::set_lora_grad_kernel(so.lora_grad == "kernel");
   model::set_counter_dropout(so.lora_dropout_masks == "counters");
   model::set_dropout_mm_kernels(so.lora_dropout_mm == "kernels");
+  model::set_dropout_dx_kernel(so.lora_dropout_dx == "kernel");
   model::set_dequant_ahead_depth(so.ahead_depth);
   model::set_keep_attention(so.keep_attention == "on");
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
@@ -499,6 +501,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"lora_dropout", so.lora_dropout},
                       {"lora_dropout_masks", so.lora_dropout_masks},
                       {"lora_dropout_mm", so.lora_dropout_mm},
+                      {"lora_dropout_dx", so.lora_dropout_dx},
                       {"seq", so.seq},
                       {"batch", so.batch},
                       {"segments", so.segments},
@@ -533,10 +536,10 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
-             "lora-dropout={} ({}, {}) checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) "
+             "lora-dropout={} ({}, {}, dx {}) checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) "
              "lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
-             so.lora_dropout, so.lora_dropout_masks, so.lora_dropout_mm,
+             so.lora_dropout, so.lora_dropout_masks, so.lora_dropout_mm, so.lora_dropout_dx,
              to_string(so.checkpointing), model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead,
              so.ahead_depth, so.lora_grad, so.keep_attention, kept_per_step, so.pipeline, so.cuda_graph,
              ctx.device.str());
@@ -710,6 +713,10 @@ Runner add_bench(CLI::App& app) {
          "With counters: x A^T and dA by kernels that mask x as it loads (kernels) | from dropped copies of "
          "x (copies)",
          {"kernels", "copies"});
+  one_of("--lora-dropout-dx", so->lora_dropout_dx,
+         "With counters: the input gradient through the masks by one kernel (kernel) | each member's product "
+         "written by cuBLAS, then summed through the masks (two-pass)",
+         {"kernel", "two-pass"});
   one_of("--base", so->base, "Frozen base: nf4 (QLoRA) or bf16 (LoRA)", {"nf4", "bf16"});
   cmd->add_option("--seq", so->seq, "Sequence length")->capture_default_str();
   cmd->add_option("--batch", so->batch, "Sequences per step")->capture_default_str();

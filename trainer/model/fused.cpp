@@ -34,6 +34,7 @@ std::atomic<bool> g_fold{true};
 std::atomic<bool> g_lora_grad_kernel{true};
 std::atomic<bool> g_counter_dropout{true};
 std::atomic<bool> g_dropout_mm{true};
+std::atomic<bool> g_dropout_dx{true};
 thread_local bool t_keep_weights = false;  // KeepDequantizedWeights
 
 using torch::autograd::AutogradContext;
@@ -61,6 +62,7 @@ int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 
 std::atomic<int64_t> g_folded{0};
 std::atomic<int64_t> g_dropout_mm_calls{0};
+std::atomic<int64_t> g_dropout_dx_calls{0};
 
 using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
@@ -558,9 +560,10 @@ bool can_fold(const GroupState& s, const at::Tensor& x2, int64_t spare) {
 
 // The backward of the adapters' inputs under dropout by counters: dA_i = dxa_i^T h_i with x masked by the
 // forward's keep bits as it loads (kernels/lora_dropout_mm.cu; else from the dropped copies of x made again from
-// the bits, kernels/lora_dropout.cu), then, in a buffer of the copies' size,
-// each dropped member's dxa_i A_i, summed through its mask by one pass into dx (a member without dropout adds
-// dxa_i A_i as is). Returns dx (undefined unless need_dx); the A's gradients go into grads.
+// the bits, kernels/lora_dropout.cu), then dx = sum_i keep_i (dxa_i A_i) / (1 - p_i) over the dropped members,
+// formed tile by tile through the masks by one kernel (lora_dropout_mm.cu's dx; else each product written to a
+// buffer of the copies' size by cuBLAS and summed through its mask by one pass); a member without dropout adds
+// dxa_i A_i as is. Returns dx (undefined unless need_dx); the A's gradients go into grads.
 at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, const at::Tensor& x2,
                                     const at::Tensor& mask, const at::Tensor& dxa, const at::Tensor& a_cat,
                                     bool need_dx, variable_list& grads) {
@@ -577,9 +580,14 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
     da = kernels::lora_dropout_da_cuda(x2, mask, dxa, mm, rank);
     g_dropout_mm_calls.fetch_add(1, std::memory_order_relaxed);
   }
+  std::vector<kernels::DropoutMmMember> dx_members;  // given: dx from the kernel
+  if (k > 0 && need_dx && g_dropout_dx.load()) {
+    dx_members = dropped_members(st, a_cat);
+    if (!kernels::lora_dropout_dx_supported(dxa, dx_members, rank)) dx_members.clear();
+  }
   at::Tensor buf;  // the dropped copies (for dA without the kernel), then the dropped members' dxa_i A_i
   if (k > 0 && need_da && da.empty()) buf = kernels::lora_dropout_apply_cuda(x2, mask, p);
-  else if (k > 0 && need_dx) buf = at::empty({k, n, st.in}, x2.options());
+  else if (k > 0 && need_dx && dx_members.empty()) buf = at::empty({k, n, st.in}, x2.options());
   int64_t d = 0;
   for (const auto& m : st.members) {
     if (m.lora < 0) continue;
@@ -590,13 +598,19 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
                                           : mm_float(dxa.narrow(1, m.col, m.rank).t(), buf[i]);
   }
   if (!need_dx) return {};
-  d = 0;
-  for (const auto& m : st.members) {
-    if (m.lora < 0 || m.dropout == 0.0) continue;
-    at::Tensor out = buf[d++];
-    at::mm_out(out, dxa.narrow(1, m.col, m.rank), a_cat.narrow(0, m.col, m.rank));
+  at::Tensor dx;
+  if (!dx_members.empty()) {
+    dx = kernels::lora_dropout_dx_cuda(dxa, mask, dx_members, rank);
+    g_dropout_dx_calls.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    d = 0;
+    for (const auto& m : st.members) {
+      if (m.lora < 0 || m.dropout == 0.0) continue;
+      at::Tensor out = buf[d++];
+      at::mm_out(out, dxa.narrow(1, m.col, m.rank), a_cat.narrow(0, m.col, m.rank));
+    }
+    dx = k > 0 ? kernels::lora_dropout_bwd_cuda(buf, mask, p) : at::zeros({n, st.in}, x2.options());
   }
-  at::Tensor dx = k > 0 ? kernels::lora_dropout_bwd_cuda(buf, mask, p) : at::zeros({n, st.in}, x2.options());
   for (const auto& m : st.members)
     if (m.lora >= 0 && m.dropout == 0.0) dx.addmm_(dxa.narrow(1, m.col, m.rank), a_cat.narrow(0, m.col, m.rank));
   return dx;
@@ -884,6 +898,7 @@ void set_fold_adapters(bool on) { g_fold.store(on); }
 bool fold_adapters() { return g_fold.load(); }
 void set_counter_dropout(bool on) { g_counter_dropout.store(on); }
 void set_dropout_mm_kernels(bool on) { g_dropout_mm.store(on); }
+void set_dropout_dx_kernel(bool on) { g_dropout_dx.store(on); }
 void set_lora_grad_kernel(bool on) { g_lora_grad_kernel.store(on); }
 
 #ifdef QLORA_WITH_CUDA
@@ -1002,6 +1017,7 @@ at::Tensor with_spare_columns(const at::Tensor& x, int64_t spare) {
 
 int64_t folded_group_calls() { return g_folded.load(std::memory_order_relaxed); }
 int64_t dropout_mm_calls() { return g_dropout_mm_calls.load(std::memory_order_relaxed); }
+int64_t dropout_dx_calls() { return g_dropout_dx_calls.load(std::memory_order_relaxed); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split(const at::Tensor& qkv, const at::Tensor& cos,
                                                           const at::Tensor& sin, int64_t nq, int64_t nk, int64_t d) {

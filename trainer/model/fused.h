@@ -102,6 +102,12 @@ void set_counter_dropout(bool on);
 // dropped copies of x written and read by cuBLAS (`qlora bench --lora-dropout-mm copies`, for A/B).
 void set_dropout_mm_kernels(bool on);
 
+// Whether, with masks by counters, the backward forms a group's input gradient through its dropped members'
+// masks in one kernel (kernels/lora_dropout_mm.cu's dx, where it takes the shapes; default on) or writes each
+// member's dxa_i A_i by cuBLAS and sums them through the masks in a second pass (`qlora bench
+// --lora-dropout-dx two-pass`, for A/B).
+void set_dropout_dx_kernel(bool on);
+
 // While one lives (on this thread), a group's forward keeps its dequantized weights for its backward instead
 // of dequantizing them again there. For a checkpointed layer's recomputation, whose backward follows at
 // once: it saves one dequantization per group and step for one layer's bf16 weights held meanwhile (about
@@ -154,6 +160,8 @@ int64_t folded_group_calls();
 // How many of LoRA dropout's masked products (x A^T in a forward, dA in a backward) ran by the kernels of
 // set_dropout_mm_kernels since the process started (tests).
 int64_t dropout_mm_calls();
+// How many backwards formed dx by set_dropout_dx_kernel's kernel since the process started (tests).
+int64_t dropout_dx_calls();
 
 // RoPE on the packed q|k|v output [B, T, (nq + 2 nk) D] with cos/sin [B, T, D]; returns q [B, T, nq, D],
 // k [B, T, nk, D] (rotated) and v [B, T, nk, D], each contiguous. Differentiable.
