@@ -363,7 +363,8 @@ static __global__ void __launch_bounds__(kThreads)
     for (int s = 0; s < kStages; ++s) {
       T* ds = reinterpret_cast<T*>(smem + s * S::stage);
       T* as = ds + S::d;
-      for (int i = tid; i < kDxRows * (K - R); i += kThreads) ds[i / (K - R) * S::dpitch + R + i % (K - R)] = from_f32<T>(0.0f);
+      for (int i = tid; i < kDxRows * (K - R); i += kThreads)
+        ds[i / (K - R) * S::dpitch + R + i % (K - R)] = from_f32<T>(0.0f);
       for (int i = tid; i < (K - R) * S::apitch; i += kThreads) as[R * S::apitch + i] = from_f32<T>(0.0f);
     }
   }

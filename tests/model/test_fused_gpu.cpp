@@ -506,8 +506,8 @@ TEST(LoraDropoutKernel, InputGradientMatchesTheDefinition) {
         draws.push_back({0.05 + 0.1 * static_cast<double>(m), 91 + um, 4 * um});
         p.push_back(draws.back().p);
       }
-      const at::Tensor mask = kernels::lora_dropout_draw_cuda(at::empty({c.n, c.in}, at::TensorOptions(dev).dtype(dt)),
-                                                              draws);
+      const at::Tensor shape = at::empty({c.n, c.in}, at::TensorOptions(dev).dtype(dt));  // the draw reads no x
+      const at::Tensor mask = kernels::lora_dropout_draw_cuda(shape, draws);
       // The members' columns start after 8 of a member without dropout; dxa has 16 columns more than used.
       const int64_t ranks = 8 + c.members * c.r;
       auto run = [&](const at::Tensor& a_cat, const at::Tensor& dxa) {
@@ -569,11 +569,12 @@ TEST(LoraDropoutKernel, InputGradientMatchesTheDefinition) {
   EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16), 40, 0.1}}, 16));
   EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16).narrow(1, 0, 96), 8, 0.1}}, 16));
   EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16).to(at::kHalf), 8, 0.1}}, 16));
-  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16), 8, 0.1},
-                                                               {at::zeros({16, 192}, opt).narrow(1, 0, 128), 24, 0.1}},
+  const at::Tensor other_stride = at::zeros({16, 192}, opt).narrow(1, 0, 128);
+  EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{a.narrow(0, 0, 16), 8, 0.1}, {other_stride, 24, 0.1}},
                                                   16));
   EXPECT_FALSE(kernels::lora_dropout_dx_supported(dxa, Members{{at::Tensor(), 8, 0.1}}, 16));
-  EXPECT_THROW(kernels::lora_dropout_dx_cuda(dxa, at::zeros({2, 16, 16}, opt.dtype(at::kByte)), one, 16), c10::Error);
+  const at::Tensor two_members_bits = at::zeros({2, 16, 16}, opt.dtype(at::kByte));
+  EXPECT_THROW(kernels::lora_dropout_dx_cuda(dxa, two_members_bits, one, 16), c10::Error);
 }
 
 TEST(LoraDropoutKernel, ModuleOpReplaysFromTheGenerator) {

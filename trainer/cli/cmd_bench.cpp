@@ -536,7 +536,8 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
-             "lora-dropout={} ({}, {}, dx {}) checkpointing={} ({} of {} layers) fused={} fold={} ahead={} (depth {}) "
+             "lora-dropout={} ({}, {}, dx {}) checkpointing={} ({} of {} layers) fused={} fold={} "
+             "ahead={} (depth {}) "
              "lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
              so.lora_dropout, so.lora_dropout_masks, so.lora_dropout_mm, so.lora_dropout_dx,
