@@ -149,7 +149,6 @@ struct StepOptions {
   std::string lora_dropout_masks = "counters";  // fused.h's set_counter_dropout: counters | aten
   std::string lora_dropout_mm = "kernels";       // fused.h's set_dropout_mm_kernels: kernels | copies
   std::string lora_dropout_dx = "kernel";        // fused.h's set_dropout_dx_kernel: kernel | two-pass
-  std::string lora_dropout_stash = "on";         // fused.h's set_dropout_mask_stash: on | off
   std::string base = "nf4";  // nf4 (QLoRA) | bf16 (LoRA on a bf16 base): the difference is the 4-bit cost
   int64_t seq = 2048;
   int64_t batch = 1;
@@ -272,7 +271,6 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::set_counter_dropout(so.lora_dropout_masks == "counters");
   model::set_dropout_mm_kernels(so.lora_dropout_mm == "kernels");
   model::set_dropout_dx_kernel(so.lora_dropout_dx == "kernel");
-  model::set_dropout_mask_stash(so.lora_dropout_stash == "on");
   model::set_dequant_ahead_depth(so.ahead_depth);
   model::set_keep_attention(so.keep_attention == "on");
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
@@ -504,7 +502,6 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"lora_dropout_masks", so.lora_dropout_masks},
                       {"lora_dropout_mm", so.lora_dropout_mm},
                       {"lora_dropout_dx", so.lora_dropout_dx},
-                      {"lora_dropout_stash", so.lora_dropout_stash},
                       {"seq", so.seq},
                       {"batch", so.batch},
                       {"segments", so.segments},
@@ -539,12 +536,11 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
-             "lora-dropout={} ({}, {}, dx {}, stash {}) checkpointing={} ({} of {} layers) fused={} fold={} "
+             "lora-dropout={} ({}, {}, dx {}) checkpointing={} ({} of {} layers) fused={} fold={} "
              "ahead={} (depth {}) "
              "lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
              so.lora_dropout, so.lora_dropout_masks, so.lora_dropout_mm, so.lora_dropout_dx,
-             so.lora_dropout_stash,
              to_string(so.checkpointing), model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead,
              so.ahead_depth, so.lora_grad, so.keep_attention, kept_per_step, so.pipeline, so.cuda_graph,
              ctx.device.str());
@@ -722,9 +718,6 @@ Runner add_bench(CLI::App& app) {
          "With counters: the input gradient through the masks by one kernel (kernel) | each member's product "
          "written by cuBLAS, then summed through the masks (two-pass)",
          {"kernel", "two-pass"});
-  on_off("--lora-dropout-stash", so->lora_dropout_stash,
-         "With counters and checkpointing: the first forward's keep bits kept for the recomputation (on) or drawn "
-         "again (off)");
   one_of("--base", so->base, "Frozen base: nf4 (QLoRA) or bf16 (LoRA)", {"nf4", "bf16"});
   cmd->add_option("--seq", so->seq, "Sequence length")->capture_default_str();
   cmd->add_option("--batch", so->batch, "Sequences per step")->capture_default_str();

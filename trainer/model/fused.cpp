@@ -35,9 +35,7 @@ std::atomic<bool> g_lora_grad_kernel{true};
 std::atomic<bool> g_counter_dropout{true};
 std::atomic<bool> g_dropout_mm{true};
 std::atomic<bool> g_dropout_dx{true};
-std::atomic<bool> g_stash_enabled{true};
 thread_local bool t_keep_weights = false;  // KeepDequantizedWeights
-thread_local bool t_stash_masks = false;   // StashDropoutMasks
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -65,23 +63,6 @@ int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 std::atomic<int64_t> g_folded{0};
 std::atomic<int64_t> g_dropout_mm_calls{0};
 std::atomic<int64_t> g_dropout_dx_calls{0};
-
-// LoRA dropout's keep bits drawn under StashDropoutMasks, by their draws (device, the first member's seed and
-// offset, the members, rows, columns), until a recomputation takes them (take_stashed_mask).
-using MaskKey = std::tuple<int, uint64_t, uint64_t, int64_t, int64_t, int64_t>;
-std::mutex g_stash_mutex;
-std::map<MaskKey, at::Tensor> g_stash;
-std::atomic<int64_t> g_masks_reused{0};
-
-at::Tensor take_stashed_mask(const MaskKey& key) {
-  std::lock_guard<std::mutex> lock(g_stash_mutex);
-  auto it = g_stash.find(key);
-  if (it == g_stash.end()) return {};
-  at::Tensor mask = std::move(it->second);
-  g_stash.erase(it);
-  g_masks_reused.fetch_add(1, std::memory_order_relaxed);
-  return mask;
-}
 
 using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
@@ -704,18 +685,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       for (const auto& m : mm) draws.push_back(draw_dropout(x2, m.p));
       masked_mm = !mm.empty() && dropout_mm(x2, mm, dropped_rank(*st));
       if (masked_mm) {
-        // A recomputation draws what its layer's first forward drew (the generator's state restored): where that
-        // forward stashed the bits, they are taken instead.
-        const MaskKey key{x2.device().index(), draws[0].seed, draws[0].offset, static_cast<int64_t>(draws.size()), n,
-                          st->in};
-        keep_bits = take_stashed_mask(key);
-        if (!keep_bits.defined()) {
-          keep_bits = kernels::lora_dropout_draw_cuda(x2, draws);
-          if (t_stash_masks && g_stash_enabled.load()) {
-            std::lock_guard<std::mutex> lock(g_stash_mutex);
-            g_stash[key] = keep_bits;
-          }
-        }
+        keep_bits = kernels::lora_dropout_draw_cuda(x2, draws);
         kernels::lora_dropout_xa_cuda(x2, keep_bits, mm, xa);
         g_dropout_mm_calls.fetch_add(1, std::memory_order_relaxed);
       } else if (!draws.empty()) {
@@ -908,14 +878,6 @@ struct SwiGLUPackedFunction : public torch::autograd::Function<SwiGLUPackedFunct
 
 KeepDequantizedWeights::KeepDequantizedWeights() : previous_(t_keep_weights) { t_keep_weights = true; }
 KeepDequantizedWeights::~KeepDequantizedWeights() { t_keep_weights = previous_; }
-StashDropoutMasks::StashDropoutMasks() : previous_(t_stash_masks) { t_stash_masks = true; }
-StashDropoutMasks::~StashDropoutMasks() { t_stash_masks = previous_; }
-void set_dropout_mask_stash(bool on) { g_stash_enabled.store(on); }
-void clear_dropout_mask_stash() {
-  std::lock_guard<std::mutex> lock(g_stash_mutex);
-  g_stash.clear();
-}
-int64_t dropout_masks_reused() { return g_masks_reused.load(std::memory_order_relaxed); }
 
 void set_fused_mode(FusedMode mode) { g_mode.store(mode); }
 FusedMode fused_mode() { return g_mode.load(); }

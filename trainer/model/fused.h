@@ -123,27 +123,6 @@ class KeepDequantizedWeights {
   bool previous_;
 };
 
-// While one lives (on this thread), the keep bits that LoRA dropout draws for a group's masked products (masks
-// by counters, kernels/lora_dropout_mm.cu) are kept, keyed by their draws, until a group call with the same
-// draws takes them instead of drawing: a checkpointed layer's first forward stashes, and its recomputation, which
-// restores the generator's state and so draws the same masks, takes them. 1 bit an element of each dropped
-// member's input (8.8 MB a layer at the 7B shape and 2048 tokens) held from forward to backward, for one draw
-// kernel fewer per group (~2.3 ms a step at that shape). clear_dropout_mask_stash drops any left (a forward
-// whose backward never ran); a training forward with recomputation calls it first.
-class StashDropoutMasks {
- public:
-  StashDropoutMasks();
-  ~StashDropoutMasks();
-  StashDropoutMasks(const StashDropoutMasks&) = delete;
-  StashDropoutMasks& operator=(const StashDropoutMasks&) = delete;
-
- private:
-  bool previous_;
-};
-void clear_dropout_mask_stash();
-// Whether StashDropoutMasks stashes (default on; `qlora bench --lora-dropout-stash off` draws again, for A/B).
-void set_dropout_mask_stash(bool on);
-
 // The group's outputs side by side: x [..., in] -> [..., sum of out], or an undefined tensor when the
 // fused path does not apply to this group and input (then call each member's forward).
 // output_needed = false: only the gradient path is wanted (a recomputation whose caller kept what the output
@@ -183,8 +162,6 @@ int64_t folded_group_calls();
 int64_t dropout_mm_calls();
 // How many backwards formed dx by set_dropout_dx_kernel's kernel since the process started (tests).
 int64_t dropout_dx_calls();
-// How many group calls took their keep bits from StashDropoutMasks since the process started (tests).
-int64_t dropout_masks_reused();
 
 // RoPE on the packed q|k|v output [B, T, (nq + 2 nk) D] with cos/sin [B, T, D]; returns q [B, T, nq, D],
 // k [B, T, nk, D] (rotated) and v [B, T, nk, D], each contiguous. Differentiable.

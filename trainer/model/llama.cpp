@@ -551,7 +551,6 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     ctx->saved_data["longest"] = mask.longest;
     ctx->saved_data["rng"] = rng_state(x, *layer);
     at::NoGradGuard no_grad;
-    StashDropoutMasks stash;  // for the recomputation, which would draw the same ones
     if (!keep_residual) {
       ctx->save_for_backward({x});
       return {layer->forward(x, rope, mask)};
@@ -752,7 +751,6 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
     // The reentrant checkpoint only runs its backward when its input needs a gradient.
     x = x.detach().requires_grad_(true);
   }
-  if (recomputed > 0) clear_dropout_mask_stash();  // masks of a forward whose backward never ran
   // The residual stream is x + pending: a layer that is not recomputed hands on its MLP output unadded, for
   // the next norm to add in its kernel (forward_pending); a checkpointed layer takes and gives whole inputs.
   at::Tensor pending;
