@@ -541,9 +541,10 @@ void set_rng_state(const at::Tensor& x, const c10::IValue& state) {
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor x,
                                                 DecoderLayerImpl* layer, const Rope& rope, const MaskArg& m,
-                                                bool keep_residual) {
+                                                bool keep_residual, bool input_grad) {
     const AttentionMask& mask = m.mask;
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    ctx->saved_data["input_grad"] = input_grad;
     ctx->saved_data["cos"] = rope.cos;
     ctx->saved_data["sin"] = rope.sin;
     ctx->saved_data["mask"] = mask.dense;
@@ -586,10 +587,17 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     {
       at::AutoGradMode enable(true);
       KeepDequantizedWeights keep;  // each backward below follows its recomputation at once
-      at::Tensor xd = x.detach().requires_grad_(true);
+      // The first layer's input, the frozen embedding's output, was made to want a gradient only so that this
+      // backward runs: its recomputation then computes none (the q|k|v and norm input gradients).
+      const bool input_grad = ctx->saved_data["input_grad"].toBool();
+      at::Tensor xd = x.detach().requires_grad_(input_grad);
+      // A path without adapters (and an input that wants no gradient) has nothing to give back.
+      auto backward_from = [](const at::Tensor& out, const at::Tensor& grad) {
+        if (out.requires_grad()) torch::autograd::backward({out}, {grad});
+      };
       if (saved.size() == 1) {
         set_rng_state(x, ctx->saved_data["rng"]);
-        torch::autograd::backward({layer->forward(xd, rope, mask)}, {grad_out[0]});
+        backward_from(layer->forward(xd, rope, mask), grad_out[0]);
         dx = xd.grad();
       } else {
         set_rng_state(x, ctx->saved_data["rng_mlp"]);
@@ -599,14 +607,14 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
         const auto kept = c10::static_intrusive_pointer_cast<KeptAttention>(ctx->saved_data["attention"].toCapsule());
         {
           SlotGuard take(t_attention_kept, kept.get());
-          torch::autograd::backward({layer->attention_gradient_path(xd, rope, mask)}, {hd.grad()});
+          backward_from(layer->attention_gradient_path(xd, rope, mask), hd.grad());
         }
         kept->clear();  // taken by the recomputation's node; else (nothing kept, or not taken) freed here
         dx = xd.grad();
       }
     }
     set_rng_state(x, rng_now);
-    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -747,6 +755,7 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
     cache->v.resize(layer_list.size());
   }
   const int64_t recomputed = at::GradMode::is_enabled() && !cache ? recomputed_layers() : 0;
+  const bool input_grad = x.requires_grad();  // the embedding's output: only when it is trained
   if (recomputed > 0 && !x.requires_grad()) {
     // The reentrant checkpoint only runs its backward when its input needs a gradient.
     x = x.detach().requires_grad_(true);
@@ -757,7 +766,7 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
   for (size_t i = 0; i < layer_list.size(); ++i) {
     if (static_cast<int64_t>(i) < recomputed) {
       x = CheckpointedLayer::apply(x, layer_list[i].get(), rope, MaskArg{mask},
-                                   checkpointing_ == Checkpointing::Selective)[0];
+                                   checkpointing_ == Checkpointing::Selective, i > 0 || input_grad)[0];
     } else {
       std::tie(x, pending) = layer_list[i]->forward_pending(x, pending, rope, mask, cache ? &cache->k[i] : nullptr,
                                                             cache ? &cache->v[i] : nullptr);
