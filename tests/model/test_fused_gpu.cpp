@@ -373,6 +373,19 @@ TEST(LoraDropoutKernel, MasksLookIndependent) {
   EXPECT_FLOAT_EQ(h0.max().item<float>(), static_cast<float>(at::tensor(1.0f / 0.9f).to(at::kBFloat16).item<float>()));
 }
 
+// Draws of `members` members: p = p0 + dp m, seed seed0 + m, offset 4 m; and their p's.
+std::pair<std::vector<kernels::DropoutDraw>, std::vector<double>> member_draws(int64_t members, double p0, double dp,
+                                                                               uint64_t seed0) {
+  std::vector<kernels::DropoutDraw> draws;
+  std::vector<double> p;
+  for (int64_t m = 0; m < members; ++m) {
+    const auto um = static_cast<uint64_t>(m);
+    draws.push_back({p0 + dp * static_cast<double>(m), seed0 + um, 4 * um});
+    p.push_back(draws.back().p);
+  }
+  return {draws, p};
+}
+
 // The masked products (kernels/lora_dropout_mm.cu) against float64 products of the definition's copies: every
 // member's x A^T (rounded to x's dtype: within half an ulp of it, plus 1e-6 of the sum of the terms'
 // magnitudes for the float32 sums) and dA (float32: 3e-5 of that sum), members at offset columns of wider
@@ -395,13 +408,7 @@ TEST(LoraDropoutKernel, MaskedProductsMatchTheCopies) {
       const at::Tensor wide = at::randn({c.n, c.pitch}, gen, at::kFloat).to(dt);
       const at::Tensor x = wide.to(dev).narrow(1, 0, c.in);
       ASSERT_TRUE(kernels::lora_dropout_mm_supported(x, std::vector<kernels::DropoutMmMember>(c.members), c.r));
-      std::vector<kernels::DropoutDraw> draws;
-      std::vector<double> p;
-      for (int64_t m = 0; m < c.members; ++m) {
-        const auto um = static_cast<uint64_t>(m);
-        draws.push_back({0.1 + 0.15 * static_cast<double>(m), 77 + um, 4 * um});
-        p.push_back(draws.back().p);
-      }
+      const auto [draws, p] = member_draws(c.members, 0.1, 0.15, 77);
       const at::Tensor mask = kernels::lora_dropout_draw_cuda(x, draws);
       const auto [h_dev, mask_fwd] = kernels::lora_dropout_fwd_cuda(x, draws);
       EXPECT_TRUE(at::equal(mask, mask_fwd));
@@ -499,13 +506,7 @@ TEST(LoraDropoutKernel, InputGradientMatchesTheDefinition) {
                           Case{70, 128, 64, 5}, Case{130, 256, 8, 8}}) {
       SCOPED_TRACE(std::string(c10::toString(dt)) + " n " + std::to_string(c.n) + " in " + std::to_string(c.in) +
                    " r " + std::to_string(c.r) + " members " + std::to_string(c.members));
-      std::vector<kernels::DropoutDraw> draws;
-      std::vector<double> p;
-      for (int64_t m = 0; m < c.members; ++m) {
-        const auto um = static_cast<uint64_t>(m);
-        draws.push_back({0.05 + 0.1 * static_cast<double>(m), 91 + um, 4 * um});
-        p.push_back(draws.back().p);
-      }
+      const auto [draws, p] = member_draws(c.members, 0.05, 0.1, 91);
       const at::Tensor shape = at::empty({c.n, c.in}, at::TensorOptions(dev).dtype(dt));  // the draw reads no x
       const at::Tensor mask = kernels::lora_dropout_draw_cuda(shape, draws);
       // The members' columns start after 8 of a member without dropout; dxa has 16 columns more than used.
