@@ -320,9 +320,9 @@ static __global__ void dropout_da_finish(const float* __restrict__ work, int64_t
 // step brings one member's operands for the tile: dxa's [128, R] rows (A operand), A_m's [R, 128] slab as
 // stored (the B operand, through ldmatrix.trans) and the mask bytes [128, 16]. The member's product is formed
 // in float32, its dropped elements skipped, the rest scaled and added to the tile's sum in member order; after
-// the last member the sum is rounded and leaves through shared memory in 16-byte row segments (stored from the
-// fragments, 4 bytes a thread and 8 rows an instruction, it ran at half the speed: twice the L2 write
-// transactions, each sector half written). Rank 8 is padded to the MMA's k of 16 with zeros.
+// the last member the sum is rounded and leaves through shared memory in 16-byte row segments (stored straight
+// from the fragments, 4 bytes a thread and 8 rows an instruction, each instruction half-filling its 32-byte
+// sectors, it ran at half the speed). Rank 8 is padded to the MMA's k of 16 with zeros.
 constexpr int kDxRows = 128, kDxCols = 128;
 
 template <typename T, int R>
