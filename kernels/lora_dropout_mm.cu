@@ -494,6 +494,13 @@ bool rows_aligned(const at::Tensor& t) {  // 16-byte rows: cp.async's 16-byte co
          reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
+// The keep bits of `members` members for an [n, in] input on `device`: contiguous uint8 [members, n, in / 8].
+void check_mask(const at::Tensor& mask, int64_t members, int64_t n, int64_t in, at::Device device, const char* op) {
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.device() == device && mask.is_contiguous() &&
+                  mask.sizes() == at::IntArrayRef({members, n, in / 8}),
+              op, ": mask must be contiguous uint8 [", members, ", ", n, ", ", in / 8, "], got ", mask.sizes());
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& mask, int64_t members, const char* op) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
               op, ": x must be a 2-D bfloat16 / float16 CUDA tensor, got ", x.scalar_type(), " ", x.sizes());
@@ -501,10 +508,7 @@ void check_common(const at::Tensor& x, const at::Tensor& mask, int64_t members, 
               ": x needs contiguous 16-byte aligned rows and a multiple of ", kK, " columns, got ", x.sizes(),
               " strides ", x.strides());
   TORCH_CHECK(members >= 1 && members <= kMaxDropoutMm, op, ": 1 to ", kMaxDropoutMm, " members, got ", members);
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.device() == x.device() && mask.is_contiguous() &&
-                  mask.sizes() == at::IntArrayRef({members, x.size(0), x.size(1) / 8}),
-              op, ": mask must be contiguous uint8 [", members, ", ", x.size(0), ", ", x.size(1) / 8, "], got ",
-              mask.sizes());
+  check_mask(mask, members, x.size(0), x.size(1), x.device(), op);
 }
 
 float keep_scale(double p, const char* op) {
@@ -668,9 +672,7 @@ at::Tensor lora_dropout_dx_cuda(const at::Tensor& dxa, const at::Tensor& mask,
               "of dxa's dtype with 16-byte rows a common stride apart, in a positive multiple of ",
               kK, "; got dxa ", dxa.sizes(), " strides ", dxa.strides(), ", ", M, " members, rank ", rank);
   const int64_t n = dxa.size(0), in = members[0].a.size(1), R = rank, lda = members[0].a.stride(0);
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.device() == dxa.device() && mask.is_contiguous() &&
-                  mask.sizes() == at::IntArrayRef({M, n, in / 8}),
-              op, ": mask must be contiguous uint8 [", M, ", ", n, ", ", in / 8, "], got ", mask.sizes());
+  check_mask(mask, M, n, in, dxa.device(), op);
   Members mb{};
   mb.count = static_cast<int>(M);
   for (int64_t m = 0; m < M; ++m) {

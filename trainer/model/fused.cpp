@@ -496,12 +496,11 @@ bool counter_dropout(const at::Tensor& x) {
 }
 
 #ifdef QLORA_WITH_CUDA
-// A group's dropped members as kernels/lora_dropout_mm.cu takes them, with their rows of a_cat when given.
-std::vector<kernels::DropoutMmMember> dropped_members(const GroupState& st, const at::Tensor& a_cat = {}) {
+// A group's dropped members as kernels/lora_dropout_mm.cu takes them, with their rows of a_cat.
+std::vector<kernels::DropoutMmMember> dropped_members(const GroupState& st, const at::Tensor& a_cat) {
   std::vector<kernels::DropoutMmMember> mm;
   for (const auto& m : st.members)
-    if (m.lora >= 0 && m.dropout > 0.0)
-      mm.push_back({a_cat.defined() ? a_cat.narrow(0, m.col, m.rank) : at::Tensor(), m.col, m.dropout});
+    if (m.lora >= 0 && m.dropout > 0.0) mm.push_back({a_cat.narrow(0, m.col, m.rank), m.col, m.dropout});
   return mm;
 }
 
@@ -568,7 +567,7 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
                                     const at::Tensor& mask, const at::Tensor& dxa, const at::Tensor& a_cat,
                                     bool need_dx, variable_list& grads) {
 #ifdef QLORA_WITH_CUDA
-  const std::vector<kernels::DropoutMmMember> mm = dropped_members(st);
+  const std::vector<kernels::DropoutMmMember> mm = dropped_members(st, a_cat);  // their A's: dx's kernel reads them
   std::vector<double> p;  // the dropped members'
   for (const auto& m : mm) p.push_back(m.p);
   bool need_da = false;
@@ -580,14 +579,10 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
     da = kernels::lora_dropout_da_cuda(x2, mask, dxa, mm, rank);
     g_dropout_mm_calls.fetch_add(1, std::memory_order_relaxed);
   }
-  std::vector<kernels::DropoutMmMember> dx_members;  // given: dx from the kernel
-  if (k > 0 && need_dx && g_dropout_dx.load()) {
-    dx_members = dropped_members(st, a_cat);
-    if (!kernels::lora_dropout_dx_supported(dxa, dx_members, rank)) dx_members.clear();
-  }
+  const bool dx_kernel = k > 0 && need_dx && g_dropout_dx.load() && kernels::lora_dropout_dx_supported(dxa, mm, rank);
   at::Tensor buf;  // the dropped copies (for dA without the kernel), then the dropped members' dxa_i A_i
   if (k > 0 && need_da && da.empty()) buf = kernels::lora_dropout_apply_cuda(x2, mask, p);
-  else if (k > 0 && need_dx && dx_members.empty()) buf = at::empty({k, n, st.in}, x2.options());
+  else if (k > 0 && need_dx && !dx_kernel) buf = at::empty({k, n, st.in}, x2.options());
   int64_t d = 0;
   for (const auto& m : st.members) {
     if (m.lora < 0) continue;
@@ -599,8 +594,8 @@ at::Tensor counter_dropout_backward(AutogradContext* ctx, const GroupState& st, 
   }
   if (!need_dx) return {};
   at::Tensor dx;
-  if (!dx_members.empty()) {
-    dx = kernels::lora_dropout_dx_cuda(dxa, mask, dx_members, rank);
+  if (dx_kernel) {
+    dx = kernels::lora_dropout_dx_cuda(dxa, mask, mm, rank);
     g_dropout_dx_calls.fetch_add(1, std::memory_order_relaxed);
   } else {
     d = 0;
