@@ -9,16 +9,12 @@
 
 #ifdef QLORA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
-#include <ATen/cuda/Sleep.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "kernels/lora_dropout.h"
 #include "kernels/ops.h"
 #endif
 #include "tests/test_util.h"
 #include "trainer/model/fused.h"
-#include "trainer/model/layer_writes.h"
 #include "trainer/model/llama.h"
 
 namespace qlora {
@@ -603,48 +599,7 @@ TEST(LoraDropoutKernel, ModuleOpReplaysFromTheGenerator) {
   const float s = at::tensor(1.25f).to(at::kBFloat16).item<float>();
   EXPECT_TRUE(at::equal(g1.to(at::kFloat), at::where(kept, at::full_like(g1, s, at::kFloat), at::zeros_like(g1, at::kFloat))));
 }
-
-// A write queued on another stream and deferred (model/layer_writes.h, the optimizer's update ahead): the weight's
-// version stays until a reader waits, and that reader's stream then sees the written values, though the write
-// was still held back behind a ~0.1 s spin when the reader queued its read (without the wait it reads zeros).
-TEST(LayerWrites, ReaderWaitsForTheWriteAndSeesTheVersionMove) {
-  QLORA_SKIP_WITHOUT_CUDA();
-  const at::Device dev(at::kCUDA, 0);
-  const at::Tensor w = at::zeros({1 << 20}, at::TensorOptions(dev).dtype(at::kFloat));
-  at::cuda::getCurrentCUDAStream().synchronize();
-  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, 0);
-  {
-    const c10::cuda::CUDAStreamGuard on_side(side);
-    at::cuda::sleep(int64_t{1} << 28);  // ~0.1-0.2 s at H100 clocks
-    w.fill_(1.0f);
-    at::cuda::CUDAEvent done;
-    done.record(side);
-    model::defer_layer_write(3, std::move(done), {w});
-  }
-  const auto version = w._version();  // (fill_ moved it; the optimizer's kernel does not)
-  EXPECT_TRUE(model::layer_writes_pending());
-  EXPECT_EQ(w._version(), version);
-  model::await_layer_writes(0, 2);  // other layers: nothing to wait for
-  EXPECT_EQ(w._version(), version);
-  EXPECT_TRUE(model::layer_writes_pending());
-  model::await_layer_writes(3, 5);
-  EXPECT_GT(w._version(), version);
-  EXPECT_FALSE(model::layer_writes_pending());
-  EXPECT_EQ(w.sum().item<double>(), static_cast<double>(1 << 20));  // read on the current stream, after the wait
-  model::await_all_layer_writes();  // nothing pending: nothing moves
-  EXPECT_EQ(w._version(), version + 1);
-}
 #endif
-
-TEST(LayerWrites, DecoderLayerOfNames) {
-  EXPECT_EQ(model::decoder_layer_of("model.layers.0.self_attn.q_proj.lora_A.weight"), 0);
-  EXPECT_EQ(model::decoder_layer_of("model.layers.31.mlp.down_proj.lora_B.weight"), 31);
-  EXPECT_EQ(model::decoder_layer_of("model.embed_tokens.weight"), -1);
-  EXPECT_EQ(model::decoder_layer_of("lm_head.weight"), -1);
-  EXPECT_EQ(model::decoder_layer_of("model.layers.x.mlp"), -1);
-  EXPECT_EQ(model::decoder_layer_of("model.layers.7"), -1);
-  EXPECT_EQ(model::decoder_layer_of("model.layers.12345678901.mlp"), -1);
-}
 
 }  // namespace
 }  // namespace qlora

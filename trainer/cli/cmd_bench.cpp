@@ -45,7 +45,6 @@
 #include "trainer/core/fs.h"
 #include "trainer/lora/lora.h"
 #include "trainer/model/fused.h"
-#include "trainer/model/layer_writes.h"
 #include "trainer/model/loader.h"
 #include "trainer/quant/quant.h"
 #include "trainer/train/optim.h"
@@ -170,7 +169,6 @@ struct StepOptions {
   std::string pipeline = "on";  // on | off: steps queued as Trainer::run queues them (the next one before
                                 // reading this one's loss)
   std::string ahead = "low";   // dequantization ahead on a second stream (fused.h): low | even | high | off
-  std::string update_ahead = "on";  // the optimizer's update queued per layer beside the next forward (optim.h)
   std::string cuda_graph = "off";  // on: the step captured once as a CUDA graph after the warm-up, then replayed
   std::string profile;  // trace file of one extra step (Chrome trace JSON), plus a kernel summary
   bool profile_gpu_only = false;  // record device activities only: the CPU's op records slow it ~3x, which
@@ -303,12 +301,8 @@ nlohmann::json bench_step(const StepOptions& so) {
   int64_t lora_params = 0;
   for (auto& [n, p] : params) lora_params += p.numel();
   train::AdamW opt(params, train::AdamWOptions{1e-4, 0.9, 0.999, 1e-8, 0.0});
-  opt.set_update_ahead(so.update_ahead == "on");
   model->set_gradient_checkpointing(so.checkpointing, so.checkpoint_layers);
   model->train();
-  // The default generators, which LoRA dropout draws its masks from, seeded as `qlora train` seeds them: the same
-  // masks in every process (a CUDA generator is otherwise seeded at random), so runs compare value for value.
-  at::manual_seed(1234);
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(42);
   QLORA_REQUIRE(so.padding >= 0 && so.padding < so.seq - 1, "--padding: between 0 and --seq - 2 ({}), got {}",
@@ -441,7 +435,6 @@ nlohmann::json bench_step(const StepOptions& so) {
     sync(ctx.device);
     const model::StepStream on_step(ctx.device);
     model::settle_dequant_ahead();
-    model::await_all_layer_writes();  // the warm-up's last update: the captured forward does not wait for it
     graph.emplace();
     graph->capture_begin();
     graph_status = graph_body();
@@ -465,7 +458,6 @@ nlohmann::json bench_step(const StepOptions& so) {
   } else {
     for (int64_t i = 0; i < so.steps; ++i) step(true);
   }
-  model::await_all_layer_writes();  // the last update, queued beside a next forward that never came
   double update_norm = 0;  // of the trained weights' change since the start
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor now = params[i].second.detach().to(at::kCPU, at::kFloat);
@@ -525,7 +517,6 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"lora_grad", so.lora_grad},
                       {"keep_attention", so.keep_attention},
                       {"pipeline", so.pipeline == "on"},
-                      {"update_ahead", so.update_ahead == "on"},
                       {"cuda_graph", graphed},
                       {"losses", losses},
                       {"update_norm", update_norm},
@@ -547,11 +538,11 @@ nlohmann::json bench_step(const StepOptions& so) {
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
              "lora-dropout={} ({}, {}, dx {}) checkpointing={} ({} of {} layers) fused={} fold={} "
              "ahead={} (depth {}) "
-             "lora-grad={} keep-attention={} ({} a step) update-ahead={} pipeline={} cuda-graph={} on {}\n",
+             "lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
              so.lora_dropout, so.lora_dropout_masks, so.lora_dropout_mm, so.lora_dropout_dx,
              to_string(so.checkpointing), model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead,
-             so.ahead_depth, so.lora_grad, so.keep_attention, kept_per_step, so.update_ahead, so.pipeline, so.cuda_graph,
+             so.ahead_depth, so.lora_grad, so.keep_attention, kept_per_step, so.pipeline, so.cuda_graph,
              ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
@@ -771,9 +762,6 @@ Runner add_bench(CLI::App& app) {
   on_off("--cuda-graph", so->cuda_graph,
          "Capture the step as one CUDA graph after the warm-up and replay it (static shapes; measures what the "
          "host's launches cost; needs --ahead low or high, and no LoRA dropout under checkpointing)");
-  on_off("--update-ahead", so->update_ahead,
-         "The optimizer's update queued layer by layer on a stream of its own, where it runs beside the next step's "
-         "forward, which waits for each layer's update before that layer (off: between the steps)");
   on_off("--pipeline", so->pipeline,
          "Queue each step before reading the previous one's loss, as the trainer does (on), or wait for every "
          "step at its end (off)");

@@ -111,10 +111,9 @@ void dequantize_into(const GroupState& s, at::TensorList lora, const at::Tensor&
 // use), and the owner waits for the side stream's event before it uses or drops the buffer, so the
 // allocator's stream bookkeeping stays that of a buffer used on its owner only. A request from another
 // stream (an evaluation between steps, outside the step's stream) never takes it.
-// The step's stream's priority (StepStream): two levels above the default 0 (lower is higher in CUDA; PyTorch's
-// pools offer 0 to -3), so that the dequantization ahead (one level above the default) also comes before the
-// optimizer's update queued ahead of the next forward at the default priority (train/optim.h).
-constexpr int kStepPriority = -2;
+// The step's stream's priority (StepStream): one level above the default 0 (lower is higher in CUDA; PyTorch's
+// pools offer 0 to -3).
+constexpr int kStepPriority = -1;
 
 class DequantAheadQueue {
  public:
@@ -280,9 +279,9 @@ class DequantAheadQueue {
     }
   };
 
-  // One level below the step's stream (above the default), or one above it in the High mode (fused.h).
+  // The default priority, or one level above the step's stream in the High mode (fused.h).
   c10::cuda::CUDAStream side_stream(at::Device device) {
-    const int priority = g_ahead.load() == DequantAhead::High ? kStepPriority - 1 : kStepPriority + 1;
+    const int priority = g_ahead.load() == DequantAhead::High ? kStepPriority - 1 : 0;
     auto it = side_.find({device.index(), priority});
     if (it == side_.end()) {
       const c10::cuda::CUDAStream made = c10::cuda::getStreamFromPool(priority, device.index());

@@ -43,9 +43,8 @@ void refresh_adapter_casts();
 // Dequantization of the next groups ahead on a second CUDA stream, overlapping the kernels before their GEMMs
 // (fused.cpp's DequantAheadQueue). The block scheduler serves a pending grid of a higher-priority stream
 // first; between grids of equal priority, the one queued first. So:
-//   Low (the default): the step's kernels on a stream two priority levels above the default (StepStream),
-//        the dequantization one level below it: its blocks take only the SMs the step leaves free, and come
-//        before the optimizer's update queued ahead of the forward (train/optim.h), at the default priority;
+//   Low (the default): the step's kernels on a stream one priority level above the default (StepStream),
+//        the dequantization on a default-priority one: its blocks take only the SMs the step leaves free;
 //   Even: both at the default priority, the step on the caller's stream (the default until 2026-11-26: a
 //        small kernel of the step then waited behind a whole dequantization grid queued before it);
 //   High: the dequantization one level above the step's stream (for A/B);

@@ -17,7 +17,6 @@
 
 #include "trainer/core/error.h"
 #include "trainer/model/fused.h"
-#include "trainer/model/layer_writes.h"
 
 namespace qlora::model {
 
@@ -765,10 +764,6 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids, cons
   // the next norm to add in its kernel (forward_pending); a checkpointed layer takes and gives whole inputs.
   at::Tensor pending;
   for (size_t i = 0; i < layer_list.size(); ++i) {
-    // The optimizer's update of this layer's adapters may still be running beside this forward (layer_writes.h):
-    // wait for it here, and for the next two layers': the dequantization ahead (up to 8 groups, two layers) builds
-    // their B operands while this layer runs, and keeps them only if made after their weights' versions moved.
-    await_layer_writes(static_cast<int64_t>(i), static_cast<int64_t>(i) + 2);
     if (static_cast<int64_t>(i) < recomputed) {
       x = CheckpointedLayer::apply(x, layer_list[i].get(), rope, MaskArg{mask},
                                    checkpointing_ == Checkpointing::Selective, i > 0 || input_grad)[0];

@@ -3,13 +3,6 @@
 #include <cmath>
 
 #include "trainer/core/error.h"
-#include "trainer/model/layer_writes.h"
-
-#ifdef QLORA_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
 
 namespace qlora::train {
 
@@ -19,7 +12,6 @@ AdamW::AdamW(NamedTensors params, AdamWOptions opts) : params_(std::move(params)
     master_.push_back(p.scalar_type() == at::kFloat ? at::Tensor() : p.detach().to(at::kFloat));
     exp_avg_.push_back(at::zeros_like(p, p.options().dtype(at::kFloat)));
     exp_avg_sq_.push_back(at::zeros_like(p, p.options().dtype(at::kFloat)));
-    layer_.push_back(model::decoder_layer_of(name));
   }
   // The fused kernel (fused_step) serves CUDA float32 parameters, i.e. LoRA adapters.
   bool fused = !params_.empty();
@@ -41,12 +33,10 @@ void AdamW::zero_grad() {
 bool AdamW::fused_step(double lr, const at::Tensor& skip) {
   if (!device_step_.defined()) return false;
   std::vector<at::Tensor> ps, gs, m, v;
-  std::vector<size_t> idx;
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& p = params_[i].second;
     if (!p.grad().defined()) continue;
     ps.push_back(p), gs.push_back(p.grad()), m.push_back(exp_avg_[i]), v.push_back(exp_avg_sq_[i]);
-    idx.push_back(i);
   }
   if (ps.empty()) return true;
   // The kernel reads one step count per parameter (after the increment, as torch's fused path); they are
@@ -54,67 +44,13 @@ bool AdamW::fused_step(double lr, const at::Tensor& skip) {
   if (skip.defined()) device_step_.add_(1).sub_(skip);
   else device_step_.add_(1);
   std::vector<at::Tensor> steps(ps.size(), device_step_);
-  if (queue_ahead(idx, ps, gs, m, v, steps, lr, skip)) return true;
-  adamw(ps, gs, m, v, steps, lr, skip);
+  at::_fused_adamw_(ps, gs, m, v, /*max_exp_avg_sqs=*/{}, steps, lr, opts_.beta1, opts_.beta2, opts_.weight_decay,
+                    opts_.eps, /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt,
+                    skip.defined() ? std::optional<at::Tensor>(skip) : std::nullopt);
   // The kernel writes the parameters without moving their version counters (torch 2.11), which is how
   // readers of derived copies see a change (the fused path's adapter casts, trainer/model/fused.cpp).
   for (auto& p : ps) p.unsafeGetTensorImpl()->bump_version();
   return true;
-}
-
-void AdamW::adamw(at::TensorList ps, at::TensorList gs, at::TensorList m, at::TensorList v, at::TensorList steps,
-                  double lr, const at::Tensor& skip) const {
-  at::_fused_adamw_(ps, gs, m, v, /*max_exp_avg_sqs=*/{}, steps, lr, opts_.beta1, opts_.beta2, opts_.weight_decay,
-                    opts_.eps, /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt,
-                    skip.defined() ? std::optional<at::Tensor>(skip) : std::nullopt);
-}
-
-// The update runs on a stream of its own, one fused launch per decoder layer in layer order, each followed by an
-// event that model::defer_layer_write registers: the next forward waits for layer i's before layer i, so the
-// update's kernels (bound by memory bandwidth, ~2 ms a step at the 7B shape and r 64) run beside that forward's
-// first layers instead of between the steps. The stream is of the default priority, below the step's
-// (model::StepStream), like the dequantization ahead. The gradients (and skip) are read there after the step's
-// stream freed them (zero_grad): record_stream keeps the allocator from handing their memory to the step's stream
-// before the update has read it. The version counters move when a reader waits (layer_writes.h).
-bool AdamW::queue_ahead(const std::vector<size_t>& idx, const std::vector<at::Tensor>& ps,
-                        const std::vector<at::Tensor>& gs, const std::vector<at::Tensor>& m,
-                        const std::vector<at::Tensor>& v, const std::vector<at::Tensor>& steps, double lr,
-                        const at::Tensor& skip) {
-#ifdef QLORA_WITH_CUDA
-  if (!update_ahead_) return false;
-  for (size_t i : idx)
-    if (layer_[i] < 0) return false;
-  const c10::DeviceIndex device = ps[0].device().index();
-  const c10::cuda::CUDAStream step = c10::cuda::getCurrentCUDAStream(device);
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return false;
-  if (!update_stream_) update_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
-  const c10::cuda::CUDAStream side(c10::cuda::CUDAStream::UNCHECKED, *update_stream_);
-  at::cuda::CUDAEvent ready;
-  ready.record(step);
-  ready.block(side);
-  {
-    const c10::cuda::CUDAStreamGuard on_side(side);
-    for (size_t first = 0; first < idx.size();) {
-      size_t end = first;
-      while (end < idx.size() && layer_[idx[end]] == layer_[idx[first]]) ++end;
-      auto part = [&](const std::vector<at::Tensor>& t) {
-        return std::vector<at::Tensor>(t.begin() + first, t.begin() + end);
-      };
-      const std::vector<at::Tensor> written = part(ps);
-      adamw(written, part(gs), part(m), part(v), part(steps), lr, skip);
-      at::cuda::CUDAEvent done;
-      done.record(side);
-      model::defer_layer_write(layer_[idx[first]], std::move(done), written);
-      first = end;
-    }
-  }
-  for (const auto& g : gs) g.record_stream(side);
-  if (skip.defined()) skip.record_stream(side);
-  return true;
-#else
-  (void)idx, (void)ps, (void)gs, (void)m, (void)v, (void)steps, (void)lr, (void)skip;
-  return false;
-#endif
 }
 
 int64_t AdamW::steps() const {
@@ -146,7 +82,6 @@ void AdamW::step(double lr, const at::Tensor& skip) {
 }
 
 NamedTensors AdamW::state() const {
-  model::await_all_layer_writes();  // an update queued ahead (set_update_ahead) lands before anyone reads it
   NamedTensors out;
   for (size_t i = 0; i < params_.size(); ++i) {
     const std::string& n = params_[i].first;
@@ -159,7 +94,6 @@ NamedTensors AdamW::state() const {
 
 void AdamW::load_state(const NamedTensors& state, int64_t step) {
   at::NoGradGuard no_grad;
-  model::await_all_layer_writes();
   auto find = [&](const std::string& key) -> const at::Tensor& {
     for (auto& [k, v] : state)
       if (k == key) return v;

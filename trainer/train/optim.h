@@ -6,7 +6,6 @@
 
 #include <ATen/ATen.h>
 
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,12 +32,6 @@ class AdamW {
   // step never waits for the GPU.
   void step(double lr, const at::Tensor& skip = {});
   void zero_grad();
-
-  // Whether the fused CUDA update is queued layer by layer on a stream of its own, to run beside the next
-  // forward, which waits for each layer's update before that layer (model/layer_writes.h; default on). It
-  // applies when every parameter belongs to a decoder layer (LoRA adapters do) and the stream is not being
-  // captured into a CUDA graph; the update is the same either way, bit for bit.
-  void set_update_ahead(bool on) { update_ahead_ = on; }
   // Updates applied so far (skipped ones not counted). On CUDA the count lives on the device: reading it
   // waits for the queued steps.
   int64_t steps() const;
@@ -51,19 +44,8 @@ class AdamW {
  private:
   bool fused_step(double lr, const at::Tensor& skip);  // the CUDA fused kernel; false when it does not apply
 
-  void adamw(at::TensorList ps, at::TensorList gs, at::TensorList m, at::TensorList v, at::TensorList steps, double lr,
-             const at::Tensor& skip) const;
-  // The update of the parameters `ps` (with their gradients etc.) queued per decoder layer on update_stream_
-  // (set_update_ahead); false when it does not apply.
-  bool queue_ahead(const std::vector<size_t>& idx, const std::vector<at::Tensor>& ps, const std::vector<at::Tensor>& gs,
-                   const std::vector<at::Tensor>& m, const std::vector<at::Tensor>& v,
-                   const std::vector<at::Tensor>& steps, double lr, const at::Tensor& skip);
-
   NamedTensors params_;
   std::vector<at::Tensor> master_, exp_avg_, exp_avg_sq_;  // float32, shaped like params_
-  std::vector<int64_t> layer_;  // each parameter's decoder layer by its name, -1 for none
-  bool update_ahead_ = true;
-  std::optional<c10::Stream> update_stream_;
   AdamWOptions opts_;
   // The step count: on the host for the op-by-op path; for the fused kernel a float32 scalar on the device
   // (defined only then), which it reads and a skipped step leaves unchanged.

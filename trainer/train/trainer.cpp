@@ -14,7 +14,6 @@
 
 #include "trainer/core/error.h"
 #include "trainer/model/fused.h"
-#include "trainer/model/layer_writes.h"
 
 #ifdef QLORA_WITH_CUDA
 #include "kernels/ops.h"
@@ -358,13 +357,9 @@ void Trainer::run(const Hooks& hooks) {
       if (tty) fmt::print(stderr, "\n");
       do_eval();
     }
-    if (checkpoint_now) {
-      model::await_all_layer_writes();  // the last update, queued ahead of the next forward (AdamW::set_update_ahead)
-      hooks.on_checkpoint(state_.step);
-    }
+    if (checkpoint_now) hooks.on_checkpoint(state_.step);
   }
   do_eval();
-  model::await_all_layer_writes();  // the weights as the run leaves them, for whoever reads them next
   if (hooks.on_checkpoint) hooks.on_checkpoint(state_.step);
 }
 
