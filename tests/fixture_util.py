@@ -7,10 +7,14 @@ tests/ on PYTHONPATH (tests/CMakeLists.txt, QLORA_TEST_ENV).
                              branches out of the logits and every lora_A gradient at zero (a weak test)
   our_name(peft_name)        PEFT's parameter name -> ours (trainer/lora/peft.h)
   scratch_dir(prefix)        a fresh temp directory, removed when the script exits (as test_util's temp_dir)
+  tiny_cuda_bench(work, name, *args)  `qlora bench` on the tiny shape on CUDA: its JSON figures
 """
 import atexit
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import torch
@@ -51,3 +55,16 @@ def scratch_dir(prefix):
     if not os.environ.get("QLORA_KEEP_TEST_DIRS"):
         atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+def tiny_cuda_bench(work, name, *args):
+    """`$QLORA_CLI bench` on the tiny shape on CUDA (seq 256, batch 2; args add to or override the rest), its
+    JSON in work/name.json; exits the test, printing the bench's output, if the bench fails."""
+    out = os.path.join(work, name + ".json")
+    p = subprocess.run([os.environ["QLORA_CLI"], "bench", "--shape", "tiny", "--device", "cuda", "--seq", "256",
+                        "--batch", "2", "--json", out, *args], capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        print(p.stdout, p.stderr)
+        sys.exit(f"{name}: bench failed ({p.returncode})")
+    with open(out) as f:
+        return json.load(f)

@@ -11,33 +11,21 @@ what a stale batch gives (consecutive steps' losses differ by ~2e-3 on these ran
 stay above 10x the tolerance) or a lost update (the norm grows with each step). Exits 77 (ctest: skipped)
 without a GPU.
 """
-import json
-import os
-import subprocess
 import sys
 
 import torch
-from fixture_util import scratch_dir
+from fixture_util import scratch_dir, tiny_cuda_bench
 
 if not torch.cuda.is_available():
     print("SKIPPED: no CUDA GPU")
     sys.exit(77)
 
-CLI = os.environ["QLORA_CLI"]
 STEPS = 6
 LOSS_TOL, NORM_TOL = 1e-5, 1e-3
 
 
 def bench(work, name, *args):
-    out = os.path.join(work, name + ".json")
-    p = subprocess.run([CLI, "bench", "--shape", "tiny", "--device", "cuda", "--seq", "256", "--batch", "2",
-                        "--warmup", "2", "--steps", str(STEPS), "--json", out, *args],
-                       capture_output=True, text=True, timeout=300)
-    if p.returncode != 0:
-        print(p.stdout, p.stderr)
-        sys.exit(f"{name}: bench failed ({p.returncode})")
-    with open(out) as f:
-        return json.load(f)
+    return tiny_cuda_bench(work, name, "--warmup", "2", "--steps", str(STEPS), *args)
 
 
 def rel(a, b):
