@@ -58,7 +58,7 @@ def scratch_dir(prefix):
 
 
 def tiny_cuda_bench(work, name, *args):
-    """`$QLORA_CLI bench` on the tiny shape on CUDA (seq 256, batch 2; args add to or override the rest), its
+    """`$QLORA_CLI bench` on the tiny shape on CUDA (seq 256, batch 2, then args: options not given above), its
     JSON in work/name.json; exits the test, printing the bench's output, if the bench fails."""
     out = os.path.join(work, name + ".json")
     p = subprocess.run([os.environ["QLORA_CLI"], "bench", "--shape", "tiny", "--device", "cuda", "--seq", "256",
