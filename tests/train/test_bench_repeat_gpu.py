@@ -1,10 +1,10 @@
-"""On a GPU: `qlora bench` with LoRA dropout trains the same way in every process. Its masks come from the
-default generators, which a process seeds at random on CUDA unless told (PyTorch's CUDA default generator), so
-before the bench seeded them as `qlora train` does, two runs with dropout 0.1 drew different masks: the first
-step's loss agreed (B starts at zero, so the masks do not reach the loss yet) and its update did not (~1e-5
-relative apart). Every kernel of the step is deterministic, so the two runs must agree bit for bit: each step's
-loss and the weights' total movement, without and with checkpointing (whose recomputation replays the
-generator). That is what lets A/B runs of the bench compare dropout variants value for value.
+"""On a GPU: `qlora bench` with LoRA dropout trains the same way in every process. Its masks come from the default
+generators, which a process seeds at random on CUDA unless told (PyTorch's CUDA default generator), so before the
+bench seeded them as `qlora train` does, two runs with dropout 0.1 drew different masks: the first step's loss
+agreed (B starts at zero, so the masks do not reach the loss yet) and its update did not (three runs 5e-6 to 3e-5
+relative apart). Every kernel of the step is deterministic, so the two runs must agree bit for bit: each step's loss
+and the weights' total movement, without and with checkpointing (whose recomputation replays the generator). That is
+what lets A/B runs of the bench compare dropout variants value for value.
 Exits 77 (ctest: skipped) without a GPU.
 """
 import sys
