@@ -322,14 +322,13 @@ TEST(FusedPath, MatchesModulesOnGpuBFloat16) {
   expect_close(got, ref, kF32Tol, "gpu f32");
 }
 
-// LoRA dropout's masked products and input gradient (kernels/lora_dropout_mm.cu, ranks 8 to 64; the test above's
-// rank 4 takes the copies and the two passes) in the fused path, at rank 8 with checkpointing off, selective and
-// full. The masks are the same in
-// every run (counters: the same decisions in float32 and bfloat16, for the modules and the groups), so the
-// float32 run (the copies: the kernels take 16-bit types) is the reference: the kernels' logits and worst
-// adapter gradient must be no further from it than the fused path's copies (ratio 1.1, plus 1e-3). bf16
-// alone costs ~4% of the logits and ~7.5% of the worst gradient on this random model (H100), the two bf16
-// paths within 2% of each other; a wrong mask or scale would cost far more.
+// LoRA dropout's masked products and input gradient (kernels/lora_dropout_mm.cu, ranks 8 to 64; the test above's rank 4
+// takes the copies and the two passes) in the fused path, at rank 8 with checkpointing off, selective and full. The
+// masks are the same in every run (counters: the same decisions in float32 and bfloat16, for the modules and the
+// groups), so the float32 run (the copies: the kernels take 16-bit types) is the reference: the kernels' logits and
+// worst adapter gradient must be no further from it than the fused path's copies (ratio 1.1, plus 1e-3). bf16 alone
+// costs ~4% of the logits and ~7.5% of the worst gradient on this random model (H100), the two bf16 paths within 2% of
+// each other; a wrong mask or scale would cost far more.
 TEST(FusedPath, DropoutMaskedProductsMatchTheCopiesOnGpu) {
   QLORA_SKIP_WITHOUT_CUDA();
   const at::Device gpu(at::kCUDA, 0);
