@@ -1,11 +1,11 @@
 // Gradient checkpointing (per-layer recomputation in backward) changes memory, never results: the LoRA
 // gradients of one QLoRA step are the same with it off, selective and full, in every layer or in the first
 // few only (model.gradient_checkpointing_layers), selective taking each layer's attention output kept from
-// the forward where cuDNN runs it (and counted doing so), on a fresh random tiny model, with LoRA
-// dropout on (so the recomputation must replay the RNG) and with and without a padding mask (the plain
-// causal path passes no mask at all). On the CPU in float32, and on a GPU in bfloat16 where there is one.
-// The padding mask is passed on the CPU, as the trainer passes it: on the GPU the padded rows then take the
-// attention by segments (llama.h's AttentionMask), recomputed like the rest.
+// the forward where cuDNN or flash attention by segments runs it (and counted doing so), on a fresh random
+// tiny model, with LoRA dropout on (so the recomputation must replay the RNG) and with and without a padding
+// mask (the plain causal path passes no mask at all). On the CPU in float32, and on a GPU in bfloat16 where
+// there is one. The padding mask is passed on the CPU, as the trainer passes it: on the GPU the padded rows
+// then take the attention by segments (llama.h's AttentionMask), kept like the plain causal one.
 // Also on a GPU: a training step queued from the CPU batch (padded, packed rows) never waits for the GPU
 // (CUDA's sync debug mode set to error), and gives the step of the same batch passed on the device (which
 // takes the dense mask); and the attention by segments gives the dense mask's loss and LoRA gradients on a
@@ -154,10 +154,12 @@ void compare(at::Device dev, at::ScalarType dtype, double tol) {
       const int64_t kept0 = model::kept_attention_uses();
       auto on = lora_grads(dev, dtype, mode, padded, seed, layers);
       // Selective recomputation took each recomputed layer's attention output kept from the forward, where
-      // cuDNN ran the plain causal attention (no padding mask).
+      // cuDNN ran the plain causal attention (no padding mask), and where the padded rows attended by segments
+      // (on a GPU in 16-bit: attention_layout).
       const int64_t recomputed = layers < 0 ? tiny_arch().num_layers : std::min(layers, tiny_arch().num_layers);
+      const bool by_segments = padded && dev.is_cuda() && dtype != at::kFloat;
       EXPECT_EQ(model::kept_attention_uses() - kept0,
-                mode == Checkpointing::Selective && cudnn && !padded ? recomputed : 0)
+                mode == Checkpointing::Selective && (padded ? by_segments : cudnn) ? recomputed : 0)
           << to_string(mode) << " in " << layers << " layers" << (padded ? " (padded)" : " (causal)");
       ASSERT_EQ(off.size(), on.size());
       double worst = 0;
@@ -271,7 +273,11 @@ TEST(SegmentAttention, MatchesTheDenseMask) {
       model::set_segment_attention(true);
       return out;
     };
-    const auto by_segments = run(true), dense = run(false);
+    const int64_t kept0 = model::kept_attention_uses();
+    const auto by_segments = run(true);
+    // Selective recomputation took every layer's attention by segments kept from the forward.
+    EXPECT_EQ(model::kept_attention_uses() - kept0, mode == Checkpointing::Selective ? tiny_arch().num_layers : 0);
+    const auto dense = run(false);
     const double worst = expect_same_step(by_segments, dense, 2e-2);
     std::printf("segments against the dense mask, checkpointing %s: loss %.6f / %.6f, worst relative LoRA gradient "
                 "difference %.3g over %zu tensors\n", to_string(mode).c_str(), by_segments[0].item<double>(),

@@ -755,8 +755,8 @@ Runner add_bench(CLI::App& app) {
       ->check(CLI::Range(1, 8))
       ->capture_default_str();
   on_off("--keep-attention", so->keep_attention,
-         "Selective checkpointing keeps each layer's attention output where cuDNN computes it, so the "
-         "recomputation skips the attention's forward");
+         "Selective checkpointing keeps each layer's attention output where cuDNN or flash attention by "
+         "segments computes it, so the recomputation skips the attention's forward");
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps")->capture_default_str();
   on_off("--segment-attention", so->segment_attention,

@@ -46,8 +46,9 @@ enum class Checkpointing {
   Selective,  // the layer's input and its mid-layer residual (x + attention): the recomputation skips the
               // o_proj and down_proj GEMMs, whose outputs backward never reads (~30% of a layer's GEMMs),
               // for one more [tokens, hidden] tensor a layer (8 KB a token at hidden 4096); on a GPU whose
-              // SDPA runs cuDNN's flash attention, also the attention's output and log-sum-exp (another
-              // 8 KB a token a layer), so the attention's forward is not run again
+              // SDPA runs cuDNN's flash attention, and for rows that attend by segments (flash attention's
+              // variable-length kernels), also the attention's output and log-sum-exp (another 8 KB a token
+              // a layer), so the attention's forward is not run again
   Full,       // the layer's input only: the least memory, for the longest sequences
 };
 

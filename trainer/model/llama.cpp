@@ -231,21 +231,26 @@ int64_t AttentionImpl::input_spare(const at::Tensor& like) const {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Attention kept from a checkpointed forward (selective mode): the plain causal attention's output and
-// log-sum-exp, so that the recomputation runs only the attention's backward, not its forward again (~0.1 ms
-// a layer at the 7B shape and 2048 tokens, ~2% of a checkpointed step) for 8 KB a token a layer at hidden
-// 4096. Only where SDPA itself would run cuDNN's flash attention (the H100's choice), whose forward and
-// backward are called here as autograd would call them; elsewhere the recomputation runs SDPA again.
+// Attention kept from a checkpointed forward (selective mode): the attention's output and log-sum-exp, so
+// that the recomputation runs only the attention's backward, not its forward again (~0.1 ms a layer at the
+// 7B shape and 2048 tokens, ~2% of a checkpointed step) for 8 KB a token a layer at hidden 4096. Where SDPA
+// itself would run cuDNN's flash attention on the plain causal attention (the H100's choice), and where
+// packed or padded rows attend by segments through flash attention's variable-length kernels; their
+// forward and backward are called here as autograd would call them. Elsewhere the recomputation runs SDPA
+// again.
 
 namespace {
 
 std::atomic<bool> g_keep_attention{true};
 std::atomic<int64_t> g_kept_attention_uses{0};
 
-// One layer's kept attention: the outputs of at::_scaled_dot_product_cudnn_attention that its backward reads.
+// One layer's kept attention: the outputs of at::_scaled_dot_product_cudnn_attention, or of
+// at::_flash_attention_forward by segments (rng_state and unused in philox_seed and philox_offset), that its
+// backward reads.
 struct KeptAttention : torch::CustomClassHolder {
   at::Tensor out, lse, cum_q, cum_k, philox_seed, philox_offset;
   int64_t max_q = 0, max_k = 0;
+  bool by_segments = false;
   void clear() { out = lse = cum_q = cum_k = philox_seed = philox_offset = at::Tensor(); }
 };
 
@@ -279,7 +284,8 @@ at::Tensor keep_cudnn_causal(const at::Tensor& q, const at::Tensor& k, const at:
 struct KeptCausalAttention : public torch::autograd::Function<KeptCausalAttention> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, double scale, KeptAttention* kept) {
-    TORCH_INTERNAL_ASSERT(kept->out.defined() && kept->out.size(2) == q.size(2), "kept attention of another shape");
+    TORCH_INTERNAL_ASSERT(kept->out.defined() && !kept->by_segments && kept->out.size(2) == q.size(2),
+                          "kept attention of another shape");
     at::Tensor out = std::move(kept->out);
     ctx->save_for_backward({q, k, v, out, kept->lse, kept->cum_q, kept->cum_k, kept->philox_seed, kept->philox_offset});
     ctx->saved_data["max_q"] = kept->max_q;
@@ -305,7 +311,7 @@ struct KeptCausalAttention : public torch::autograd::Function<KeptCausalAttentio
 // asks for it and cuDNN runs it, else SDPA.
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
 #ifdef QLORA_WITH_CUDA
-  if (t_attention_kept && t_attention_kept->out.defined()) {
+  if (t_attention_kept && t_attention_kept->out.defined() && !t_attention_kept->by_segments) {
     return KeptCausalAttention::apply(q, k, v, scale, t_attention_kept);
   }
   if (t_attention_to_keep && g_keep_attention.load() && cudnn_causal(q, k, v, scale)) {
@@ -313,6 +319,57 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
   }
 #endif
   return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale);
+}
+
+#ifdef QLORA_WITH_CUDA
+// The recomputation's attention node by segments: the kept output as its value, flash attention's
+// variable-length backward (the one autograd calls for at::_flash_attention_forward) as its gradient.
+struct KeptSegmentAttention : public torch::autograd::Function<KeptSegmentAttention> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, double scale, KeptAttention* kept) {
+    TORCH_INTERNAL_ASSERT(kept->by_segments && kept->out.sizes() == q.sizes(), "kept attention of another shape");
+    at::Tensor out = std::move(kept->out);
+    ctx->save_for_backward({q, k, v, out, kept->lse, kept->cum_q, kept->cum_k, kept->philox_seed, kept->philox_offset});
+    ctx->saved_data["max_q"] = kept->max_q;
+    ctx->saved_data["max_k"] = kept->max_k;
+    ctx->saved_data["scale"] = scale;
+    kept->clear();
+    g_kept_attention_uses.fetch_add(1, std::memory_order_relaxed);
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    const auto s = ctx->get_saved_variables();
+    auto [dq, dk, dv] = at::_flash_attention_backward(
+        grad[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], ctx->saved_data["max_q"].toInt(),
+        ctx->saved_data["max_k"].toInt(), 0.0, /*is_causal=*/true, s[7], s[8], ctx->saved_data["scale"].toDouble());
+    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+  }
+};
+#endif
+
+// Causal attention within each segment of q, k, v [N, heads, D] (the tokens of every row end to end; the
+// segment i spans offsets[i] .. offsets[i + 1], none longer than `longest`) through flash attention's
+// variable-length kernels: kept or taken when a checkpointed layer asks for it, as causal_attention.
+at::Tensor segment_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& offsets,
+                             int64_t longest, double scale) {
+  const auto flash = [&] {
+    return at::_flash_attention_forward(q, k, v, offsets, offsets, longest, longest, 0.0, /*is_causal=*/true,
+                                        /*return_debug_mask=*/false, scale);
+  };
+#ifdef QLORA_WITH_CUDA
+  if (t_attention_kept && t_attention_kept->out.defined() && t_attention_kept->by_segments) {
+    return KeptSegmentAttention::apply(q, k, v, scale, t_attention_kept);
+  }
+  if (t_attention_to_keep && g_keep_attention.load()) {
+    auto [out, lse, rng_state, unused, debug] = flash();
+    KeptAttention& kept = *t_attention_to_keep;
+    kept.out = out, kept.lse = lse, kept.cum_q = kept.cum_k = offsets, kept.max_q = kept.max_k = longest;
+    kept.philox_seed = rng_state, kept.philox_offset = unused, kept.by_segments = true;
+    return out;
+  }
+#endif
+  return std::get<0>(flash());
 }
 
 // Sets a thread-local slot for its lifetime.
@@ -354,10 +411,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const A
     // are [B, T, n, D] underneath: these are views), grouped k and v as they are (flash attention maps the
     // query heads onto them). Autograd runs flash attention's backward.
     const auto tokens = [&](const at::Tensor& y) { return y.transpose(1, 2).reshape({b * t, y.size(1), head_dim}); };
-    const int64_t longest = mask.longest;
-    out = std::get<0>(at::_flash_attention_forward(tokens(q), tokens(k), tokens(v), mask.offsets, mask.offsets,
-                                                   longest, longest, 0.0, /*is_causal=*/true,
-                                                   /*return_debug_mask=*/false, scale));
+    out = segment_attention(tokens(q), tokens(k), tokens(v), mask.offsets, mask.longest, scale);
     return project(*o_proj, out.view({b, t, num_heads * head_dim}), output_needed);
   }
   if (cache_k) {
@@ -489,9 +543,10 @@ at::Tensor DecoderLayerImpl::mlp_gradient_path(const at::Tensor& h) {
 // replayed so dropout draws the same masks in the recomputation.
 //
 // Selective mode keeps the mid-layer residual h = x + attention_branch(x) as well, and the attention's output
-// where cuDNN computes it (causal_attention), and recomputes the two branches one after the other, MLP first:
-// each branch's last projection (o_proj, down_proj) is then needed for its gradient only, so its GEMMs are
-// skipped (output_needed = false), and only one branch's activations live at a time. Each branch replays the
+// where cuDNN or flash attention by segments computes it (causal_attention, segment_attention), and
+// recomputes the two branches one after the other, MLP first: each branch's last projection (o_proj,
+// down_proj) is then needed for its gradient only, so its GEMMs are skipped (output_needed = false), and only
+// one branch's activations live at a time. Each branch replays the
 // RNG state its forward started from. The residual adds stay in the recomputed graph as GradientOnlyAdd, so
 // every gradient is accumulated in the order of the graph without checkpointing (the same bits on the CPU,
 // where RMSNorm's composite reads its input three times; on the GPU the residual's gradient is summed in the
@@ -557,7 +612,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       return {layer->forward(x, rope, mask)};
     }
     // DecoderLayerImpl::forward's steps, with the RNG state between the halves taken for the recomputation,
-    // and the attention's output kept where it can be (causal_attention).
+    // and the attention's output kept where it can be (causal_attention, segment_attention).
     const int64_t spare = layer->mlp->input_spare(x);
     auto kept = c10::make_intrusive<KeptAttention>();
     at::Tensor attention;
