@@ -1,9 +1,11 @@
-"""The step's causal attention timed alone per backend (docs/performance.md): cuDNN's and flash attention's
-forward and backward, for one causal sequence and for packed segments (flash attention's variable-length
-form against cuDNN's ragged one, both through the ATen ops the trainer calls). q, k, v are views of one
+"""The step's causal attention timed alone per backend (docs/performance.md, "Next" and tried and dropped):
+cuDNN's and flash attention's forward and backward, for one causal sequence and for packed segments (flash
+attention's variable-length form against cuDNN's ragged one, through the ATen ops, and against the segments
+gathered into a right-padded batch for cuDNN's plain causal attention). q, k, v are views of one
 [T, H + 2 Hkv, D] buffer as the trainer's RoPE split leaves them ([B, T, n, D] underneath). Prints ms and
 TFLOP/s (causal FLOPs: forward 2 x 2 x sum(L^2)/2 x D x H, backward 2.5x) and the largest differences of
-cuDNN's outputs and gradients from flash attention's. Run: python3 kernels/dev/attention_backends.py.
+cuDNN's outputs and gradients from flash attention's (bf16: ~1e-2; in torch 2.11 the ragged form's are not).
+Run: python3 kernels/dev/attention_backends.py (needs a GPU).
 """
 import sys
 
@@ -24,6 +26,13 @@ def timeit(fn, iters=20):
     e.record()
     torch.cuda.synchronize()
     return s.elapsed_time(e) / iters
+
+
+def report(name, fwd_ms, bwd_ms, flop_f, diff=None):
+    """One backend's line: forward and backward ms and TFLOP/s (the backward's FLOPs 2.5x the forward's)."""
+    extra = f" max|diff vs flash| {diff:.3g}" if diff is not None else ""
+    print(f"  {name:13s} fwd {fwd_ms:6.3f} ms {flop_f / fwd_ms / 1e9:5.0f} TF  bwd {bwd_ms:6.3f} ms "
+          f"{2.5 * flop_f / bwd_ms / 1e9:5.0f} TF  total {fwd_ms + bwd_ms:6.3f} ms{extra}")
 
 
 def case(total, seg, h, hkv):
@@ -62,16 +71,14 @@ def case(total, seg, h, hkv):
         co, clse = out[0], out[1]
 
         def cd_bwd():
-            return torch.ops.aten._cudnn_attention_backward(dout, qc, kc, vc, co, clse, out[6], out[7], None, offs, offs,
-                                                            seg, seg, 0.0, True, scale=scale)
+            return torch.ops.aten._cudnn_attention_backward(dout, qc, kc, vc, co, clse, out[6], out[7], None, offs,
+                                                            offs, seg, seg, 0.0, True, scale=scale)
 
         res["cudnn ragged"] = (timeit(cd_fwd), timeit(cd_bwd))
         got = (co, *cd_bwd())
         res["cudnn ragged"] += (max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref)),)
     except Exception as ex:  # noqa: BLE001: report what this torch/cuDNN refuses
-        import traceback
         print(f"  cudnn ragged: {type(ex).__name__}: {str(ex).splitlines()[0][:150]}")
-        traceback.print_exc(limit=3)
 
     if seg == total and hkv == h:
         # one sequence [1, n, T, D] views: cuDNN's plain causal (what SDPA picks on the H100)
@@ -95,10 +102,7 @@ def case(total, seg, h, hkv):
         res["cudnn causal"] += (max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref)),)
 
     for name, r in res.items():
-        f, b = r[0], r[1]
-        diff = f" max|diff vs flash| {r[2]:.3g}" if len(r) > 2 else ""
-        print(f"  {name:13s} fwd {f:6.3f} ms {flop_f / f / 1e9:5.0f} TF  bwd {b:6.3f} ms {2.5 * flop_f / b / 1e9:5.0f} TF"
-              f"  total {f + b:6.3f} ms{diff}")
+        report(name, r[0], r[1], flop_f, r[2] if len(r) > 2 else None)
 
 
 def padded_cudnn(lens, h):
@@ -152,11 +156,8 @@ def padded_cudnn(lens, h):
 
     got = (po, *pc_bwd())
     diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref))
-    for name, f, b in (("flash varlen", timeit(fa_fwd), timeit(fa_bwd)), ("cudnn padded", timeit(pc_fwd),
-                                                                           timeit(pc_bwd))):
-        print(f"  {name:13s} fwd {f:6.3f} ms {flop_f / f / 1e9:5.0f} TF  bwd {b:6.3f} ms {2.5 * flop_f / b / 1e9:5.0f} TF"
-              f"  total {f + b:6.3f} ms")
-    print(f"  cudnn padded: max|diff vs flash| {diff:.3g}")
+    report("flash varlen", timeit(fa_fwd), timeit(fa_bwd), flop_f)
+    report("cudnn padded", timeit(pc_fwd), timeit(pc_bwd), flop_f, diff)
 
 
 print(torch.__version__, "cuDNN", torch.backends.cudnn.version(), torch.cuda.get_device_name())
