@@ -11,21 +11,11 @@ import sys
 
 import torch
 
+from cuda_timing import cuda_ms as timeit
+
 dev = torch.device("cuda")
 bf = torch.bfloat16
 D = 128
-
-
-def timeit(fn, iters=20):
-    for _ in range(3):
-        fn()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / iters
 
 
 def report(name, fwd_ms, bwd_ms, flop_f, diff=None):

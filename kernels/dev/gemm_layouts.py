@@ -5,22 +5,16 @@ shape. Operands rotate over copies larger than L2. Run: python3 kernels/dev/gemm
 """
 import torch
 
+from cuda_timing import cuda_ms
+
 T = 2048
 SHAPES = {"q|k|v": (12288, 4096), "o": (4096, 4096), "gate|up": (22016, 4096), "down": (4096, 11008)}
 dev = torch.device("cuda")
 bf = torch.bfloat16
 
 
-def timeit(fn, iters=30):
-    for _ in range(5):
-        fn()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) * 1e3 / iters
+def timeit(fn):
+    return cuda_ms(fn, iters=30, warmup=5) * 1e3  # us
 
 
 print(f"{'group':8s} {'fwd x W^T':>16s} {'dx += dy W':>16s} {'dx = dy W':>16s} {'dx += dy Wt^T':>16s}")

@@ -278,30 +278,37 @@ at::Tensor keep_cudnn_causal(const at::Tensor& q, const at::Tensor& k, const at:
   return out;
 }
 
-// The recomputation's attention node: the kept output as its value, cuDNN's backward (the one autograd
-// calls for SDPA) as its gradient. q, k, v are the recomputed ones: the same bits as the forward's (the same
+// The recomputation's attention node: the kept output as its value, and as its gradient the backward autograd
+// would call for the forward that made it (cuDNN's for SDPA's plain causal attention, flash attention's
+// variable-length one by segments). q, k, v are the recomputed ones: the same bits as the forward's (the same
 // kernels on the same inputs), so the kept output and log-sum-exp belong to them.
-struct KeptCausalAttention : public torch::autograd::Function<KeptCausalAttention> {
+struct KeptAttentionNode : public torch::autograd::Function<KeptAttentionNode> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, double scale, KeptAttention* kept) {
-    TORCH_INTERNAL_ASSERT(kept->out.defined() && !kept->by_segments && kept->out.size(2) == q.size(2),
+    TORCH_INTERNAL_ASSERT(kept->out.defined() && (kept->by_segments ? kept->out.sizes() == q.sizes()
+                                                                    : kept->out.size(2) == q.size(2)),
                           "kept attention of another shape");
     at::Tensor out = std::move(kept->out);
     ctx->save_for_backward({q, k, v, out, kept->lse, kept->cum_q, kept->cum_k, kept->philox_seed, kept->philox_offset});
     ctx->saved_data["max_q"] = kept->max_q;
     ctx->saved_data["max_k"] = kept->max_k;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["by_segments"] = kept->by_segments;
     kept->clear();  // the node holds them now, and frees them after its backward
     g_kept_attention_uses.fetch_add(1, std::memory_order_relaxed);
     return out;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad) {
-    const auto s = ctx->get_saved_variables();
-    auto [dq, dk, dv] = at::_scaled_dot_product_cudnn_attention_backward(
-        grad[0], s[0], s[1], s[2], s[3], s[4], s[7], s[8], /*attn_bias=*/at::Tensor(), s[5], s[6],
-        ctx->saved_data["max_q"].toInt(), ctx->saved_data["max_k"].toInt(), 0.0, /*is_causal=*/true,
-        ctx->saved_data["scale"].toDouble());
+    const auto s = ctx->get_saved_variables();  // q, k, v, out, lse, cum_q, cum_k, seed / rng, offset / unused
+    const int64_t max_q = ctx->saved_data["max_q"].toInt(), max_k = ctx->saved_data["max_k"].toInt();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    auto [dq, dk, dv] = ctx->saved_data["by_segments"].toBool()
+                            ? at::_flash_attention_backward(grad[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], max_q,
+                                                            max_k, 0.0, /*is_causal=*/true, s[7], s[8], scale)
+                            : at::_scaled_dot_product_cudnn_attention_backward(
+                                  grad[0], s[0], s[1], s[2], s[3], s[4], s[7], s[8], /*attn_bias=*/at::Tensor(), s[5],
+                                  s[6], max_q, max_k, 0.0, /*is_causal=*/true, scale);
     return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
 };
@@ -312,7 +319,7 @@ struct KeptCausalAttention : public torch::autograd::Function<KeptCausalAttentio
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
 #ifdef QLORA_WITH_CUDA
   if (t_attention_kept && t_attention_kept->out.defined() && !t_attention_kept->by_segments) {
-    return KeptCausalAttention::apply(q, k, v, scale, t_attention_kept);
+    return KeptAttentionNode::apply(q, k, v, scale, t_attention_kept);
   }
   if (t_attention_to_keep && g_keep_attention.load() && cudnn_causal(q, k, v, scale)) {
     return keep_cudnn_causal(q, k, v, scale, *t_attention_to_keep);
@@ -320,33 +327,6 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
 #endif
   return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale);
 }
-
-#ifdef QLORA_WITH_CUDA
-// The recomputation's attention node by segments: the kept output as its value, flash attention's
-// variable-length backward (the one autograd calls for at::_flash_attention_forward) as its gradient.
-struct KeptSegmentAttention : public torch::autograd::Function<KeptSegmentAttention> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, double scale, KeptAttention* kept) {
-    TORCH_INTERNAL_ASSERT(kept->by_segments && kept->out.sizes() == q.sizes(), "kept attention of another shape");
-    at::Tensor out = std::move(kept->out);
-    ctx->save_for_backward({q, k, v, out, kept->lse, kept->cum_q, kept->cum_k, kept->philox_seed, kept->philox_offset});
-    ctx->saved_data["max_q"] = kept->max_q;
-    ctx->saved_data["max_k"] = kept->max_k;
-    ctx->saved_data["scale"] = scale;
-    kept->clear();
-    g_kept_attention_uses.fetch_add(1, std::memory_order_relaxed);
-    return out;
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad) {
-    const auto s = ctx->get_saved_variables();
-    auto [dq, dk, dv] = at::_flash_attention_backward(
-        grad[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], ctx->saved_data["max_q"].toInt(),
-        ctx->saved_data["max_k"].toInt(), 0.0, /*is_causal=*/true, s[7], s[8], ctx->saved_data["scale"].toDouble());
-    return {dq, dk, dv, at::Tensor(), at::Tensor()};
-  }
-};
-#endif
 
 // Causal attention within each segment of q, k, v [N, heads, D] (the tokens of every row end to end; the
 // segment i spans offsets[i] .. offsets[i + 1], none longer than `longest`) through flash attention's
@@ -359,7 +339,7 @@ at::Tensor segment_attention(const at::Tensor& q, const at::Tensor& k, const at:
   };
 #ifdef QLORA_WITH_CUDA
   if (t_attention_kept && t_attention_kept->out.defined() && t_attention_kept->by_segments) {
-    return KeptSegmentAttention::apply(q, k, v, scale, t_attention_kept);
+    return KeptAttentionNode::apply(q, k, v, scale, t_attention_kept);
   }
   if (t_attention_to_keep && g_keep_attention.load()) {
     auto [out, lse, rng_state, unused, debug] = flash();
@@ -852,8 +832,8 @@ Rope LlamaForCausalLMImpl::rope(const at::Tensor& position_ids, int64_t batch, i
     // rope_tables' math on positions 0..L-1, with inv_freq scaled for `needed` (not L). L rounded up so that
     // generation rarely rebuilds.
     const int64_t rows = (std::max<int64_t>(needed, tab.cos.defined() ? tab.cos.size(0) : 0) + 255) / 256 * 256;
-    const Rope all = rope_of(rope_inv_freq(arch_, needed, device()),
-                             at::arange(rows, at::TensorOptions().dtype(at::kLong).device(device())).unsqueeze(0), dtype);
+    const at::Tensor positions = at::arange(rows, at::TensorOptions().dtype(at::kLong).device(device())).unsqueeze(0);
+    const Rope all = rope_of(rope_inv_freq(arch_, needed, device()), positions, dtype);
     tab = RopeTable{all.cos[0], all.sin[0], scaling};
   }
   const int64_t d = tab.cos.size(1);
