@@ -389,7 +389,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const A
     TORCH_CHECK(!cache_k, "attention by segments takes no cache");
     // Every segment causal within itself, the tokens as one sequence [B T, n, D] (the fused path's q, k, v
     // are [B, T, n, D] underneath: these are views), grouped k and v as they are (flash attention maps the
-    // query heads onto them). Autograd runs flash attention's backward.
+    // query heads onto them). Flash attention's backward runs through autograd, or through the kept node when a
+    // selective recomputation took the forward's output (segment_attention).
     const auto tokens = [&](const at::Tensor& y) { return y.transpose(1, 2).reshape({b * t, y.size(1), head_dim}); };
     out = segment_attention(tokens(q), tokens(k), tokens(v), mask.offsets, mask.longest, scale);
     return project(*o_proj, out.view({b, t, num_heads * head_dim}), output_needed);
@@ -522,14 +523,13 @@ at::Tensor DecoderLayerImpl::mlp_gradient_path(const at::Tensor& h) {
 // so the Function itself returns only the input gradient. The RNG state of the layer's device is
 // replayed so dropout draws the same masks in the recomputation.
 //
-// Selective mode keeps the mid-layer residual h = x + attention_branch(x) as well, and the attention's output
-// where cuDNN or flash attention by segments computes it (causal_attention, segment_attention), and
-// recomputes the two branches one after the other, MLP first: each branch's last projection (o_proj,
-// down_proj) is then needed for its gradient only, so its GEMMs are skipped (output_needed = false), and only
-// one branch's activations live at a time. Each branch replays the
-// RNG state its forward started from. The residual adds stay in the recomputed graph as GradientOnlyAdd, so
-// every gradient is accumulated in the order of the graph without checkpointing (the same bits on the CPU,
-// where RMSNorm's composite reads its input three times; on the GPU the residual's gradient is summed in the
+// Selective mode keeps the mid-layer residual h = x + attention_branch(x) as well, and the attention's output where
+// cuDNN or flash attention by segments computes it (causal_attention, segment_attention), and recomputes the two
+// branches one after the other, MLP first: each branch's last projection (o_proj, down_proj) is then needed for its
+// gradient only, so its GEMMs are skipped (output_needed = false), and only one branch's activations live at a time.
+// Each branch replays the RNG state its forward started from. The residual adds stay in the recomputed graph as
+// GradientOnlyAdd, so every gradient is accumulated in the order of the graph without checkpointing (the same bits on
+// the CPU, where RMSNorm's composite reads its input three times; on the GPU the residual's gradient is summed in the
 // norm's backward kernel, as the fused add + norm of the forward does).
 
 namespace {

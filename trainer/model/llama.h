@@ -191,11 +191,11 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlamaForCausalLM);
 
-// Selective checkpointing keeps each layer's attention output and log-sum-exp where SDPA runs cuDNN's flash
-// attention (plain causal, on the GPU) and where rows attend by segments (flash attention's variable-length
-// kernels), so the recomputation skips the attention's forward: 8 KB a token a layer more at hidden 4096
-// (config.h's Checkpointing). On by default; off recomputes it (`qlora bench
-// --keep-attention off`). kept_attention_uses counts the recomputations that took a kept output.
+// Selective checkpointing keeps each layer's attention output and log-sum-exp where SDPA runs cuDNN's flash attention
+// (plain causal, on the GPU) and where rows attend by segments (flash attention's variable-length kernels), so the
+// recomputation skips the attention's forward: 8 KB a token a layer more at hidden 4096 (config.h's Checkpointing). On
+// by default; off recomputes it (`qlora bench --keep-attention off`). kept_attention_uses counts the recomputations
+// that took a kept output.
 void set_keep_attention(bool on);
 int64_t kept_attention_uses();
 
