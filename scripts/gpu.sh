@@ -42,6 +42,19 @@ if [ "${1:-}" = "--prepare" ]; then
   # Only the CUDA 13.0 library and the CPU one are needed there (the wheel carries one per toolkit).
   find .deps/py/bitsandbytes \( -name 'libbitsandbytes_cuda1[1-2]*' -o -name 'libbitsandbytes_cuda132*' \
     -o -name 'libbitsandbytes_rocm*' -o -name __pycache__ \) -prune -exec rm -rf {} +
+  # CUTLASS's headers for the kernel lab's GEMM variants (kernels/dev/cutlass_gemm.cu): the nvidia-cutlass
+  # wheel (PyPI) carries the C++ sources; kept in the cache, its include/ copied (27 MB).
+  cutlass_version=4.2.0.0
+  cutlass_dir="$QLORA_CACHE/nvidia-cutlass-$cutlass_version"
+  if [ ! -f "$cutlass_dir/include/cutlass/cutlass.h" ]; then
+    rm -rf "$cutlass_dir.tmp" && mkdir -p "$cutlass_dir.tmp"
+    "$QLORA_PYTHON" -m pip download --quiet --no-deps "nvidia-cutlass==$cutlass_version" -d "$cutlass_dir.tmp"
+    "$QLORA_PYTHON" -m zipfile -e "$cutlass_dir.tmp"/nvidia_cutlass-*.whl "$cutlass_dir.tmp/w"
+    mkdir -p "$cutlass_dir" && rm -rf "$cutlass_dir/include"
+    mv "$cutlass_dir.tmp/w/cutlass_library/source/include" "$cutlass_dir/include" && rm -rf "$cutlass_dir.tmp"
+  fi
+  rm -rf .deps/cutlass && mkdir -p .deps/cutlass
+  cp -r "$cutlass_dir/include" .deps/cutlass/
   du -sh .deps
   exit 0
 fi
