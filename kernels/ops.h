@@ -23,13 +23,6 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 // rows stride(0) >= cols elements apart (a multiple of 8), 2-byte elements, 16-byte aligned.
 bool pitched_ok(const at::Tensor& into);
 
-// The base projections' GEMM through CUTLASS (kernels/gemm_cutlass.cu): d = a op(b) + beta d, bf16, 2-D,
-// rows contiguous and 16-byte aligned; op(b) = b for b [k, n] (b_n_major: dx += dy W), b^T for b [n, k] (y = x
-// W^T). Returns false and does nothing where it cannot take them (no CUTLASS in this build, another dtype,
-// unaligned rows, k or n not a multiple of 8); the caller runs cuBLAS then.
-bool cutlass_gemm_available();
-bool cutlass_gemm_cuda(const at::Tensor& a, const at::Tensor& b, bool b_n_major, const at::Tensor& d, double beta);
-
 // RMSNorm (kernels/rmsnorm.cu): x [..., H], w [H], same dtype (bf16 / fp16 / fp32), contiguous.
 // Forward returns (y shaped like x, rstd float32 [rows]); y's rows lie H + spare apart in a buffer whose
 // last `spare` columns of each row are left unwritten for the caller. Backward returns dx like x (no

@@ -6,8 +6,8 @@
 #     quick  + our training step (7B, r 16, checkpointing on/off) and transformers/PEFT bf16's
 #     compare + r 64 and half the layers recomputing (the ten steps of the comparison table; with BEST_OF=2
 #            it fits one call)
-#     full   + the kernel lab and benchmark, r 64, full recomputation, the per-projection path, the
-#            bitsandbytes 4-bit Python stack
+#     full   + the kernel labs (dequantization; the base GEMMs through CUTLASS where .deps has its headers) and
+#            benchmark, r 64, full recomputation, the per-projection path, the bitsandbytes 4-bit Python stack
 #     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
 #     profile build + GPU tests + one profiled 7B step (r PROFILE_R, default 16) with and without checkpointing
 #            (PROFILE_CKPT): the busiest kernels printed, the Chrome traces in results.tgz, and
@@ -286,6 +286,14 @@ fi
 if [ "$MODE" = full ]; then
   echo "== kernel lab (every dequant variant, checked and timed)"
   "$BUILD/kernels/dev/qlora_dequant_bench" 2>&1 | tee "$OUT/lab.txt" | tail -12 || status=1
+  if [ -d .deps/cutlass ]; then  # the base GEMMs, CUTLASS against cuBLAS (built on request only)
+    echo "== kernel lab (the base GEMMs through CUTLASS against cuBLAS)"
+    if ninja -C "$BUILD" -j "$(nproc)" qlora_cutlass_gemm_bench >"$OUT/build-cutlass.log" 2>&1; then
+      "$BUILD/kernels/dev/qlora_cutlass_gemm_bench" 2>&1 | tee "$OUT/lab-cutlass.txt" || status=1
+    else
+      status=1; tail -20 "$OUT/build-cutlass.log"
+    fi
+  fi
   echo "== kernels"
   "$Q" bench --kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
 fi

@@ -1,7 +1,7 @@
 // One CUTLASS GEMM variant of the lab (kernels/cutlass_gemm.cuh), chosen at compile time by QLORA_CFG (the
 // header's configurations) and QLORA_N_MAJOR (0: B is [N, K], the forward's weight; 1: B is [K, N], the
 // backward's). The function is named qlora_cutlass_gemm_<cfg>_<n_major>.
-#include "kernels/cutlass_gemm.cuh"
+#include "kernels/dev/cutlass_gemm.cuh"
 #include "kernels/dev/cutlass_gemm.h"
 
 #ifndef QLORA_CFG
@@ -21,7 +21,7 @@ int QLORA_NAME(QLORA_CFG, QLORA_N_MAJOR)(const CutlassGemmArgs& p, void* workspa
     cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
     return count;
   }();
-  using G = kernels::cutlass_gemm::Gemm<QLORA_CFG, QLORA_N_MAJOR != 0>;
+  using G = cutlass_gemm::Gemm<QLORA_CFG, QLORA_N_MAJOR != 0>;
   return G::run(p, sm_count, workspace, workspace_bytes, stream);
 }
 

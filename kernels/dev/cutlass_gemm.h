@@ -1,4 +1,4 @@
-// Kernel lab: the CUTLASS GEMM configurations of kernels/cutlass_gemm.cuh for the 7B step's base GEMMs, to time
+// Kernel lab: the CUTLASS GEMM configurations of kernels/dev/cutlass_gemm.cuh for the 7B step's base GEMMs, to time
 // against cuBLAS (kernels/dev/cutlass_gemm_bench.cpp). Each variant is one object file
 // (kernels/dev/CMakeLists.txt compiles cutlass_gemm.cu once per variant), called through this table.
 #pragma once
@@ -8,11 +8,21 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "kernels/cutlass_gemm_args.h"
 
 namespace qlora::lab {
 
-using CutlassGemmArgs = kernels::cutlass_gemm::Args;
+// D [m, n] = A [m, k] op(B) + beta D, bf16, row-major with leading dimensions (elements); kernels/dev/
+// cutlass_gemm.cuh says what op(B) is.
+struct CutlassGemmArgs {
+  int m, n, k;
+  const void* a;
+  int64_t lda;
+  const void* b;
+  int64_t ldb;
+  void* d;
+  int64_t ldd;
+  float beta;
+};
 
 // Returns non-zero when the variant cannot run these arguments. With `workspace_bytes` set it only writes the
 // workspace the call needs there; without, it runs the GEMM on `stream` with `workspace` (that many bytes).

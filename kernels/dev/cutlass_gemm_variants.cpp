@@ -17,10 +17,14 @@ QLORA_DECLARE(3, 1)
 
 const CutlassVariant* cutlass_variants(int* count) {
   static const CutlassVariant table[] = {
-      {"coop 128x256 2x1", false, qlora_cutlass_gemm_0_0},   {"coop 128x256 2x1 stream-K", false, qlora_cutlass_gemm_1_0},
-      {"pingpong 128x128 2x1", false, qlora_cutlass_gemm_2_0}, {"coop 256x128 1x2", false, qlora_cutlass_gemm_3_0},
-      {"coop 128x256 2x1", true, qlora_cutlass_gemm_0_1},    {"coop 128x256 2x1 stream-K", true, qlora_cutlass_gemm_1_1},
-      {"pingpong 128x128 2x1", true, qlora_cutlass_gemm_2_1},  {"coop 256x128 1x2", true, qlora_cutlass_gemm_3_1},
+      {"coop 128x256 2x1", false, qlora_cutlass_gemm_0_0},
+      {"coop 128x256 2x1", true, qlora_cutlass_gemm_0_1},
+      {"coop 128x256 2x1 stream-K", false, qlora_cutlass_gemm_1_0},
+      {"coop 128x256 2x1 stream-K", true, qlora_cutlass_gemm_1_1},
+      {"pingpong 128x128 2x1", false, qlora_cutlass_gemm_2_0},
+      {"pingpong 128x128 2x1", true, qlora_cutlass_gemm_2_1},
+      {"coop 256x128 1x2", false, qlora_cutlass_gemm_3_0},
+      {"coop 256x128 1x2", true, qlora_cutlass_gemm_3_1},
   };
   *count = sizeof(table) / sizeof(table[0]);
   return table;

@@ -164,7 +164,6 @@ struct StepOptions {
   std::string fused = "auto";  // the fused projection path (trainer/model/fused.h): auto | on | off
   std::string fold = "on";     // adapters folded into the base GEMM where they can be (fused.h): on | off
   std::string lora_grad = "kernel";  // the backward's dxa and dB's (fused.h): kernel | cublas
-  std::string base_gemm = "cublas";  // the base GEMMs (fused.h): cublas | cutlass-fwd | cutlass
   int ahead_depth = 2;         // groups dequantized ahead (fused.h)
   std::string keep_attention = "on";  // selective checkpointing keeps the attention's output (llama.h): on | off
   std::string pipeline = "on";  // on | off: steps queued as Trainer::run queues them (the next one before
@@ -269,9 +268,6 @@ nlohmann::json bench_step(const StepOptions& so) {
                                                                                       : model::FusedMode::Auto);
   model::set_fold_adapters(so.fold == "on");
   model::set_lora_grad_kernel(so.lora_grad == "kernel");
-  model::set_base_gemm(so.base_gemm == "cutlass"       ? model::BaseGemm::Cutlass
-                       : so.base_gemm == "cutlass-fwd" ? model::BaseGemm::CutlassForward
-                                                       : model::BaseGemm::Cublas);
   model::set_counter_dropout(so.lora_dropout_masks == "counters");
   model::set_dropout_mm_kernels(so.lora_dropout_mm == "kernels");
   model::set_dropout_dx_kernel(so.lora_dropout_dx == "kernel");
@@ -522,7 +518,6 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"dequant_ahead", so.ahead},
                       {"ahead_depth", so.ahead_depth},
                       {"lora_grad", so.lora_grad},
-                      {"base_gemm", so.base_gemm},
                       {"keep_attention", so.keep_attention},
                       {"pipeline", so.pipeline == "on"},
                       {"cuda_graph", graphed},
@@ -546,15 +541,14 @@ nlohmann::json bench_step(const StepOptions& so) {
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
              "lora-dropout={} ({}, {}, dx {}) checkpointing={} ({} of {} layers) fused={} fold={} "
              "ahead={} (depth {}) "
-             "lora-grad={} base-gemm={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
+             "lora-grad={} keep-attention={} ({} a step) pipeline={} cuda-graph={} on {}\n",
              so.shape, so.base, so.r, so.seq, so.batch, so.segments, so.padding, so.segment_attention,
              so.lora_dropout, so.lora_dropout_masks, so.lora_dropout_mm, so.lora_dropout_dx,
              to_string(so.checkpointing), model->recomputed_layers(), arch.num_layers, so.fused, so.fold, so.ahead,
-             so.ahead_depth, so.lora_grad, so.base_gemm, so.keep_attention, kept_per_step, so.pipeline, so.cuda_graph,
+             so.ahead_depth, so.lora_grad, so.keep_attention, kept_per_step, so.pipeline, so.cuda_graph,
              ctx.device.str());
   fmt::print("  weights {:.2f} GiB (loaded in {:.1f} s), LoRA params {}\n", model_bytes / 1073741824.0,
              load_ms / 1e3, lora_params);
-  if (so.base_gemm != "cublas") fmt::print("  base GEMMs run by CUTLASS: {}\n", model::cutlass_gemm_calls());
   if (graphed) {
     fmt::print("  step {:.1f} ms ({} of {} steps; one graph a step: the phases are not split)\n", step_ms,
                pipelined ? "mean" : "median", so.steps);
@@ -753,10 +747,6 @@ Runner add_bench(CLI::App& app) {
          "The backward's adapter products dxa and dB: kernel (one pass over dy) | cublas (dy bd, then a "
          "GEMM per dB)",
          {"kernel", "cublas"});
-  one_of("--base-gemm", so->base_gemm,
-         "The base projections' GEMMs: cublas | cutlass-fwd (CUTLASS for the forward's) | cutlass (and the "
-         "backward's dx), where this build has CUTLASS and the operands suit it",
-         {"cublas", "cutlass-fwd", "cutlass"});
   one_of("--ahead", so->ahead,
          "Dequantization ahead on a second stream: low (below the step's stream) | even (the "
          "same priority, the step on the default stream) | high (above it) | off",

@@ -32,8 +32,6 @@ namespace {
 std::atomic<FusedMode> g_mode{FusedMode::Auto};
 std::atomic<bool> g_fold{true};
 std::atomic<bool> g_lora_grad_kernel{true};
-std::atomic<BaseGemm> g_base_gemm{BaseGemm::Cublas};
-std::atomic<int64_t> g_cutlass_calls{0};
 std::atomic<bool> g_counter_dropout{true};
 std::atomic<bool> g_dropout_mm{true};
 std::atomic<bool> g_dropout_dx{true};
@@ -458,33 +456,6 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double al
   at::addmm_out(out, out, a, b, /*beta=*/0.0, alpha);
 }
 
-// The base GEMMs: y = x W^T + beta y (w [out, in] as stored) and dx = dy W + beta dx, through CUTLASS where
-// set_base_gemm asks for it and the operands suit it, else cuBLAS.
-void base_forward(at::Tensor y, const at::Tensor& x, const at::Tensor& w, double beta) {
-#ifdef QLORA_WITH_CUDA
-  if (g_base_gemm.load() != BaseGemm::Cublas && kernels::cutlass_gemm_cuda(x, w, /*b_n_major=*/false, y, beta)) {
-    g_cutlass_calls.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
-#endif
-  if (beta == 0.0) at::mm_out(y, x, w.t());
-  else y.addmm_(x, w.t(), beta);
-}
-
-at::Tensor base_dx(at::Tensor dx, const at::Tensor& dy, const at::Tensor& w) {
-  const bool add = dx.defined();
-  if (!add) dx = at::empty({dy.size(0), w.size(1)}, dy.options());
-#ifdef QLORA_WITH_CUDA
-  if (g_base_gemm.load() == BaseGemm::Cutlass && kernels::cutlass_gemm_cuda(dy, w, /*b_n_major=*/true, dx, add)) {
-    g_cutlass_calls.fetch_add(1, std::memory_order_relaxed);
-    return dx;
-  }
-#endif
-  if (add) dx.addmm_(dy, w);
-  else at::mm_out(dx, dy, w);
-  return dx;
-}
-
 // The group's B's as one block-diagonal matrix: out [total, ranks] gets s_i B_i in member i's rows and
 // adapter columns, zeros elsewhere (so an unadapted member's rows are zero). lora = A0, B0, A1, B1, ...
 void block_diag_into(const GroupState& s, at::TensorList lora, const at::Tensor& out) {
@@ -676,7 +647,7 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       at::Tensor kept;
       if (compute_y) {
         const at::Tensor w = dequantize_group(*st, dt, x.device(), 0, forward_phase());
-        base_forward(y2, x2, w, 0.0);
+        at::mm_out(y2, x2, w.t());
         if (t_keep_weights) kept = w;
       }
       ctx->save_for_backward({kept});
@@ -751,10 +722,10 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
     }
     if (counters) saved.push_back(keep_bits);
     if (st->folded) {
-      base_forward(y2, x2.as_strided({n, st->in + st->ranks}, x2.strides(), x2.storage_offset()), w, 0.0);
+      at::mm_out(y2, x2.as_strided({n, st->in + st->ranks}, x2.strides(), x2.storage_offset()), w.t());
     } else if (compute_y) {
       at::mm_out(y2, xa, bd.t());
-      base_forward(y2, x2, w, 1.0);
+      y2.addmm_(x2, w.t());
     }
     ctx->save_for_backward(saved);
     return y;
@@ -840,7 +811,8 @@ struct ProjectionGroupFunction : public torch::autograd::Function<ProjectionGrou
       at::Tensor w = saved[0];
       if (!w.defined()) w = dequantize_group(*st, dy.scalar_type(), dy.device(), 0, /*phase=*/0);
       else if (st->folded) w = w.narrow(1, 0, st->in);  // W_ext = [W | bd]
-      dx = base_dx(dx, dy, w);
+      if (dx.defined()) dx.addmm_(dy, w);
+      else dx = at::mm(dy, w);
     }
     if (dx.defined()) {
       auto x_sizes = grad[0].sizes().vec();  // x's shape: the output's with `in` for the last dimension
@@ -923,8 +895,6 @@ void set_counter_dropout(bool on) { g_counter_dropout.store(on); }
 void set_dropout_mm_kernels(bool on) { g_dropout_mm.store(on); }
 void set_dropout_dx_kernel(bool on) { g_dropout_dx.store(on); }
 void set_lora_grad_kernel(bool on) { g_lora_grad_kernel.store(on); }
-void set_base_gemm(BaseGemm g) { g_base_gemm.store(g); }
-int64_t cutlass_gemm_calls() { return g_cutlass_calls.load(std::memory_order_relaxed); }
 
 #ifdef QLORA_WITH_CUDA
 struct StepStream::Impl {

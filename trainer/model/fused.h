@@ -92,14 +92,6 @@ bool fold_adapters();
 // --lora-grad cublas`, for A/B).
 void set_lora_grad_kernel(bool on);
 
-// Which library runs the base projections' GEMMs on CUDA (kernels/gemm_cutlass.cu, where the build has
-// CUTLASS and the operands suit it, else cuBLAS): cuBLAS everywhere (default), CUTLASS for the forward's, or for
-// the forward's and the backward's dx (`qlora bench --base-gemm`, for A/B).
-enum class BaseGemm { Cublas, CutlassForward, Cutlass };
-void set_base_gemm(BaseGemm g);
-// How many base GEMMs CUTLASS ran so far (the rest ran on cuBLAS).
-int64_t cutlass_gemm_calls();
-
 // Whether LoRA dropout on CUDA draws its masks from counters (kernels/lora_dropout.cu: a group's members
 // dropped in one pass, 1 bit an element kept for the backward; default on) or runs ATen's dropout, a byte mask
 // kept per adapter (`qlora bench --lora-dropout-masks aten`, for A/B).

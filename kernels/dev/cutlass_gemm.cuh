@@ -1,10 +1,9 @@
-// CUTLASS 3 Hopper GEMMs (TMA loads, warp-specialized WGMMA) for the base projections: bf16 operands and
+// CUTLASS 3 Hopper GEMMs (TMA loads, warp-specialized WGMMA) for the base projections (a lab): bf16 operands and
 // output, float32 accumulation, D = A op(B) + beta D, every matrix row-major with a leading dimension:
 //   k_major (the forward, y = x W^T):  A [M, K], B [N, K] (the weight as stored), D [M, N]
 //   n_major (the backward, dx += dy W): A [M, K], B [K, N] (the weight as stored), D [M, N]
-// Included by the CUDA files that instantiate them (kernels/gemm_cutlass.cu, the lab's
-// kernels/dev/cutlass_gemm.cu); compile with NDEBUG (a device assert is a call, which serializes the WGMMA
-// pipeline: ptxas C7510).
+// Included by the lab's kernels/dev/cutlass_gemm.cu, which instantiates one a file; compile with NDEBUG (a
+// device assert is a call, which serializes the WGMMA pipeline: ptxas C7510).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,9 +19,9 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
-#include "kernels/cutlass_gemm_args.h"
+#include "kernels/dev/cutlass_gemm.h"
 
-namespace qlora::kernels::cutlass_gemm {
+namespace qlora::lab::cutlass_gemm {
 
 // The configurations the lab compares (kernels/dev/cutlass_gemm_bench.cpp):
 //   0 cooperative 128x256x64, cluster 2x1, persistent tiles
@@ -77,7 +76,7 @@ struct Gemm {
                                                       typename C::Scheduler>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  static typename Device::Arguments arguments(const Args& p, int sm_count) {
+  static typename Device::Arguments arguments(const CutlassGemmArgs& p, int sm_count) {
     typename Kernel::StrideA sa{};
     typename Kernel::StrideB sb{};
     typename Kernel::StrideC sc{};
@@ -104,7 +103,8 @@ struct Gemm {
 
   // Non-zero when this GEMM cannot run `p`. With `workspace_bytes` set it writes the workspace the call needs
   // there and runs nothing; without, it runs on `stream` with `workspace` (that many bytes).
-  static int run(const Args& p, int sm_count, void* workspace, size_t* workspace_bytes, cudaStream_t stream) {
+  static int run(const CutlassGemmArgs& p, int sm_count, void* workspace, size_t* workspace_bytes,
+                 cudaStream_t stream) {
     const auto args = arguments(p, sm_count);
     Device gemm;
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
@@ -117,4 +117,4 @@ struct Gemm {
   }
 };
 
-}  // namespace qlora::kernels::cutlass_gemm
+}  // namespace qlora::lab::cutlass_gemm
