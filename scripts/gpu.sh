@@ -311,17 +311,47 @@ if runs:
         print("   runs:", ", ".join(f"{t:.0f}" for t, _ in runs), "tokens/s; kept the fastest")
 PYEOF
 }
+# sampled JSON CMD...: CMD with the SM clock and the board power sampled every 50 ms (nvidia-smi); the medians
+# over the samples above half the power cap (the steps, not the loading) go into JSON as gpu_sm_mhz and
+# gpu_power_w, for the table: the card runs our step at its power cap (docs/performance.md, Measuring).
+sampled() {
+  local json=$1 sampler rc; shift
+  nvidia-smi --query-gpu=clocks.sm,power.draw,power.limit --format=csv,noheader,nounits -lms 50 >"$json.smi" &
+  sampler=$!
+  "$@"; rc=$?
+  kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+  "$PY" - "$json" <<'PYEOF'
+import json, os, statistics, sys
+path = sys.argv[1]
+rows = []
+for line in open(path + ".smi"):
+    try:
+        rows.append([float(v) for v in line.split(",")])
+    except ValueError:
+        pass
+os.remove(path + ".smi")
+busy = [r for r in rows if r[1] > r[2] / 2]
+if busy and os.path.exists(path):
+    j = json.load(open(path))
+    j["gpu_sm_mhz"] = statistics.median(r[0] for r in busy)
+    j["gpu_power_w"] = statistics.median(r[1] for r in busy)
+    json.dump(j, open(path, "w"))
+PYEOF
+  return $rc
+}
 ours() {  # ours NAME ARGS...
   local name=$1; shift
   for i in $(seq "${BEST_OF:-1}"); do
-    "$Q" bench --shape llama2-7b "$@" --json "$OUT/ours_$name.$i.json" 2>&1 | tail -1 || true
+    sampled "$OUT/ours_$name.$i.json" "$Q" bench --shape llama2-7b "$@" --json "$OUT/ours_$name.$i.json" 2>&1 | tail -1 ||
+      true
   done
   keep_fastest "$OUT/ours_$name"
 }
 theirs() {  # theirs NAME ARGS...
   local name=$1; shift
   for i in $(seq "${BEST_OF:-1}"); do
-    "$PY" scripts/bench_hf.py --shape llama2-7b "$@" --json "$OUT/hf_$name.$i.json" 2>&1 | grep -vE "Warning|warn" | tail -1 || true
+    sampled "$OUT/hf_$name.$i.json" "$PY" scripts/bench_hf.py --shape llama2-7b "$@" --json "$OUT/hf_$name.$i.json" 2>&1 |
+      grep -vE "Warning|warn" | tail -1 || true
   done
   keep_fastest "$OUT/hf_$name"
 }

@@ -31,7 +31,7 @@ if k:
                   f"(x{v['ratio']:.4f}, goal within 5%)")
 print()
 print(f"{'run':<22} {'tokens/s':>9} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>6} {'peak GiB':>9} {'MFU':>6} "
-      f"{'vs HF bf16':>10} {'mem vs HF':>9}")
+      f"{'vs HF bf16':>10} {'mem vs HF':>9} {'SM MHz':>6} {'W':>4}")
 for r in ("r16", "r64"):
     for c in ("ckpt", "nockpt"):
         hf = load(f"hf_bf16_{r}_{c}")
@@ -45,6 +45,9 @@ for r in ("r16", "r64"):
                 speed = f"x{v['tokens_per_s'] / hf['tokens_per_s']:.2f}"
                 mem = f"x{v['peak_bytes'] / hf['peak_bytes']:.2f}"
             mfu = f"{100 * v['mfu']:.1f}%" if "mfu" in v else ""
+            # The SM clock and board power while it ran (gpu.sh's sampled(): medians of the busy samples).
+            clock = f"{v['gpu_sm_mhz']:.0f}" if "gpu_sm_mhz" in v else ""
+            power = f"{v['gpu_power_w']:.0f}" if "gpu_power_w" in v else ""
             print(f"{name:<22} {v['tokens_per_s']:>9.0f} {v['step_ms']:>8.1f} {v['forward_ms']:>7.1f} "
                   f"{v['backward_ms']:>7.1f} {v['optimizer_ms']:>6.1f} {v['peak_bytes'] / 2**30:>9.2f} {mfu:>6} "
-                  f"{speed:>10} {mem:>9}")
+                  f"{speed:>10} {mem:>9} {clock:>6} {power:>4}")
