@@ -130,8 +130,9 @@ def main():
     for _ in range(a.warmup):
         torch.cuda.synchronize()
         finish(queue(False))
+    torch.cuda.synchronize()
+    timed_from = time.time()  # the timed steps' span in Unix seconds, for samplers outside the process
     if a.pipeline == "on":
-        torch.cuda.synchronize()
         t_start = time.perf_counter()
         unread = None
         for _ in range(a.steps):
@@ -144,6 +145,7 @@ def main():
             torch.cuda.synchronize()
             finish(queue(True))
         step = statistics.median(total)
+    timed_to = time.time()
     # As ours: pipelined, the phases' means (their sum is the step's time on the GPU); else medians.
     typical = statistics.fmean if a.pipeline == "on" else statistics.median
     out = {
@@ -152,7 +154,7 @@ def main():
         "checkpointing": a.checkpointing == "on", "pipeline": a.pipeline == "on", "step_ms": step * 1e3,
         "forward_ms": typical(fwd) * 1e3, "backward_ms": typical(bwd) * 1e3,
         "optimizer_ms": typical(optim) * 1e3, "tokens_per_s": a.batch * a.seq / step,
-        "peak_bytes": torch.cuda.max_memory_allocated(),
+        "peak_bytes": torch.cuda.max_memory_allocated(), "timed_unix_s": [timed_from, timed_to],
     }
     print(f"transformers+peft {a.base} {a.shape} r={a.r} seq={a.seq} checkpointing={a.checkpointing}: "
           f"step {out['step_ms']:.1f} ms, {out['tokens_per_s']:.0f} tokens/s, "

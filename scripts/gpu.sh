@@ -312,30 +312,33 @@ if runs:
 PYEOF
 }
 # sampled JSON CMD...: CMD with the SM clock and the board power sampled every 50 ms (nvidia-smi); the medians
-# over the samples above half the power cap (the steps, not the loading) go into JSON as gpu_sm_mhz and
-# gpu_power_w, for the table: the card runs our step at its power cap (docs/performance.md, Measuring).
+# over the samples within the timed steps (JSON's timed_unix_s) go into JSON as gpu_sm_mhz and gpu_power_w, for
+# the table: the card runs our step at its power cap, the Python stack's below it (docs/performance.md).
 sampled() {
   local json=$1 sampler rc; shift
-  nvidia-smi --query-gpu=clocks.sm,power.draw,power.limit --format=csv,noheader,nounits -lms 50 >"$json.smi" &
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader,nounits -lms 50 >"$json.smi" &
   sampler=$!
   "$@"; rc=$?
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
   "$PY" - "$json" <<'PYEOF'
-import json, os, statistics, sys
+import datetime, json, os, statistics, sys
 path = sys.argv[1]
-rows = []
+rows = []  # (Unix seconds, MHz, W); nvidia-smi's timestamps are local time, as the benchmarks' clocks
 for line in open(path + ".smi"):
     try:
-        rows.append([float(v) for v in line.split(",")])
+        t, mhz, w = (v.strip() for v in line.split(","))
+        rows.append((datetime.datetime.strptime(t, "%Y/%m/%d %H:%M:%S.%f").timestamp(), float(mhz), float(w)))
     except ValueError:
         pass
 os.remove(path + ".smi")
-busy = [r for r in rows if r[1] > r[2] / 2]
-if busy and os.path.exists(path):
+if os.path.exists(path):
     j = json.load(open(path))
-    j["gpu_sm_mhz"] = statistics.median(r[0] for r in busy)
-    j["gpu_power_w"] = statistics.median(r[1] for r in busy)
-    json.dump(j, open(path, "w"))
+    lo, hi = j.get("timed_unix_s", (0, 0))
+    timed = [r for r in rows if lo <= r[0] <= hi]
+    if timed:
+        j["gpu_sm_mhz"] = statistics.median(r[1] for r in timed)
+        j["gpu_power_w"] = statistics.median(r[2] for r in timed)
+        json.dump(j, open(path, "w"))
 PYEOF
   return $rc
 }

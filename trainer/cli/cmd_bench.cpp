@@ -446,8 +446,13 @@ nlohmann::json bench_step(const StepOptions& so) {
   }
 #endif
   double wall_ms = 0;
+  // The timed steps' span in Unix seconds, for samplers outside the process (gpu.sh: the card's clock and power).
+  const auto unix_s = [] {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  };
+  sync(ctx.device);
+  const double timed_from = unix_s();
   if (so.pipeline == "on") {
-    sync(ctx.device);
     const double t_start = now_ms();
     std::optional<Queued> unread;
     for (int64_t i = 0; i < so.steps; ++i) {
@@ -461,6 +466,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   } else {
     for (int64_t i = 0; i < so.steps; ++i) step(true);
   }
+  const double timed_to = unix_s();
   double update_norm = 0;  // of the trained weights' change since the start
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor now = params[i].second.detach().to(at::kCPU, at::kFloat);
@@ -536,6 +542,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"optimizer_ms", typical(optim)},
                       {"tokens_per_s", tps},
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
+                      {"timed_unix_s", {timed_from, timed_to}},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
