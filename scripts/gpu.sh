@@ -46,15 +46,21 @@ if [ "${1:-}" = "--prepare" ]; then
   # wheel (PyPI) carries the C++ sources; kept in the cache, its include/ copied (27 MB).
   cutlass_version=4.2.0.0
   cutlass_dir="$QLORA_CACHE/nvidia-cutlass-$cutlass_version"
+  rm -rf .deps/cutlass
   if [ ! -f "$cutlass_dir/include/cutlass/cutlass.h" ]; then
     rm -rf "$cutlass_dir.tmp" && mkdir -p "$cutlass_dir.tmp"
-    "$QLORA_PYTHON" -m pip download --quiet --no-deps "nvidia-cutlass==$cutlass_version" -d "$cutlass_dir.tmp"
-    "$QLORA_PYTHON" -m zipfile -e "$cutlass_dir.tmp"/nvidia_cutlass-*.whl "$cutlass_dir.tmp/w"
-    mkdir -p "$cutlass_dir" && rm -rf "$cutlass_dir/include"
-    mv "$cutlass_dir.tmp/w/cutlass_library/source/include" "$cutlass_dir/include" && rm -rf "$cutlass_dir.tmp"
+    if "$QLORA_PYTHON" -m pip download --quiet --no-deps "nvidia-cutlass==$cutlass_version" -d "$cutlass_dir.tmp" &&
+       "$QLORA_PYTHON" -m zipfile -e "$cutlass_dir.tmp"/nvidia_cutlass-*.whl "$cutlass_dir.tmp/w"; then
+      mkdir -p "$cutlass_dir" && rm -rf "$cutlass_dir/include"
+      mv "$cutlass_dir.tmp/w/cutlass_library/source/include" "$cutlass_dir/include"
+    else
+      echo "nvidia-cutlass==$cutlass_version could not be fetched: the CUTLASS lab will not build (the rest is ready)"
+    fi
+    rm -rf "$cutlass_dir.tmp"
   fi
-  rm -rf .deps/cutlass && mkdir -p .deps/cutlass
-  cp -r "$cutlass_dir/include" .deps/cutlass/
+  if [ -f "$cutlass_dir/include/cutlass/cutlass.h" ]; then
+    mkdir -p .deps/cutlass && cp -r "$cutlass_dir/include" .deps/cutlass/
+  fi
   du -sh .deps
   exit 0
 fi

@@ -1,4 +1,4 @@
-// One CUTLASS GEMM variant of the lab (kernels/cutlass_gemm.cuh), chosen at compile time by QLORA_CFG (the
+// One CUTLASS GEMM variant of the lab (kernels/dev/cutlass_gemm.cuh), chosen at compile time by QLORA_CFG (the
 // header's configurations) and QLORA_N_MAJOR (0: B is [N, K], the forward's weight; 1: B is [K, N], the
 // backward's). The function is named qlora_cutlass_gemm_<cfg>_<n_major>.
 #include "kernels/dev/cutlass_gemm.cuh"

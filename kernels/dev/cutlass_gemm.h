@@ -1,5 +1,5 @@
-// Kernel lab: the CUTLASS GEMM configurations of kernels/dev/cutlass_gemm.cuh for the 7B step's base GEMMs, to time
-// against cuBLAS (kernels/dev/cutlass_gemm_bench.cpp). Each variant is one object file
+// Kernel lab: the CUTLASS GEMM configurations of kernels/dev/cutlass_gemm.cuh for the 7B step's base GEMMs, to
+// time against cuBLAS (kernels/dev/cutlass_gemm_bench.cpp). Each variant is one object file
 // (kernels/dev/CMakeLists.txt compiles cutlass_gemm.cu once per variant), called through this table.
 #pragma once
 
@@ -7,7 +7,6 @@
 
 #include <cstddef>
 #include <cstdint>
-
 
 namespace qlora::lab {
 

@@ -132,8 +132,8 @@ int main(int argc, char** argv) {
       }
       const std::vector<double> us = median_us(rounds, candidates);
       for (size_t c = 0; c < candidates.size(); ++c) {
-        std::printf("%-8s %-4s %-28s %9.1f %7.0f %9.3f %9.2e\n", s.name, backward ? "dx" : "fwd", names[c], us[c],
-                    flop / us[c] / 1e6, us[0] / us[c], diffs[c]);
+        std::printf("%-8s %-4s %-28s %9.1f %7.0f %9.3f %9.2e%s\n", s.name, backward ? "dx" : "fwd", names[c],
+                    us[c], flop / us[c] / 1e6, us[0] / us[c], diffs[c], diffs[c] < 0 ? "  (failed to run)" : "");
       }
     }
   }
