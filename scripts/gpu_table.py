@@ -45,7 +45,7 @@ for r in ("r16", "r64"):
                 speed = f"x{v['tokens_per_s'] / hf['tokens_per_s']:.2f}"
                 mem = f"x{v['peak_bytes'] / hf['peak_bytes']:.2f}"
             mfu = f"{100 * v['mfu']:.1f}%" if "mfu" in v else ""
-            # The SM clock and board power while it ran (gpu.sh's sampled(): medians of the busy samples).
+            # The SM clock and board power while it ran (gpu.sh's sampled(): medians over its timed steps).
             clock = f"{v['gpu_sm_mhz']:.0f}" if "gpu_sm_mhz" in v else ""
             power = f"{v['gpu_power_w']:.0f}" if "gpu_power_w" in v else ""
             print(f"{name:<22} {v['tokens_per_s']:>9.0f} {v['step_ms']:>8.1f} {v['forward_ms']:>7.1f} "
