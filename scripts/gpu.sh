@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's one call: build for sm_90a, run the GPU tests, run the benchmarks, print a table last.
 #
-#   scripts/gpu.sh [tests|quick|compare|full|long|profile|layers|short|ab]     (default quick)
+#   scripts/gpu.sh [tests|quick|compare|full|long|profile|layers|short|ab|floor]     (default quick)
 #     tests  build + GPU tests only
 #     quick  + our training step (7B, r 16, checkpointing on/off) and transformers/PEFT bf16's
 #     compare + r 64 and half the layers recomputing (the ten steps of the comparison table; with BEST_OF=2
@@ -22,6 +22,8 @@
 #            REV`), that tree's build with AB_FLAGS (default none); AB_C_FLAGS adds c, this build with those
 #            flags. AB_PROFILE=1 adds the profile (device activities only) of a's step without checkpointing
 #            at r AB_PROFILE_R (default 16)
+#     floor  build + GPU tests + our step (r 16, with and without checkpointing) against its tensor-core work alone
+#            (kernels/dev/step_floor.py: base GEMMs, lm_head, attention), clock and power sampled for each
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
@@ -364,6 +366,39 @@ theirs() {  # theirs NAME ARGS...
   done
   keep_fastest "$OUT/hf_$name"
 }
+if [ "$MODE" = floor ]; then
+  # Our step against only its tensor-core work (kernels/dev/step_floor.py: the base GEMMs, lm_head and cuDNN's
+  # attention, back to back), each with the clock and power sampled: how far the step is from what the card at
+  # its power cap does with no other kernel at all.
+  echo "== the step against its tensor-core work alone, llama2-7b, r 16, seq 2048"
+  ours r16_nockpt --r 16 --checkpointing off
+  ours r16_ckpt --r 16 --checkpointing on
+  floor() {  # floor NAME ARGS...
+    local name=$1; shift
+    sampled "$OUT/floor_$name.json" "$PY" kernels/dev/step_floor.py "$@" --json "$OUT/floor_$name.json" || status=1
+  }
+  floor gemm --attention off
+  floor gemm_attn --attention on
+  floor gemm_attn_recompute --attention on --recompute on
+  "$PY" - "$OUT" <<'PYEOF' | tee "$OUT/table.txt"
+import json, os, sys
+d = sys.argv[1]
+load = lambda n: json.load(open(os.path.join(d, n + ".json"))) if os.path.exists(os.path.join(d, n + ".json")) else None
+print(f"{'run':28s} {'step ms':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'SM MHz':>6s} {'W':>4s}")
+for n, label in (("ours_r16_nockpt", "ours, no checkpointing"), ("floor_gemm", "floor: GEMMs"),
+                 ("floor_gemm_attn", "floor: GEMMs + attention"), ("ours_r16_ckpt", "ours, checkpointing"),
+                 ("floor_gemm_attn_recompute", "floor: + recomputed GEMMs")):
+    j = load(n)
+    if j:
+        tf = f"{j['tflops']:.0f}" if "tflops" in j else f"{j['mfu'] * 989:.0f}*"
+        print(f"{label:28s} {j['step_ms']:8.1f} {j['tokens_per_s']:9.0f} {tf:>8s} {j.get('gpu_sm_mhz', 0):6.0f} "
+              f"{j.get('gpu_power_w', 0):4.0f}")
+print("* ours: the model FLOPs of the MFU formula (recomputation not counted); the floor's: the work it ran")
+PYEOF
+  pack_results table.txt
+  exit $status
+fi
+
 echo "== training step, llama2-7b, seq 2048, batch 1"
 ours r16_ckpt --r 16 --checkpointing on
 ours r16_nockpt --r 16 --checkpointing off
