@@ -23,7 +23,8 @@
 #            flags. AB_PROFILE=1 adds the profile (device activities only) of a's step without checkpointing
 #            at r AB_PROFILE_R (default 16)
 #     floor  build + GPU tests + our step (r 16, with and without checkpointing) against its tensor-core work alone
-#            (kernels/dev/step_floor.py: base GEMMs, lm_head, attention), clock and power sampled for each
+#            (kernels/dev/step_floor.py: base GEMMs, lm_head, attention) and transformers/PEFT bf16's step, clock
+#            and power sampled for each
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
@@ -380,19 +381,25 @@ if [ "$MODE" = floor ]; then
   floor gemm --attention off
   floor gemm_attn --attention on
   floor gemm_attn_recompute --attention on --recompute on
+  theirs bf16_r16_nockpt --r 16 --checkpointing off --base bf16
+  theirs bf16_r16_ckpt --r 16 --checkpointing on --base bf16
   "$PY" - "$OUT" <<'PYEOF' | tee "$OUT/table.txt"
 import json, os, sys
 d = sys.argv[1]
 load = lambda n: json.load(open(os.path.join(d, n + ".json"))) if os.path.exists(os.path.join(d, n + ".json")) else None
-print(f"{'run':28s} {'step ms':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'SM MHz':>6s} {'W':>4s}")
+print(f"{'run':30s} {'step ms':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'SM MHz':>6s} {'W':>4s}")
 for n, label in (("ours_r16_nockpt", "ours, no checkpointing"), ("floor_gemm", "floor: GEMMs"),
-                 ("floor_gemm_attn", "floor: GEMMs + attention"), ("ours_r16_ckpt", "ours, checkpointing"),
-                 ("floor_gemm_attn_recompute", "floor: + recomputed GEMMs")):
+                 ("floor_gemm_attn", "floor: GEMMs + attention"),
+                 ("hf_bf16_r16_nockpt", "transformers + PEFT, no ckpt"), ("ours_r16_ckpt", "ours, checkpointing"),
+                 ("floor_gemm_attn_recompute", "floor: + recomputed GEMMs"),
+                 ("hf_bf16_r16_ckpt", "transformers + PEFT, ckpt")):
     j = load(n)
     if j:
-        tf = f"{j['tflops']:.0f}" if "tflops" in j else f"{j['mfu'] * 989:.0f}*"
-        print(f"{label:28s} {j['step_ms']:8.1f} {j['tokens_per_s']:9.0f} {tf:>8s} {j.get('gpu_sm_mhz', 0):6.0f} "
+        tf = f"{j['tflops']:.0f}" if "tflops" in j else f"{j['mfu'] * 989:.0f}*" if "mfu" in j else ""
+        print(f"{label:30s} {j['step_ms']:8.1f} {j['tokens_per_s']:9.0f} {tf:>8s} {j.get('gpu_sm_mhz', 0):6.0f} "
               f"{j.get('gpu_power_w', 0):4.0f}")
+        if n.startswith("hf_"):
+            print(f"{'  2x that needs':30s} {j['step_ms'] / 2:8.1f} {2 * j['tokens_per_s']:9.0f}")
 print("* ours: the model FLOPs of the MFU formula (recomputation not counted); the floor's: the work it ran")
 PYEOF
   pack_results table.txt
