@@ -395,7 +395,8 @@ for n, label in (("ours_r16_nockpt", "ours, no checkpointing"), ("floor_gemm", "
                  ("hf_bf16_r16_ckpt", "transformers + PEFT, ckpt")):
     j = load(n)
     if j:
-        tf = f"{j['tflops']:.0f}" if "tflops" in j else f"{j['mfu'] * 989:.0f}*" if "mfu" in j else ""
+        tf = (f"{j['tflops']:.0f}" if "tflops" in j else
+              f"{j['tokens_per_s'] * j['flops_per_token'] / 1e12:.0f}*" if "flops_per_token" in j else "")
         print(f"{label:30s} {j['step_ms']:8.1f} {j['tokens_per_s']:9.0f} {tf:>8s} {j.get('gpu_sm_mhz', 0):6.0f} "
               f"{j.get('gpu_power_w', 0):4.0f}")
         if n.startswith("hf_"):
