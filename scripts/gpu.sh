@@ -25,6 +25,7 @@
 #     floor  build + GPU tests + our step (r 16, with and without checkpointing) against its tensor-core work alone
 #            (kernels/dev/step_floor.py: base GEMMs, lm_head, attention) and transformers/PEFT bf16's step, clock
 #            and power sampled for each
+#   SHAPE=llama2-13b|llama3-8b runs quick, compare and full at that shape (qlora bench --shape; default llama2-7b).
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
@@ -77,6 +78,7 @@ if [ "${1:-}" = "--prepare-base" ]; then
 fi
 
 MODE="${1:-quick}"
+SHAPE="${SHAPE:-llama2-7b}"  # the training step's shape in quick, compare and full
 OUT="${OUT:-/tmp/qlora-gpu}"
 mkdir -p "$OUT"
 # NVLink multicast stays off on shared machines (the device README says why).
@@ -354,7 +356,7 @@ PYEOF
 ours() {  # ours NAME ARGS...
   local name=$1; shift
   for i in $(seq "${BEST_OF:-1}"); do
-    sampled "$OUT/ours_$name.$i.json" "$Q" bench --shape llama2-7b "$@" --json "$OUT/ours_$name.$i.json" 2>&1 | tail -1 ||
+    sampled "$OUT/ours_$name.$i.json" "$Q" bench --shape "$SHAPE" "$@" --json "$OUT/ours_$name.$i.json" 2>&1 | tail -1 ||
       true
   done
   keep_fastest "$OUT/ours_$name"
@@ -362,7 +364,7 @@ ours() {  # ours NAME ARGS...
 theirs() {  # theirs NAME ARGS...
   local name=$1; shift
   for i in $(seq "${BEST_OF:-1}"); do
-    sampled "$OUT/hf_$name.$i.json" "$PY" scripts/bench_hf.py --shape llama2-7b "$@" --json "$OUT/hf_$name.$i.json" 2>&1 |
+    sampled "$OUT/hf_$name.$i.json" "$PY" scripts/bench_hf.py --shape "$SHAPE" "$@" --json "$OUT/hf_$name.$i.json" 2>&1 |
       grep -vE "Warning|warn" | tail -1 || true
   done
   keep_fastest "$OUT/hf_$name"
@@ -371,6 +373,7 @@ if [ "$MODE" = floor ]; then
   # Our step against only its tensor-core work (kernels/dev/step_floor.py: the base GEMMs, lm_head and cuDNN's
   # attention, back to back), each with the clock and power sampled: how far the step is from what the card at
   # its power cap does with no other kernel at all.
+  SHAPE=llama2-7b  # step_floor.py's
   echo "== the step against its tensor-core work alone, llama2-7b, r 16, seq 2048"
   ours r16_nockpt --r 16 --checkpointing off
   ours r16_ckpt --r 16 --checkpointing on
@@ -407,7 +410,7 @@ PYEOF
   exit $status
 fi
 
-echo "== training step, llama2-7b, seq 2048, batch 1"
+echo "== training step, $SHAPE, seq 2048, batch 1"
 ours r16_ckpt --r 16 --checkpointing on
 ours r16_nockpt --r 16 --checkpointing off
 theirs bf16_r16_ckpt --r 16 --checkpointing on --base bf16
@@ -434,7 +437,7 @@ if [ "$MODE" = full ]; then
   fi
 fi
 
-echo "== summary ($(head -1 "$OUT/gpu.txt"), ${SECONDS}s)"
+echo "== summary ($(head -1 "$OUT/gpu.txt"), $SHAPE, ${SECONDS}s)"
 "$PY" scripts/gpu_table.py "$OUT" | tee "$OUT/table.txt"
 pack_results table.txt
 exit $status
