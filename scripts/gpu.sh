@@ -25,7 +25,8 @@
 #     floor  build + GPU tests + our step (r 16, with and without checkpointing) against its tensor-core work alone
 #            (kernels/dev/step_floor.py: base GEMMs, lm_head, attention) and transformers/PEFT bf16's step, clock
 #            and power sampled for each
-#   SHAPE=llama2-13b|llama3-8b runs quick, compare and full at that shape (qlora bench --shape; default llama2-7b).
+#   SHAPE=llama2-13b|llama3-8b runs quick, compare, full, profile and ab at that shape (qlora bench --shape; default
+#   llama2-7b).
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
 #
 # Run from the repository root on a CUDA machine whose python3 has torch (+cu130), transformers and peft.
@@ -78,7 +79,7 @@ if [ "${1:-}" = "--prepare-base" ]; then
 fi
 
 MODE="${1:-quick}"
-SHAPE="${SHAPE:-llama2-7b}"  # the training step's shape in quick, compare and full
+SHAPE="${SHAPE:-llama2-7b}"  # the training step's shape in quick, compare, full, profile and ab
 OUT="${OUT:-/tmp/qlora-gpu}"
 mkdir -p "$OUT"
 # NVLink multicast stays off on shared machines (the device README says why).
@@ -160,9 +161,9 @@ if [ "$MODE" = profile ]; then
   # PROFILE_R (ranks, default 16), PROFILE_CKPT (default "off on"), PROFILE_FLAGS (e.g. --profile-gpu-only).
   for r in ${PROFILE_R:-16}; do
     for c in ${PROFILE_CKPT:-off on}; do
-      echo "== profile, llama2-7b, r $r, checkpointing $c ${PROFILE_FLAGS:-}"
+      echo "== profile, $SHAPE, r $r, checkpointing $c ${PROFILE_FLAGS:-}"
       # shellcheck disable=SC2086  # the flags are words
-      "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" --warmup 2 --steps 3 ${PROFILE_FLAGS:-} \
+      "$Q" bench --shape "$SHAPE" --r "$r" --checkpointing "$c" --warmup 2 --steps 3 ${PROFILE_FLAGS:-} \
         --json "$OUT/ours_r${r}_ckpt_$c.json" --profile "$OUT/trace_r${r}_ckpt_$c.json" 2>&1 | grep -vE "^trace:" | head -40
     done
   done
@@ -248,27 +249,27 @@ if [ "$MODE" = ab ]; then
   flags="${flags-${AB_FLAGS:---fold off}}"
   if [ -n "${AB_PROFILE:-}" ]; then
     pr="${AB_PROFILE_R:-16}"
-    echo "== profile (device activities only), llama2-7b, r $pr, checkpointing off, as is"
-    "$Q" bench --shape llama2-7b --r "$pr" --checkpointing off --warmup 2 --steps 3 ${AB_A_FLAGS:-} --profile-gpu-only \
+    echo "== profile (device activities only), $SHAPE, r $pr, checkpointing off, as is"
+    "$Q" bench --shape "$SHAPE" --r "$pr" --checkpointing off --warmup 2 --steps 3 ${AB_A_FLAGS:-} --profile-gpu-only \
       --profile "$OUT/trace_r${pr}_ckpt_off.json" \
       2>&1 | grep -vE "^trace:" | head -40
     gzip -f "$OUT"/trace_*.json
     "$PY" scripts/trace_summary.py "$OUT"/trace_*.json.gz
   fi
   # AB_A_FLAGS: flags for a; AB_C_FLAGS (optional): a third variant c, this build with those flags.
-  echo "== A/B, llama2-7b, seq 2048: as is '${AB_A_FLAGS:-}' (a) against $QB '$flags' (b)${AB_C_FLAGS:+ and '$AB_C_FLAGS' (c)}, rounds interleaved"
+  echo "== A/B, $SHAPE, seq 2048: as is '${AB_A_FLAGS:-}' (a) against $QB '$flags' (b)${AB_C_FLAGS:+ and '$AB_C_FLAGS' (c)}, rounds interleaved"
   for r in ${AB_R:-16}; do
     for c in on off; do
       for i in $(seq "${AB_ROUNDS:-2}"); do
         # shellcheck disable=SC2086  # the flags are words
-        "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" ${AB_A_FLAGS:-} --json "$OUT/ab_r${r}_${c}_a.$i.json" \
+        "$Q" bench --shape "$SHAPE" --r "$r" --checkpointing "$c" ${AB_A_FLAGS:-} --json "$OUT/ab_r${r}_${c}_a.$i.json" \
           >/dev/null 2>&1
         # shellcheck disable=SC2086
-        "$QB" bench --shape llama2-7b --r "$r" --checkpointing "$c" $flags --json "$OUT/ab_r${r}_${c}_b.$i.json" \
+        "$QB" bench --shape "$SHAPE" --r "$r" --checkpointing "$c" $flags --json "$OUT/ab_r${r}_${c}_b.$i.json" \
           >/dev/null 2>&1
         if [ -n "${AB_C_FLAGS:-}" ]; then
           # shellcheck disable=SC2086
-          "$Q" bench --shape llama2-7b --r "$r" --checkpointing "$c" $AB_C_FLAGS --json "$OUT/ab_r${r}_${c}_c.$i.json" \
+          "$Q" bench --shape "$SHAPE" --r "$r" --checkpointing "$c" $AB_C_FLAGS --json "$OUT/ab_r${r}_${c}_c.$i.json" \
             >/dev/null 2>&1
         fi
       done

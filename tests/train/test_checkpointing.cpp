@@ -10,7 +10,8 @@
 // (CUDA's sync debug mode set to error), and gives the step of the same batch passed on the device (which
 // takes the dense mask); and the attention by segments gives the dense mask's loss and LoRA gradients on a
 // batch of packed and padded rows, with and without checkpointing. A padding-free batch (the rows end to end)
-// gives the padded batch's loss and gradients, on the CPU and on a GPU.
+// gives the padded batch's loss and gradients, on the CPU and on a GPU. Grouped-query attention with the grouped k
+// and v handed to cuDNN gives the step of k and v repeated to every query head (GPU).
 #include <gtest/gtest.h>
 
 #include <ATen/SDPBackend.h>
@@ -282,6 +283,53 @@ TEST(SegmentAttention, MatchesTheDenseMask) {
     std::printf("segments against the dense mask, checkpointing %s: loss %.6f / %.6f, worst relative LoRA gradient "
                 "difference %.3g over %zu tensors\n", to_string(mode).c_str(), by_segments[0].item<double>(),
                 dense[0].item<double>(), worst, dense.size() - 1);
+  }
+}
+
+// Grouped-query attention (the tiny model: 6 query heads over 2 key/value heads) with the grouped k and v handed to
+// cuDNN (llama.h's set_grouped_attention) gives the step that k and v repeated to every query head first gives (HF's
+// repeat_kv, the path before): the same kernels over the same values, the k/v heads' gradients summed inside cuDNN
+// instead of by autograd's expand backward, so a few bf16 roundings apart at most (this file's 2e-2 of a whole
+// step); with and without checkpointing, and counted as taken wherever SDPA picks cuDNN for grouped heads.
+TEST(GroupedAttention, MatchesRepeatedKeysAndValuesGpuBf16) {
+  QLORA_SKIP_WITHOUT_CUDA();
+  const at::Device dev(at::kCUDA, 0);
+  const auto a = tiny_arch();
+  ASSERT_LT(a.num_kv_heads, a.num_heads);
+  const int64_t B = 2, T = 40;
+  auto q = at::randn({B, T, a.num_heads, a.head_dim}, at::TensorOptions().dtype(at::kBFloat16).device(dev));
+  auto kv = q.narrow(2, 0, a.num_kv_heads);
+  const bool cudnn = at::_fused_sdp_choice(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2), {}, 0.0, true,
+                                           1.0 / std::sqrt(static_cast<double>(a.head_dim)), /*enable_gqa=*/true) ==
+                     static_cast<int64_t>(at::SDPBackend::cudnn_attention);
+  std::printf("SDPA %s cuDNN for grouped k and v\n", cudnn ? "picks" : "does not pick");
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(29);
+  const at::Tensor ids = at::randint(3, 200, {B, T}, gen, at::kLong);
+  at::Tensor labels = ids.clone();
+  labels.index_put_({at::indexing::Slice(), at::indexing::Slice(0, 4)}, -100);
+  for (Checkpointing mode : {Checkpointing::Off, Checkpointing::Selective, Checkpointing::Full}) {
+    SCOPED_TRACE(to_string(mode));
+    auto run = [&](bool grouped) {
+      model::set_grouped_attention(grouped);
+      auto m = tiny_qlora(dev, at::kBFloat16, 31, /*dropout=*/0.1, /*draw_b=*/true);
+      m->set_gradient_checkpointing(mode);
+      at::manual_seed(7);  // the dropout masks: the same in both runs
+      auto out = loss_and_grads(*m, ids, at::Tensor(), at::Tensor(), labels);
+      model::set_grouped_attention(true);
+      return out;
+    };
+    const int64_t uses0 = model::grouped_attention_uses();
+    const auto grouped = run(true);
+    // Every layer's forward, and each recomputed layer's forward again.
+    const int64_t calls = a.num_layers * (mode == Checkpointing::Off ? 1 : 2);
+    EXPECT_EQ(model::grouped_attention_uses() - uses0, cudnn ? calls : 0);
+    const int64_t uses1 = model::grouped_attention_uses();
+    const auto repeated = run(false);
+    EXPECT_EQ(model::grouped_attention_uses(), uses1);
+    const double worst = expect_same_step(grouped, repeated, 2e-2);
+    std::printf("grouped k and v against repeated, checkpointing %s: loss %.6f / %.6f, worst relative LoRA gradient "
+                "difference %.3g over %zu tensors\n", to_string(mode).c_str(), grouped[0].item<double>(),
+                repeated[0].item<double>(), worst, repeated.size() - 1);
   }
 }
 

@@ -166,6 +166,7 @@ struct StepOptions {
   std::string lora_grad = "kernel";  // the backward's dxa and dB's (fused.h): kernel | cublas
   int ahead_depth = 2;         // groups dequantized ahead (fused.h)
   std::string keep_attention = "on";  // selective checkpointing keeps the attention's output (llama.h): on | off
+  std::string grouped_attention = "on";  // grouped k and v straight into cuDNN (llama.h): on | off
   std::string pipeline = "on";  // on | off: steps queued as Trainer::run queues them (the next one before
                                 // reading this one's loss)
   std::string ahead = "low";   // dequantization ahead on a second stream (fused.h): low | even | high | off
@@ -273,6 +274,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   model::set_dropout_dx_kernel(so.lora_dropout_dx == "kernel");
   model::set_dequant_ahead_depth(so.ahead_depth);
   model::set_keep_attention(so.keep_attention == "on");
+  model::set_grouped_attention(so.grouped_attention == "on");
   model::set_dequant_ahead(so.ahead == "off"    ? model::DequantAhead::Off
                            : so.ahead == "high" ? model::DequantAhead::High
                            : so.ahead == "even" ? model::DequantAhead::Even
@@ -525,6 +527,7 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"ahead_depth", so.ahead_depth},
                       {"lora_grad", so.lora_grad},
                       {"keep_attention", so.keep_attention},
+                      {"grouped_attention", so.grouped_attention},
                       {"pipeline", so.pipeline == "on"},
                       {"cuda_graph", graphed},
                       {"losses", losses},
@@ -764,6 +767,9 @@ Runner add_bench(CLI::App& app) {
   on_off("--keep-attention", so->keep_attention,
          "Selective checkpointing keeps each layer's attention output where cuDNN or flash attention by "
          "segments computes it, so the recomputation skips the attention's forward");
+  on_off("--grouped-attention", so->grouped_attention,
+         "Grouped-query attention (fewer k/v heads than query heads) hands the grouped k and v to cuDNN as they "
+         "are (on), or repeats them to every query head first (off)");
   cmd->add_option("--warmup", so->warmup, "Untimed steps first")->capture_default_str();
   cmd->add_option("--steps", so->steps, "Timed steps")->capture_default_str();
   on_off("--segment-attention", so->segment_attention,

@@ -242,6 +242,8 @@ int64_t AttentionImpl::input_spare(const at::Tensor& like) const {
 namespace {
 
 std::atomic<bool> g_keep_attention{true};
+std::atomic<bool> g_grouped_attention{true};
+std::atomic<int64_t> g_grouped_attention_uses{0};
 std::atomic<int64_t> g_kept_attention_uses{0};
 
 // One layer's kept attention: the outputs of at::_scaled_dot_product_cudnn_attention, or of
@@ -260,9 +262,11 @@ thread_local KeptAttention* t_attention_to_keep = nullptr;
 thread_local KeptAttention* t_attention_kept = nullptr;
 
 #ifdef QLORA_WITH_CUDA
-// Whether SDPA would run plain causal attention (no mask, no dropout) on cuDNN for these inputs.
+// Whether SDPA would run plain causal attention (no mask, no dropout) on cuDNN for these inputs; k and v may be
+// grouped (fewer heads than q, each serving q.size(1) / k.size(1) query heads: SDPA's enable_gqa).
 bool cudnn_causal(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  return q.is_cuda() && at::_fused_sdp_choice(q, k, v, {}, 0.0, /*is_causal=*/true, scale) ==
+  return q.is_cuda() && at::_fused_sdp_choice(q, k, v, {}, 0.0, /*is_causal=*/true, scale,
+                                              /*enable_gqa=*/q.size(1) != k.size(1)) ==
                             static_cast<int64_t>(at::SDPBackend::cudnn_attention);
 }
 
@@ -315,7 +319,7 @@ struct KeptAttentionNode : public torch::autograd::Function<KeptAttentionNode> {
 #endif
 
 // Plain causal attention (no mask, no past, more than one token): kept or taken when a checkpointed layer
-// asks for it and cuDNN runs it, else SDPA.
+// asks for it and cuDNN runs it, else SDPA. k and v [B, nkv, S, D] may be grouped (nkv < n, see cudnn_causal).
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
 #ifdef QLORA_WITH_CUDA
   if (t_attention_kept && t_attention_kept->out.defined() && !t_attention_kept->by_segments) {
@@ -325,7 +329,8 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
     return keep_cudnn_causal(q, k, v, scale, *t_attention_to_keep);
   }
 #endif
-  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale);
+  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale,
+                                         /*enable_gqa=*/q.size(1) != k.size(1));
 }
 
 // Causal attention within each segment of q, k, v [N, heads, D] (the tokens of every row end to end; the
@@ -368,6 +373,8 @@ class SlotGuard {
 }  // namespace
 
 void set_keep_attention(bool on) { g_keep_attention.store(on); }
+void set_grouped_attention(bool on) { g_grouped_attention.store(on); }
+int64_t grouped_attention_uses() { return g_grouped_attention_uses.load(std::memory_order_relaxed); }
 int64_t kept_attention_uses() { return g_kept_attention_uses.load(std::memory_order_relaxed); }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const AttentionMask& mask, at::Tensor* cache_k,
@@ -404,8 +411,19 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const Rope& rope, const A
     *cache_v = v;
   }
   const int64_t rep = num_heads / num_kv_heads;
-  k = repeat_kv(k, rep);
-  v = repeat_kv(v, rep);
+  // Grouped k and v (Llama 3: 8 for 32 query heads) go to cuDNN as they are, which maps the query heads onto
+  // them: no copy of k and v for every query head each way, nor those copies kept for the backward (~1 GB at
+  // the Llama-3-8B shape and 2048 tokens without checkpointing). Elsewhere (CPU, a mask) as HF's repeat_kv.
+  bool grouped = false;
+#ifdef QLORA_WITH_CUDA
+  grouped = rep > 1 && !mask.dense.defined() && t > 1 && g_grouped_attention.load() && cudnn_causal(q, k, v, scale);
+#endif
+  if (grouped) {
+    g_grouped_attention_uses.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    k = repeat_kv(k, rep);
+    v = repeat_kv(v, rep);
+  }
   if (mask.dense.defined()) {
     out = at::scaled_dot_product_attention(q, k, v, mask.dense, 0.0, /*is_causal=*/false, scale);
   } else {

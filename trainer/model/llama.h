@@ -199,6 +199,13 @@ TORCH_MODULE(LlamaForCausalLM);
 void set_keep_attention(bool on);
 int64_t kept_attention_uses();
 
+// Grouped-query attention (fewer k/v heads than query heads, Llama 3) hands the grouped k and v to cuDNN where SDPA
+// runs it (plain causal, on the GPU), which maps the query heads onto them; elsewhere k and v are repeated to every
+// query head first, as HF's repeat_kv. On by default; off repeats them everywhere (`qlora bench --grouped-attention
+// off`). grouped_attention_uses counts the attention calls that took the grouped k and v.
+void set_grouped_attention(bool on);
+int64_t grouped_attention_uses();
+
 // `t` on `device`; a CPU tensor bound for CUDA goes through pinned memory asynchronously, so the copy
 // does not wait for the work already queued on the GPU.
 at::Tensor to_device(const at::Tensor& t, at::Device device);
