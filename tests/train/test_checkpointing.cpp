@@ -232,6 +232,21 @@ TEST(PaddingFree, SameLossAndGradientsAsPaddedRowsGpuBf16) {
 }
 
 #ifdef QLORA_WITH_CUDA
+// loss_and_grads of one bf16 step of the tiny QLoRA model (drawn from `seed`, LoRA dropout 0.1) on the GPU under
+// `mode`, with one of llama.h's switches set to `on` for the step and back to its default (on) after. The dropout
+// masks come from one fixed seed, so two calls that differ in the switch draw the same masks.
+std::vector<at::Tensor> gpu_step_with(void (*set)(bool), bool on, uint64_t seed, Checkpointing mode,
+                                      const at::Tensor& ids, const at::Tensor& mask, const at::Tensor& pos,
+                                      const at::Tensor& labels) {
+  set(on);
+  auto m = tiny_qlora(at::Device(at::kCUDA, 0), at::kBFloat16, seed, /*dropout=*/0.1, /*draw_b=*/true);
+  m->set_gradient_checkpointing(mode);
+  at::manual_seed(5);
+  auto out = loss_and_grads(*m, ids, mask, pos, labels);
+  set(true);
+  return out;
+}
+
 // bf16 on both sides, flash attention's variable-length kernels against SDPA with the dense mask: a few
 // roundings apart, well under the 2e-2 of this file's other bf16 comparisons of a whole step.
 TEST(SegmentAttention, MatchesTheDenseMask) {
@@ -266,13 +281,7 @@ TEST(SegmentAttention, MatchesTheDenseMask) {
   for (Checkpointing mode : {Checkpointing::Off, Checkpointing::Selective, Checkpointing::Full}) {
     SCOPED_TRACE(to_string(mode));
     auto run = [&](bool segments) {
-      model::set_segment_attention(segments);
-      auto m = tiny_qlora(dev, at::kBFloat16, 23, /*dropout=*/0.1, /*draw_b=*/true);
-      m->set_gradient_checkpointing(mode);
-      at::manual_seed(5);  // the dropout masks: the same in both runs
-      auto out = loss_and_grads(*m, ids, mask, pos, labels);
-      model::set_segment_attention(true);
-      return out;
+      return gpu_step_with(model::set_segment_attention, segments, 23, mode, ids, mask, pos, labels);
     };
     const int64_t kept0 = model::kept_attention_uses();
     const auto by_segments = run(true);
@@ -310,13 +319,7 @@ TEST(GroupedAttention, MatchesRepeatedKeysAndValuesGpuBf16) {
   for (Checkpointing mode : {Checkpointing::Off, Checkpointing::Selective, Checkpointing::Full}) {
     SCOPED_TRACE(to_string(mode));
     auto run = [&](bool grouped) {
-      model::set_grouped_attention(grouped);
-      auto m = tiny_qlora(dev, at::kBFloat16, 31, /*dropout=*/0.1, /*draw_b=*/true);
-      m->set_gradient_checkpointing(mode);
-      at::manual_seed(7);  // the dropout masks: the same in both runs
-      auto out = loss_and_grads(*m, ids, at::Tensor(), at::Tensor(), labels);
-      model::set_grouped_attention(true);
-      return out;
+      return gpu_step_with(model::set_grouped_attention, grouped, 31, mode, ids, at::Tensor(), at::Tensor(), labels);
     };
     const int64_t uses0 = model::grouped_attention_uses();
     const auto grouped = run(true);
