@@ -3,16 +3,15 @@
 // [offset_m, offset_m + out_m) of dy and [col_m, col_m + R) of xa and dxa:
 //   dxa[t, col_m + j] = sum_f dy[t, offset_m + f] * T(s_m * B_m[f, j])      (dy times the block-diagonal bd)
 //   dB_m[f, j]        = s_m * sum_t dy[t, offset_m + f] * xa[t, col_m + j]   (float32)
-// cuBLAS reads dy once for dxa and once more per member for the dB's, with split-K kernels and their
-// reductions between (5.7 ms a step at the 7B shape, r 16, 2048 tokens, and the backward's block-diagonal
-// operand built first); this reads it once (5.0 ms with its sums: docs/performance.md). Each CTA takes a
-// tile of kTokens tokens by `chunks` x 64 features of one member (8192-token slices at most, so the
-// workspace stays bounded): the tile streams through shared memory 64 features at a time (cp.async,
-// double-buffered), tensor cores
-// (mma.sync m16n8k16, float32 accumulation) form the tile's dxa over its features and its dB over its
-// tokens, and a second kernel sums the tiles' partial products in a fixed order (deterministic) and rounds:
-// dxa to T, dB to float32 times s_m. bd's elements are rounded to T as block_diag_kernel rounds them
-// (kernels/lora.cu), so the products differ from cuBLAS's only in the order of the float32 sums.
+// cuBLAS reads dy once for dxa and once more per member for the dB's, with split-K kernels and their reductions between
+// (5.7 ms a step at the 7B shape, r 16, 2048 tokens, and the backward's block-diagonal operand built first); this reads
+// it once (5.0 ms with its sums, docs/performance.md item 18; 4.8 since item 32). Each CTA takes a tile of kTokens
+// tokens by `chunks` x 64 features of one member (8192-token slices at most, so the workspace stays bounded): the tile
+// streams through shared memory 64 features at a time (cp.async, double-buffered), tensor cores (mma.sync m16n8k16,
+// float32 accumulation) form the tile's dxa over its features and its dB over its tokens, and a second kernel sums the
+// tiles' partial products in a fixed order (deterministic) and rounds: dxa to T, dB to float32 times s_m. bd's elements
+// are rounded to T as block_diag_kernel rounds them (kernels/lora.cu), so the products differ from cuBLAS's only in the
+// order of the float32 sums.
 // Ranks 8 and 16 only: the partial sums (feature blocks x tokens x R for dxa, token blocks x features x R
 // for dB) grow with R and at 64 outweighed the pass saved (r 64 steps 3-6% slower than with cuBLAS on an
 // H100; at 16 they are about a quarter of dy's bytes).
@@ -179,10 +178,10 @@ static __global__ void __launch_bounds__(kThreads)
 // items) over the member's feature blocks, rounded to T; dB (the rest) over the token blocks, times s_m,
 // float32 (added to what dB holds with `accumulate`). With kSplit > 1, kSplit consecutive threads share an
 // item: thread s adds partials s, s + kSplit, ..., then the group adds its kSplit sums in a fixed tree
-// (shuffles). That is for calls with few items: one thread an item left their sums latency-bound (o's and
-// down's, one member of 32 feature blocks: 17 us on average against the product's 15, H100, 7B shape, r 16;
-// 8.7 split). Calls with many items keep one thread an item, whose loads a warp coalesces (split, q|k|v's
-// and gate|up's took twice their 5-6 us).
+// (shuffles). That is for calls with few items (o's and down's, one member of 32 feature blocks): with one
+// thread an item, down's, beside the dequantization ahead, took 27 us against its product's 18 (H100, 7B
+// shape, r 16); eight times the loads in flight take it to 10. Calls with many items keep one thread an item,
+// whose loads a warp coalesces (split, q|k|v's and gate|up's took twice their 5-6 us).
 template <typename T, int kSplit>
 static __global__ void lora_grad_finish(Members mb, int R, int64_t n, int64_t tblocks, const float* __restrict__ work,
                                         T* __restrict__ dxa, int64_t ranks, bool accumulate) {
