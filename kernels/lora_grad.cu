@@ -240,8 +240,9 @@ static __global__ void lora_grad_finish(Members mb, int R, int64_t n, int64_t tb
   }
 }
 
-// Finish calls with fewer items than this split each item's sum over eight threads.
+// Finish calls with fewer items than kSplitBelow split each item's sum over kFinishSplit threads.
 constexpr int64_t kSplitBelow = 65536;
+constexpr int kFinishSplit = 8;
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -352,11 +353,11 @@ std::pair<at::Tensor, std::vector<at::Tensor>> lora_grad_cuda(const at::Tensor& 
       else launch<T, 16>(mb, dys, xas, len, static_cast<int>(chunks), cta, work, stream);
       int64_t items = static_cast<int64_t>(mb.count) * len * R / 4;  // four columns each
       for (size_t k = 0; k < members.size(); ++k) items += mb.out[k] * R / 4;
-      // Few items (o's and down's at 2048 tokens: ~25K): eight threads an item (see lora_grad_finish).
+      // Few items (o's and down's at 2048 tokens: ~25K): several threads an item (see lora_grad_finish).
       const bool split = items < kSplitBelow;
       const unsigned blocks =
-          static_cast<unsigned>(std::min<int64_t>(ceil_div(items * (split ? 8 : 1), 256), 8 * sms));
-      auto* finish = split ? lora_grad_finish<T, 8> : lora_grad_finish<T, 1>;
+          static_cast<unsigned>(std::min<int64_t>(ceil_div(items * (split ? kFinishSplit : 1), 256), 8 * sms));
+      auto* finish = split ? lora_grad_finish<T, kFinishSplit> : lora_grad_finish<T, 1>;
       finish<<<blocks, 256, 0, stream>>>(mb, static_cast<int>(R), len, tblocks, work.data_ptr<float>(),
                                          static_cast<T*>(dxa.data_ptr()) + s0 * ranks, ranks,
                                          /*accumulate=*/s0 > 0);
