@@ -11,7 +11,8 @@
 #     long   build + the longest trainable sequence at batch 1, ours and the Python stack's
 #     profile build + GPU tests + one profiled 7B step (r PROFILE_R, default 16) with and without checkpointing
 #            (PROFILE_CKPT): the busiest kernels printed, the Chrome traces in results.tgz, and
-#            scripts/trace_summary.py's time per kind of kernel and stream last
+#            scripts/trace_summary.py's time per kind of kernel and stream last, with the step's busiest
+#            kernels alone and beside the dequantization ahead
 #     layers build + GPU tests + our step (r LAYERS_R, default 16) with the first N of 32 layers recomputing,
 #            N in LAYERS (default 32 24 16 8 0): tokens/s against peak memory
 #     short  build + GPU tests + our step at short sequences (SHORT, default 256x1 512x1 1024x1 512x4),
@@ -168,7 +169,7 @@ if [ "$MODE" = profile ]; then
     done
   done
   gzip -f "$OUT"/trace_*.json
-  "$PY" scripts/trace_summary.py "$OUT"/trace_*.json.gz | tee "$OUT/table.txt"
+  "$PY" scripts/trace_summary.py --kernels 20 "$OUT"/trace_*.json.gz | tee "$OUT/table.txt"
   pack_results table.txt
   exit $status
 fi

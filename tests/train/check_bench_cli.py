@@ -71,6 +71,18 @@ with tempfile.TemporaryDirectory() as d:
           f"trace_summary's step stream: {rows.get('7')}")
     check(rows.get("13") == ["13", "1", "0.4", "0.0", "0.0", "0.00", "0.00", "0.00", "0.40", "0.00", "0.00"],
           f"its side stream: {rows.get('13')}")
+    # --kernels: a kernel's times alone and beside the other stream (busy for 90-200 us), under its short name.
+    norm = "void qlora::kernels::(anonymous namespace)::rmsnorm_fwd_kernel<__nv_bfloat16, 8>(__nv_bfloat16 const*)"
+    json.dump({"traceEvents": [kernel(norm, ts, dur, 7) for ts, dur in ((0, 20), (100, 40), (300, 30))]
+               + [kernel("nvjet_sm90_tst_48x64_splitK", 400, 10, 7), kernel("dequant_span_v9", 90, 110, 13)]},
+              open(synthetic, "w"))
+    p = subprocess.run(summary + ["--kernels", "1", synthetic], capture_output=True, text=True)
+    last = p.stdout.splitlines()[-1].split() if p.stdout else []
+    # total ms, count, median, alone (n), beside (n), kernel: only the busiest one
+    check(p.returncode == 0 and last == ["0.09", "3", "30.0", "25.0", "2", "40.0", "1", "rmsnorm_fwd_kernel"]
+          and "nvjet" not in p.stdout, f"trace_summary --kernels: {p.stdout}")
+    p = subprocess.run(summary + ["--kernels", "many", synthetic], capture_output=True, text=True)
+    check(p.returncode == 2 and "--kernels" in p.stderr, f"a bad --kernels count is refused: {p.stderr}")
 
     j = json.load(open(out))
     check(len(j["losses"]) == 2 and all(5.0 < l < 9.0 for l in j["losses"]) and j["update_norm"] > 0,
