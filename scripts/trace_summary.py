@@ -20,6 +20,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import sys
 
 KINDS = ("gemm", "adapters", "attention", "dequant", "elementwise", "other")
@@ -82,9 +83,7 @@ def merged(events):
 
 
 def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2) if n else float("nan")
+    return statistics.median(xs) if xs else float("nan")
 
 
 def kernel_table(streams, top):
