@@ -62,6 +62,7 @@ fs::path save_checkpoint(const fs::path& run_dir, train::Trainer& trainer, const
               {"tokens_seen", s.tokens_seen},
               {"cursor", {{"epoch", s.cursor.epoch}, {"position", s.cursor.position}}},
               {"optimizer_steps", trainer.optimizer().steps()},
+              {"world_size", trainer.world()},
               {"config_hash", config_hash(cfg)}};
     // state.json last: its presence marks the checkpoint complete.
     write_file_atomic(tmp / "state.json", j.dump(2) + "\n");
@@ -109,6 +110,13 @@ void load_checkpoint(const fs::path& dir, train::Trainer& trainer, const Config&
              dir.string(), what);
       }
     }
+    // A step is grad_accum micro-batches on each data-parallel rank: another number of ranks changes what a
+    // step is (and where the data cursor's steps fall). Checkpoints from before the key had one rank.
+    const int64_t world = j.value("world_size", int64_t{1});
+    QLORA_REQUIRE(world == trainer.world() || cfg.checkpoint.force_resume,
+                  "{}: made by {} data-parallel rank(s), this run has {} (a step would take another number of "
+                  "micro-batches); set checkpoint.force_resume=true to resume anyway",
+                  dir.string(), world, trainer.world());
     train::TrainerState s;
     s.step = j.at("step").get<int64_t>();
     s.total_steps = j.at("total_steps").get<int64_t>();
@@ -152,8 +160,9 @@ std::optional<fs::path> load_latest(const fs::path& run_dir, train::Trainer& tra
       load_checkpoint(*it, trainer, cfg);
       return *it;
     } catch (const Error& e) {
-      // A config mismatch is the user's decision, not corruption: never skip past it.
-      if (std::string(e.what()).find("different config") != std::string::npos) throw;
+      // A config or rank-count mismatch is the user's decision, not corruption: never skip past it (both
+      // messages offer checkpoint.force_resume).
+      if (std::string(e.what()).find("checkpoint.force_resume") != std::string::npos) throw;
       warn(fmt::format("warning: checkpoint {} is unusable ({}); trying the previous one", it->string(), e.what()));
     }
   }

@@ -1,6 +1,9 @@
 #include "trainer/cli/run_context.h"
 
 #include <c10/core/AllocatorConfig.h>
+#ifdef QLORA_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <cstdlib>
 
@@ -21,15 +24,21 @@ void default_cuda_allocator_settings() {
 }
 }  // namespace
 
-RunContext resolve_run_context(Device device, DType dtype) {
-  const bool gpu = at::hasCUDA() && at::getNumGPUs() > 0;
+RunContext resolve_run_context(Device device, DType dtype, int64_t gpu_index) {
+  const int64_t gpus = at::hasCUDA() ? static_cast<int64_t>(at::getNumGPUs()) : 0;
+  const bool gpu = gpus > 0;
   if (gpu) default_cuda_allocator_settings();
   RunContext c;
-  if (device == Device::CUDA) {
+  if (device == Device::CUDA || (device == Device::Auto && gpu)) {
     QLORA_REQUIRE(gpu, "model.device is cuda but no CUDA GPU is usable here (set model.device: cpu or auto)");
-    c.device = at::Device(at::kCUDA, 0);
-  } else if (device == Device::Auto && gpu) {
-    c.device = at::Device(at::kCUDA, 0);
+    // One visible GPU: the launcher gave each process its own (SLURM's GPU binding, CUDA_VISIBLE_DEVICES).
+    const int64_t index = gpus == 1 ? 0 : gpu_index;
+    QLORA_REQUIRE(index < gpus, "LOCAL_RANK {} asks for GPU {}, but this process sees {} (CUDA_VISIBLE_DEVICES)",
+                  gpu_index, index, gpus);
+    c.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));
+#ifdef QLORA_WITH_CUDA
+    c10::cuda::set_device(c.device.index());
+#endif
   }
   switch (dtype) {
     case DType::Auto: c.dtype = c.device.is_cuda() ? at::kBFloat16 : at::kFloat; break;
@@ -40,7 +49,9 @@ RunContext resolve_run_context(Device device, DType dtype) {
   return c;
 }
 
-RunContext resolve_run_context(const Config& cfg) { return resolve_run_context(cfg.model.device, cfg.model.dtype); }
+RunContext resolve_run_context(const Config& cfg, int64_t gpu) {
+  return resolve_run_context(cfg.model.device, cfg.model.dtype, gpu);
+}
 
 std::string tokenizer_path(const std::string& model_dir, const std::string& explicit_path) {
   if (!explicit_path.empty()) return explicit_path;

@@ -17,9 +17,10 @@ struct RunContext {
 };
 
 // device auto -> cuda when a GPU is usable; dtype auto -> bfloat16 on cuda, float32 on the CPU.
-// Asking for cuda without a GPU is an error naming model.device.
-RunContext resolve_run_context(const Config& cfg);
-RunContext resolve_run_context(Device device, DType dtype);
+// Asking for cuda without a GPU is an error naming model.device. The GPU is cuda:`gpu` (a data-parallel rank's
+// LOCAL_RANK; 0 where the launcher shows each process only its own GPU), made the current device.
+RunContext resolve_run_context(const Config& cfg, int64_t gpu = 0);
+RunContext resolve_run_context(Device device, DType dtype, int64_t gpu = 0);
 
 // model.tokenizer, or <model.path>/tokenizer.model.
 std::string tokenizer_path(const Config& cfg);

@@ -172,9 +172,10 @@ int64_t kill_at_step() {
 }
 }  // namespace
 
-int64_t total_steps(const TrainConfig& t, int64_t batches_per_epoch) {
+int64_t total_steps(const TrainConfig& t, int64_t batches_per_epoch, int64_t world) {
   if (t.max_steps > 0) return t.max_steps;
-  return t.epochs * ((batches_per_epoch + t.grad_accum - 1) / t.grad_accum);
+  const int64_t per_step = t.grad_accum * world;
+  return t.epochs * ((batches_per_epoch + per_step - 1) / per_step);
 }
 
 namespace {
@@ -191,20 +192,36 @@ data::BatcherOptions batcher_options(const Config& cfg, int32_t pad) {
 AdamWOptions adamw_options(const TrainConfig& t) {
   return AdamWOptions{t.lr, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay};
 }
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// A data-parallel step's seed for every generator (see the Trainer's constructor): one per (seed, step, rank).
+void seed_step(int64_t seed, int64_t step, int64_t rank) {
+  uint64_t x = splitmix64(static_cast<uint64_t>(seed));
+  x = splitmix64(x ^ static_cast<uint64_t>(step));
+  x = splitmix64(x ^ static_cast<uint64_t>(rank));
+  at::manual_seed(x >> 1);  // below 2^63: what a Python int seed would be
+}
 }  // namespace
 
 Trainer::Trainer(const Config& cfg, model::LlamaForCausalLM model, NamedTensors trainable, const data::Dataset& train,
-                 const data::Dataset* eval, int32_t pad_value)
+                 const data::Dataset* eval, int32_t pad_value, dist::Group* group)
     : cfg_(cfg),
       model_(std::move(model)),
       trainable_(std::move(trainable)),
       train_(train),
       eval_(eval),
       pad_value_(pad_value),
+      group_(group && group->world() > 1 ? group : nullptr),
       batcher_(train, batcher_options(cfg, pad_value)),
       opt_(trainable_, adamw_options(cfg.train)) {
   QLORA_REQUIRE(!trainable_.empty(), "nothing to train: no trainable parameters (check lora.target_modules)");
-  state_.total_steps = total_steps(cfg.train, batcher_.batches_per_epoch());
+  state_.total_steps = total_steps(cfg.train, batcher_.batches_per_epoch(), world());
   warmup_ = warmup_steps(cfg.train, state_.total_steps);
   model_->set_gradient_checkpointing(cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_layers);
 }
@@ -224,12 +241,17 @@ Trainer::QueuedStep Trainer::queue_step(const std::function<void()>& meanwhile) 
   const model::StepStream on_step(model_->device());
   QueuedStep q;
   q.lr = current_lr();
+  const int64_t world = this->world(), rank = group_ ? group_->rank() : 0;
+  if (group_) seed_step(cfg_.train.seed, state_.step + 1, rank);
   // Gather the step's micro-batches first: the loss is the mean over every label token of the step,
-  // so each micro-batch's sum is divided by the step's total count (exact under accumulation).
+  // so each micro-batch's sum is divided by the step's total count (exact under accumulation). With several
+  // ranks every rank reads all of the step's micro-batches (their counts) and trains on its share.
   std::vector<data::Batch> micro;
-  for (int64_t i = 0; i < cfg_.train.grad_accum; ++i) {
-    micro.push_back(batcher_.next());
-    q.count += micro.back().tokens;
+  for (int64_t i = 0; i < cfg_.train.grad_accum * world; ++i) {
+    data::Batch b = batcher_.next();
+    q.count += b.tokens;
+    state_.tokens_seen += b.input_ids.numel();
+    if (i % world == rank) micro.push_back(std::move(b));
   }
   // Everything up to the update is queued without waiting for the GPU: the loss stays on the device, and a
   // non-finite loss or gradient norm skips the update there (the optimizer's `skip`). The host learns the
@@ -240,11 +262,12 @@ Trainer::QueuedStep Trainer::queue_step(const std::function<void()>& meanwhile) 
     // layout from the CPU copies, so no micro-batch waits for the previous one's backward.
     at::Tensor hidden = model_->hidden_states(b.input_ids, b.attention_mask, b.position_ids);
     auto [sum, n] = causal_lm_loss_sum(*model_, hidden, b.labels);
-    state_.tokens_seen += b.input_ids.numel();
     if (n == 0) continue;
     loss_sum = loss_sum.defined() ? loss_sum + sum.detach() : sum.detach();
     (sum / static_cast<double>(q.count)).backward();
   }
+  // Every rank knows the step's count: all of them reduce, or none (no label in the whole step).
+  if (group_ && q.count > 0) loss_sum = reduce_over_ranks(loss_sum);
   if (meanwhile) meanwhile();  // the GPU has this step's forward and backward to run meanwhile
   if (state_.step + 1 == kill_at_step()) std::raise(SIGKILL);
   q.status = HostCopy(queue_update(opt_, trainable_, cfg_.train.max_grad_norm, q.lr, loss_sum));
@@ -254,6 +277,22 @@ Trainer::QueuedStep Trainer::queue_step(const std::function<void()>& meanwhile) 
   q.tokens_seen = state_.tokens_seen;
   q.epoch = state_.cursor.epoch;
   return q;
+}
+
+at::Tensor Trainer::reduce_over_ranks(const at::Tensor& loss_sum) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> sums;
+  for (auto& [name, p] : trainable_) {
+    // A rank whose share had no label token has no gradient: it adds zeros.
+    if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+    sums.push_back(p.grad());
+  }
+  const at::Device device = trainable_[0].second.device();
+  at::Tensor loss = loss_sum.defined() ? loss_sum.to(device, at::kFloat).reshape({1})
+                                       : at::zeros({1}, at::TensorOptions(device).dtype(at::kFloat));
+  sums.push_back(loss);
+  dist::all_reduce_sum(*group_, sums);  // one collective for all of them
+  return loss.reshape({});
 }
 
 double Trainer::finish_step(QueuedStep& q) {
@@ -276,10 +315,20 @@ double Trainer::evaluate(const data::Dataset& data) {
   data::Batcher b(data, o);
   double sum = 0;
   int64_t n = 0;
+  const int64_t world = this->world(), rank = group_ ? group_->rank() : 0;
   for (int64_t i = 0; i < b.batches_per_epoch(); ++i) {
-    auto [s, c] = batch_loss(*model_, b.next());
+    data::Batch batch = b.next();
+    if (i % world != rank) continue;  // the ranks split the batches, and add their sums below
+    auto [s, c] = batch_loss(*model_, batch);
     sum += s;
     n += c;
+  }
+  if (group_) {
+    at::Tensor t = at::tensor({sum, static_cast<double>(n)}, at::kDouble).to(model_->device());
+    group_->all_reduce_sum(t);
+    t = t.cpu();
+    sum = t[0].item<double>();
+    n = static_cast<int64_t>(t[1].item<double>());
   }
   model_->train();
   return n > 0 ? sum / n : std::nan("");

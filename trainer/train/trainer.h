@@ -14,6 +14,7 @@
 
 #include "datasets/batcher.h"
 #include "trainer/config/config.h"
+#include "trainer/dist/dist.h"
 #include "trainer/model/llama.h"
 #include "trainer/train/optim.h"
 
@@ -85,8 +86,14 @@ struct Hooks {
 class Trainer {
  public:
   // `trainable` are the parameters the optimizer updates (LoRA adapters, or every weight for method full).
+  // With a `group` of several ranks (trainer/dist/dist.h) every rank runs this loop over the same data order:
+  // a step takes grad_accum x world micro-batches, rank r trains on micro-batches r, r + world, ..., and the
+  // ranks' gradient and loss sums are added before the update, so every rank takes the step one process
+  // with grad_accum x world micro-batches would take (up to the order of the float sums). Evaluation splits
+  // the eval batches likewise. Each step's generators are then seeded from (train.seed, step, rank): every
+  // rank draws its own LoRA dropout masks, and a resumed run draws what the uninterrupted one did.
   Trainer(const Config& cfg, model::LlamaForCausalLM model, NamedTensors trainable, const data::Dataset& train,
-          const data::Dataset* eval, int32_t pad_value);
+          const data::Dataset* eval, int32_t pad_value, dist::Group* group = nullptr);
 
   // Trains until total_steps. Throws qlora::Error after max_nonfinite_steps non-finite losses in a row.
   void run(const Hooks& hooks);
@@ -107,6 +114,8 @@ class Trainer {
   const NamedTensors& trainable() const { return trainable_; }
   model::LlamaForCausalLM& model() { return model_; }
   double current_lr() const;
+  // The data-parallel ranks (1 without a group).
+  int64_t world() const { return group_ ? group_->world() : 1; }
 
  private:
   // A step queued on the device whose loss and gradient norm the host has not read yet: train_step's two
@@ -124,6 +133,8 @@ class Trainer {
   QueuedStep queue_step(const std::function<void()>& meanwhile = {});
   // Waits for q's values, counts a skipped step; returns what train_step returns.
   double finish_step(QueuedStep& q);
+  // The step's gradients and loss sum added over the ranks (in place); returns the summed loss.
+  at::Tensor reduce_over_ranks(const at::Tensor& loss_sum);
 
   const Config& cfg_;
   model::LlamaForCausalLM model_;
@@ -131,6 +142,7 @@ class Trainer {
   const data::Dataset& train_;
   const data::Dataset* eval_;
   int32_t pad_value_;
+  dist::Group* group_;
   data::Batcher batcher_;
   AdamW opt_;
   TrainerState state_;
@@ -138,7 +150,7 @@ class Trainer {
   double last_grad_norm_ = 0;
 };
 
-// Steps for the whole run: max_steps if > 0, else epochs x ceil(batches per epoch / grad_accum).
-int64_t total_steps(const TrainConfig& t, int64_t batches_per_epoch);
+// Steps for the whole run: max_steps if > 0, else epochs x ceil(batches per epoch / (grad_accum x world)).
+int64_t total_steps(const TrainConfig& t, int64_t batches_per_epoch, int64_t world = 1);
 
 }  // namespace qlora::train

@@ -1,0 +1,182 @@
+#include "trainer/dist/dist.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include "trainer/core/error.h"
+#include "trainer/dist/store_rounds.h"
+
+namespace qlora::dist {
+
+namespace {
+
+int64_t parse_int(const char* var, const char* text, int64_t lo, int64_t hi) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(text, &end, 10);
+  QLORA_REQUIRE(errno == 0 && end != text && *end == '\0' && v >= lo && v <= hi,
+                "environment variable {}={:?}: expected an integer from {} to {}", var, text, lo, hi);
+  return v;
+}
+
+// The CPU group: every collective is one store round (store_rounds.h).
+class StoreGroup final : public Group {
+ public:
+  StoreGroup(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t world)
+      : Group(rank, world), rounds_(std::move(store), rank, world) {}
+  std::string backend() const override { return "store (CPU)"; }
+
+  void all_reduce_sum(at::Tensor& t) override {
+    TORCH_CHECK(t.is_cpu() && t.is_contiguous(), "dist: the CPU group sums contiguous CPU tensors");
+    const auto parts = rounds_.exchange(bytes_of(t), /*want_all=*/true);
+    // In rank order on every rank: the same sum, to the bit, everywhere.
+    at::Tensor sum;
+    for (size_t r = 0; r < parts.size(); ++r) {
+      at::Tensor part = tensor_of(parts[r], t, static_cast<int64_t>(r));
+      sum = r == 0 ? part.clone() : sum.add_(part);
+    }
+    t.copy_(sum);
+  }
+
+  void broadcast(at::Tensor& t, int64_t root) override {
+    TORCH_CHECK(t.is_cpu() && t.is_contiguous(), "dist: the CPU group broadcasts contiguous CPU tensors");
+    const bool mine = root == rank();
+    const auto parts = rounds_.exchange(mine ? bytes_of(t) : std::vector<uint8_t>{}, /*want_all=*/false, root);
+    if (!mine) t.copy_(tensor_of(parts[0], t, root));
+  }
+
+  void barrier() override { rounds_.exchange({}, /*want_all=*/false, /*from=*/0); }
+
+ private:
+  static std::vector<uint8_t> bytes_of(const at::Tensor& t) {
+    const auto* p = static_cast<const uint8_t*>(t.const_data_ptr());
+    return std::vector<uint8_t>(p, p + t.nbytes());
+  }
+  static at::Tensor tensor_of(const std::vector<uint8_t>& b, const at::Tensor& like, int64_t from) {
+    TORCH_CHECK(b.size() == like.nbytes(), "dist: rank ", from, " sent ", b.size(), " bytes, expected ",
+                like.nbytes(), " (do all ranks run the same model and config?)");
+    return at::from_blob(const_cast<uint8_t*>(b.data()), like.sizes(), like.options()).clone();
+  }
+
+  StoreRounds rounds_;
+};
+
+}  // namespace
+
+#ifdef QLORA_WITH_NCCL
+std::unique_ptr<Group> make_nccl_group(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t world,
+                                       at::Device device, std::chrono::milliseconds timeout);
+#endif
+
+Env env_from(const std::function<const char*(const char*)>& get) {
+  auto var = [&](const char* k) -> const char* {
+    const char* v = get ? get(k) : std::getenv(k);
+    return v && *v ? v : nullptr;
+  };
+  auto need = [&](const char* k, const char* why) -> const char* {
+    const char* v = var(k);
+    QLORA_REQUIRE(v, "environment variable {} is not set ({})", k, why);
+    return v;
+  };
+  constexpr int64_t kMaxRanks = 1 << 20;
+  Env e;
+  if (var("RANK") || var("WORLD_SIZE")) {
+    e.launcher = "torchrun";
+    e.world = parse_int("WORLD_SIZE", need("WORLD_SIZE", "RANK is set: a torchrun-style launch"), 1, kMaxRanks);
+    e.rank = parse_int("RANK", need("RANK", "WORLD_SIZE is set: a torchrun-style launch"), 0, e.world - 1);
+    const char* local = var("LOCAL_RANK");
+    e.local_rank = local ? parse_int("LOCAL_RANK", local, 0, e.world - 1) : (e.world == 1 ? 0 : -1);
+    QLORA_REQUIRE(e.local_rank >= 0, "environment variable LOCAL_RANK is not set (WORLD_SIZE is {})", e.world);
+    const char* agent = var("TORCHELASTIC_USE_AGENT_STORE");
+    e.agent_store = agent && (std::strcmp(agent, "True") == 0 || std::strcmp(agent, "true") == 0 ||
+                              std::strcmp(agent, "1") == 0);
+    if (e.agent_store) {
+      const char* attempt = var("TORCHELASTIC_RESTART_COUNT");
+      e.store_prefix = fmt::format("/worker/attempt_{}", attempt ? attempt : "0");
+    }
+  } else if (var("SLURM_PROCID")) {
+    // A job step's task count where srun started this process; the allocation's otherwise.
+    const char* tasks_var = var("SLURM_STEP_NUM_TASKS") ? "SLURM_STEP_NUM_TASKS" : "SLURM_NTASKS";
+    e.launcher = "slurm";
+    e.world = parse_int(tasks_var, need(tasks_var, "SLURM_PROCID is set"), 1, kMaxRanks);
+    e.rank = parse_int("SLURM_PROCID", var("SLURM_PROCID"), 0, e.world - 1);
+    e.local_rank = parse_int("SLURM_LOCALID", need("SLURM_LOCALID", "SLURM_PROCID is set"), 0, e.world - 1);
+  }
+  if (e.world > 1) {
+    const std::string why = fmt::format("{} ranks ({}): where rank 0 serves the rendezvous", e.world, e.launcher);
+    e.master_addr = need("MASTER_ADDR", why.c_str());
+    e.port = static_cast<int>(parse_int("MASTER_PORT", need("MASTER_PORT", why.c_str()), 1, 65535));
+  }
+  return e;
+}
+
+std::unique_ptr<Group> join(const Env& env, at::Device device, const JoinOptions& opts) {
+  if (env.world <= 1) return nullptr;
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(env.port);
+  so.isServer = env.rank == 0 && !env.agent_store;
+  so.numWorkers = static_cast<size_t>(env.world);
+  so.waitWorkers = true;
+  so.timeout = opts.timeout;
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
+  } catch (const std::exception& e) {
+    fail("rank {} of {} could not join the rendezvous at {}:{} ({}): {}", env.rank, env.world, env.master_addr,
+         env.port, env.launcher, e.what());
+  }
+  if (!env.store_prefix.empty()) store = c10::make_intrusive<c10d::PrefixStore>(env.store_prefix, store);
+  if (device.is_cuda()) {
+#ifdef QLORA_WITH_NCCL
+    return make_nccl_group(store, env.rank, env.world, device, opts.timeout);
+#else
+    fail("this build has no NCCL (nccl.h was not found when it was configured): it cannot train on several GPUs");
+#endif
+  }
+  QLORA_REQUIRE(device.is_cpu(), "dist: no collective backend for device {}", device.str());
+  return std::make_unique<StoreGroup>(store, env.rank, env.world);
+}
+
+namespace {
+// One flat float32 buffer holding the tensors end to end, on their device.
+at::Tensor flatten(const std::vector<at::Tensor>& tensors) {
+  TORCH_CHECK(!tensors.empty(), "dist: nothing to reduce");
+  std::vector<at::Tensor> flat;
+  flat.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.defined() && t.device() == tensors[0].device(), "dist: tensors must be defined, on one device");
+    flat.push_back(t.detach().reshape(-1).to(at::kFloat));
+  }
+  return at::cat(flat);
+}
+
+void unflatten(const at::Tensor& flat, const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> dst, src;
+  int64_t at_ = 0;
+  for (const auto& t : tensors) {
+    dst.push_back(t.detach());
+    src.push_back(flat.narrow(0, at_, t.numel()).view(t.sizes()));
+    at_ += t.numel();
+  }
+  at::NoGradGuard no_grad;
+  at::_foreach_copy_(dst, src);  // one launch on the GPU, casting back where a tensor is not float32
+}
+}  // namespace
+
+void all_reduce_sum(Group& g, const std::vector<at::Tensor>& tensors) {
+  at::Tensor flat = flatten(tensors);
+  g.all_reduce_sum(flat);
+  unflatten(flat, tensors);
+}
+
+void broadcast(Group& g, const std::vector<at::Tensor>& tensors, int64_t root) {
+  at::Tensor flat = flatten(tensors);
+  g.broadcast(flat, root);
+  unflatten(flat, tensors);
+}
+
+}  // namespace qlora::dist
