@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's one call: build for sm_90a, run the GPU tests, run the benchmarks, print a table last.
 #
-#   scripts/gpu.sh [tests|quick|compare|full|long|profile|layers|short|ab|floor]     (default quick)
+#   scripts/gpu.sh [tests|quick|compare|full|long|profile|layers|short|ab|floor|dist]     (default quick)
 #     tests  build + GPU tests only
 #     quick  + our training step (7B, r 16, checkpointing on/off) and transformers/PEFT bf16's
 #     compare + r 64 and half the layers recomputing (the ten steps of the comparison table; with BEST_OF=2
@@ -26,6 +26,9 @@
 #     floor  build + GPU tests + our step (r 16, with and without checkpointing) against its tensor-core work alone
 #            (kernels/dev/step_floor.py: base GEMMs, lm_head, attention) and transformers/PEFT bf16's step, clock
 #            and power sampled for each
+#     dist   build + GPU tests (two GPUs against one among them) + our step (r 16, with and without
+#            checkpointing) on one GPU against the same step on every GPU of the machine, data-parallel through
+#            NCCL (torchrun --no-python): tokens/s together and the scaling (for nvidia-h100-x2 / h200-x2)
 #   SHAPE=llama2-13b|llama3-8b runs quick, compare, full, profile and ab at that shape (qlora bench --shape; default
 #   llama2-7b).
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
@@ -407,6 +410,40 @@ for n, label in (("ours_r16_nockpt", "ours, no checkpointing"), ("floor_gemm", "
         if n.startswith("hf_"):
             print(f"{'  2x that needs':30s} {j['step_ms'] / 2:8.1f} {2 * j['tokens_per_s']:9.0f}")
 print("* ours: the model FLOPs of the MFU formula (recomputation not counted); the floor's: the work it ran")
+PYEOF
+  pack_results table.txt
+  exit $status
+fi
+
+if [ "$MODE" = dist ]; then
+  # Data parallelism (trainer/dist/dist.h): the step on GPU 0 alone, then on every GPU at once, each rank its own
+  # tokens, the gradients summed through NCCL every step. No clock sampling here (nvidia-smi mixes the GPUs).
+  gpus=$(nvidia-smi -L | wc -l)
+  echo "== data-parallel step, $SHAPE, seq 2048, batch 1 a GPU, r 16: 1 GPU and $gpus"
+  for ckpt in on off; do
+    for i in $(seq "${BEST_OF:-1}"); do
+      CUDA_VISIBLE_DEVICES=0 "$Q" bench --shape "$SHAPE" --r 16 --checkpointing "$ckpt" \
+        --json "$OUT/ours_r16_${ckpt}_gpus1.$i.json" 2>&1 | tail -1 || status=1
+      "$PY" -m torch.distributed.run --nproc-per-node "$gpus" --no-python --master-addr 127.0.0.1 \
+        --master-port $((29400 + i)) "$Q" bench --shape "$SHAPE" --r 16 --checkpointing "$ckpt" \
+        --json "$OUT/ours_r16_${ckpt}_gpus$gpus.$i.json" 2>&1 | tail -2 || status=1
+    done
+    keep_fastest "$OUT/ours_r16_${ckpt}_gpus1"
+    keep_fastest "$OUT/ours_r16_${ckpt}_gpus$gpus"
+  done
+  "$PY" - "$OUT" "$gpus" <<'PYEOF' | tee "$OUT/table.txt"
+import json, os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+load = lambda f: json.load(open(os.path.join(d, f))) if os.path.exists(os.path.join(d, f)) else None
+print(f"{'r 16, seq 2048':24s} {'1 GPU tok/s':>11s} {f'{n} GPUs tok/s':>13s} {'per GPU':>8s} {'scaling':>8s} "
+      f"{'peak GiB (1 / each)':>20s}")
+for ckpt, label in (("on", "checkpointing"), ("off", "no checkpointing")):
+    a, b = load(f"ours_r16_{ckpt}_gpus1.json"), load(f"ours_r16_{ckpt}_gpus{n}.json")
+    if a and b:
+        print(f"{label:24s} {a['tokens_per_s']:11.0f} {b['tokens_per_s']:13.0f} {b['tokens_per_s_per_gpu']:8.0f} "
+              f"{b['tokens_per_s'] / (n * a['tokens_per_s']):8.3f} "
+              f"{a['peak_bytes'] / 2**30:9.2f} / {b['peak_bytes'] / 2**30:.2f}")
+print("scaling: the GPUs' tokens/s together over", n, "x one GPU's, in the same call")
 PYEOF
   pack_results table.txt
   exit $status

@@ -26,6 +26,10 @@
 // and replays it: the measure of what the host's launches cost a step (docs/performance.md). Its inputs are
 // refilled in device buffers before each replay; the warm-up runs the same step eagerly on them. The phases
 // are not split then (one launch).
+// Under a launcher (`torchrun --nproc-per-node N --no-python qlora bench ...`, trainer/dist/dist.h) every rank
+// runs the step on its own GPU and its own random tokens, and the ranks' gradients and losses are summed
+// before the update, as `qlora train` sums them: tokens/s is then the ranks' together (also per GPU), and
+// rank 0 alone prints and writes the JSON.
 // Optional --json FILE writes every figure for scripts (scripts/gpu.sh collects them).
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -43,6 +47,7 @@
 #include "trainer/cli/run_context.h"
 #include "trainer/core/error.h"
 #include "trainer/core/fs.h"
+#include "trainer/dist/dist.h"
 #include "trainer/lora/lora.h"
 #include "trainer/model/fused.h"
 #include "trainer/model/loader.h"
@@ -261,9 +266,11 @@ class PhaseMarks {
 #endif
 };
 
-nlohmann::json bench_step(const StepOptions& so) {
+nlohmann::json bench_step(const StepOptions& so, const dist::Env& env) {
   RunContext ctx = resolve_run_context(so.device == "cpu" ? Device::CPU : so.device == "cuda" ? Device::CUDA : Device::Auto,
-                                       DType::Auto);
+                                       DType::Auto, env.local_rank);
+  const std::unique_ptr<dist::Group> group = dist::join(env, ctx.device);
+  const int64_t world = group ? group->world() : 1;
   model::LlamaArch arch = named_arch(so.shape);
   model::set_fused_mode(so.fused == "on" ? model::FusedMode::On : so.fused == "off" ? model::FusedMode::Off
                                                                                       : model::FusedMode::Auto);
@@ -309,7 +316,7 @@ nlohmann::json bench_step(const StepOptions& so) {
   // masks in every process (a CUDA generator is otherwise seeded at random), so runs compare value for value.
   at::manual_seed(1234);
 
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(42);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(42 + env.rank);  // each rank its own tokens
   QLORA_REQUIRE(so.padding >= 0 && so.padding < so.seq - 1, "--padding: between 0 and --seq - 2 ({}), got {}",
                 so.seq - 2, so.padding);
   at::Tensor attention_mask = at::ones({so.batch, so.seq}, at::kLong);
@@ -341,6 +348,7 @@ nlohmann::json bench_step(const StepOptions& so) {
 #endif
   if (graphed) {
     QLORA_REQUIRE(ctx.device.is_cuda(), "--cuda-graph on: needs a CUDA device (this run is on {})", ctx.device.str());
+    QLORA_REQUIRE(!group, "--cuda-graph on: runs on one GPU only (this run has {} ranks)", world);
     QLORA_REQUIRE(so.ahead == "low" || so.ahead == "high",
                   "--cuda-graph on: needs --ahead low or high (a graph is captured on the step's own stream)");
     QLORA_REQUIRE(so.warmup >= 1, "--cuda-graph on: needs --warmup 1 or more (the capture repeats a step that ran)");
@@ -414,11 +422,19 @@ nlohmann::json bench_step(const StepOptions& so) {
     auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids.masked_fill(is_padding, -100));
     q.marks->mark();
     const double t2_host = now_ms();
-    (sum / static_cast<double>(n)).backward();
-    q.bwd_host = now_ms() - t2_host;  // the CPU has issued the backward
+    (sum / static_cast<double>(n * world)).backward();  // the mean over every rank's tokens
+    at::Tensor loss_sum = sum.detach().reshape({1});
+    if (group) {  // as Trainer::reduce_over_ranks: one collective for the gradients and the loss
+      std::vector<at::Tensor> sums;
+      for (auto& [name, p] : params) sums.push_back(p.grad());
+      sums.push_back(loss_sum);
+      dist::all_reduce_sum(*group, sums);
+    }
+    q.bwd_host = now_ms() - t2_host;  // the CPU has issued the backward (and the ranks' sum)
     if (meanwhile) meanwhile();
     q.marks->mark();
-    const at::Tensor status = train::queue_update(opt, params, /*max_grad_norm=*/1.0, /*lr=*/1e-4, sum.detach());
+    const at::Tensor mean_sum = group ? loss_sum.reshape({}) / world : loss_sum.reshape({});  // a rank's, on average
+    const at::Tensor status = train::queue_update(opt, params, /*max_grad_norm=*/1.0, /*lr=*/1e-4, mean_sum);
     q.marks->mark();
     q.status = train::HostCopy(status);
     return q;
@@ -501,8 +517,8 @@ nlohmann::json bench_step(const StepOptions& so) {
   const bool pipelined = so.pipeline == "on";
   const auto typical = [&](const std::vector<double>& v) { return pipelined ? mean(v) : median(v); };
   const double step_ms = pipelined ? wall_ms / static_cast<double>(so.steps) : median(total);
-  const double tokens = static_cast<double>(so.batch * (so.seq - so.padding));  // real ones
-  const double tps = tokens / (step_ms / 1e3);
+  const double tokens = static_cast<double>(so.batch * (so.seq - so.padding));  // real ones, a rank
+  const double tps = tokens / (step_ms / 1e3);  // a GPU's; the ranks' together below
   // Attention's share counts the context a token sees: its example's length when rows are packed.
   const double fpt = flops_per_token(arch, lora_params, (so.seq + so.segments - 1) / so.segments);
   const double pk = peak_flops(ctx.device);
@@ -543,11 +559,15 @@ nlohmann::json bench_step(const StepOptions& so) {
                       {"backward_host_ms", typical(bwd_host)},
                       {"backward_ms", typical(bwd)},
                       {"optimizer_ms", typical(optim)},
-                      {"tokens_per_s", tps},
+                      {"tokens_per_s", tps * world},
+                      {"tokens_per_s_per_gpu", tps},
+                      {"world", world},
+                      {"dist_backend", group ? group->backend() : "none"},
                       {"peak_bytes", allocated_bytes(ctx.device, true)},
                       {"timed_unix_s", {timed_from, timed_to}},
                       {"flops_per_token", fpt},
                       {"mfu", pk > 0 ? tps * fpt / pk : 0.0}};
+  if (env.rank != 0) return j;
   fmt::print("qlora bench  {} {} base r={} seq={} batch={} ({} a row, {} padding, segment-attention={}) "
              "lora-dropout={} ({}, {}, dx {}) checkpointing={} ({} of {} layers) fused={} fold={} "
              "ahead={} (depth {}) "
@@ -572,6 +592,9 @@ nlohmann::json bench_step(const StepOptions& so) {
   }
   fmt::print("  tokens/s {:.0f}   peak memory {:.2f} GiB   MFU {:.1f}% (of {:.0f} TFLOP/s bf16)\n", tps,
              allocated_bytes(ctx.device, true) / 1073741824.0, 100.0 * j["mfu"].get<double>(), pk / 1e12);
+  if (group)
+    fmt::print("  {} ranks ({}): {:.0f} tokens/s together; peak memory and MFU above are rank 0's GPU's\n", world,
+               group->backend(), tps * world);
   return j;
 }
 
@@ -800,7 +823,9 @@ Runner add_bench(CLI::App& app) {
       fail("bench --kernels: this build has no CUDA kernels");
 #endif
     } else {
-      j = bench_step(*so);
+      const dist::Env env = dist::env_from();
+      j = bench_step(*so, env);
+      if (env.rank != 0) return 0;  // rank 0 writes for the ranks
     }
     if (!so->json.empty()) write_file_atomic(so->json, j.dump(2) + "\n");
     return 0;
