@@ -418,6 +418,7 @@ fi
 if [ "$MODE" = dist ]; then
   # Data parallelism (trainer/dist/dist.h): the step on GPU 0 alone, then on every GPU at once, each rank its own
   # tokens, the gradients summed through NCCL every step. No clock sampling here (nvidia-smi mixes the GPUs).
+  # `--` ends torchrun's options: its parser takes any prefix of them (the bench's --r would be one).
   gpus=$(nvidia-smi -L | wc -l)
   echo "== data-parallel step, $SHAPE, seq 2048, batch 1 a GPU, r 16: 1 GPU and $gpus"
   for ckpt in on off; do
@@ -425,7 +426,7 @@ if [ "$MODE" = dist ]; then
       CUDA_VISIBLE_DEVICES=0 "$Q" bench --shape "$SHAPE" --r 16 --checkpointing "$ckpt" \
         --json "$OUT/ours_r16_${ckpt}_gpus1.$i.json" 2>&1 | tail -1 || status=1
       "$PY" -m torch.distributed.run --nproc-per-node "$gpus" --no-python --master-addr 127.0.0.1 \
-        --master-port $((29400 + i)) "$Q" bench --shape "$SHAPE" --r 16 --checkpointing "$ckpt" \
+        --master-port $((29400 + i)) -- "$Q" bench --shape "$SHAPE" --r 16 --checkpointing "$ckpt" \
         --json "$OUT/ours_r16_${ckpt}_gpus$gpus.$i.json" 2>&1 | tail -2 || status=1
     done
     keep_fastest "$OUT/ours_r16_${ckpt}_gpus1"
