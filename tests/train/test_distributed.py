@@ -4,13 +4,14 @@
      with grad_accum 2 (the same 8 sequences a step): the exported adapter and the last checkpoint's weights
      and optimizer moments are bit-identical, every logged loss, gradient norm and lr equal, the eval losses
      equal to rounding (the ranks add their halves); only rank 0 writes (the same files as one process).
-  2. The same two ranks started as SLURM tasks (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, MASTER_ADDR /
-     MASTER_PORT from the job script): the same adapter, to the bit.
+  2. The same two ranks started as srun's tasks (SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID,
+     MASTER_ADDR / MASTER_PORT from the job script): the same adapter, to the bit.
   3. With LoRA dropout 0.1 (each rank draws its own masks, seeded per step), two ranks killed by SIGKILL in the
      middle of step 5 and resumed with checkpoint.resume=auto end bit-identical to an uninterrupted two-rank run.
   4. Resuming that two-rank run in one process is refused, naming the rank counts; force_resume lets it.
   5. A launcher's environment that does not add up (no MASTER_ADDR, a RANK outside WORLD_SIZE, a bad port) is
-     refused naming the variable, before anything is written.
+     refused naming the variable, before anything is written; a SLURM batch script's own shell (no job step)
+     trains alone.
 Exits non-zero on the first failure.
 """
 import json
@@ -96,8 +97,8 @@ def slurm(work, out, *sets):
     cfg, port = write_config(work, out), free_port()
     procs = []
     for rank in range(2):
-        env = dict(CLEAN_ENV, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = dict(CLEAN_ENV, SLURM_PROCID=str(rank), SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2",
+                   SLURM_LOCALID=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([CLI] + args(cfg, sets), env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -200,10 +201,15 @@ def main():
                            ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
                              "MASTER_PORT": "http"}, "MASTER_PORT"),
                            ({"WORLD_SIZE": "2"}, "RANK is not set"),
-                           ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "SLURM_LOCALID")]:
+                           ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_LOCALID")]:
             rc, err = single(work, bad, env_extra=env)
             check(rc != 0 and names in err and not os.path.exists(bad),
                   f"{sorted(env)} is refused naming {names}, before anything is written", err[-800:])
+        # A batch script's own shell (SLURM_PROCID 0 of the allocation's 4 tasks, no job step) runs alone.
+        alone = os.path.join(work, "batch_shell")
+        rc, err = single(work, alone, env_extra={"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"})
+        check(rc == 0 and "data parallel" not in err and os.path.exists(os.path.join(alone, "adapter")),
+              "a process a SLURM batch script starts without srun trains alone", err[-1500:])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return checks.report()

@@ -98,13 +98,13 @@ Env env_from(const std::function<const char*(const char*)>& get) {
       const char* attempt = var("TORCHELASTIC_RESTART_COUNT");
       e.store_prefix = fmt::format("/worker/attempt_{}", attempt ? attempt : "0");
     }
-  } else if (var("SLURM_PROCID")) {
-    // A job step's task count where srun started this process; the allocation's otherwise.
-    const char* tasks_var = var("SLURM_STEP_NUM_TASKS") ? "SLURM_STEP_NUM_TASKS" : "SLURM_NTASKS";
+  } else if (var("SLURM_STEP_NUM_TASKS")) {
+    // A task srun started. (A batch script's own shell has SLURM_PROCID 0 and the allocation's SLURM_NTASKS
+    // too, but no job step: a process it starts directly runs alone.)
     e.launcher = "slurm";
-    e.world = parse_int(tasks_var, need(tasks_var, "SLURM_PROCID is set"), 1, kMaxRanks);
-    e.rank = parse_int("SLURM_PROCID", var("SLURM_PROCID"), 0, e.world - 1);
-    e.local_rank = parse_int("SLURM_LOCALID", need("SLURM_LOCALID", "SLURM_PROCID is set"), 0, e.world - 1);
+    e.world = parse_int("SLURM_STEP_NUM_TASKS", var("SLURM_STEP_NUM_TASKS"), 1, kMaxRanks);
+    e.rank = parse_int("SLURM_PROCID", need("SLURM_PROCID", "SLURM_STEP_NUM_TASKS is set"), 0, e.world - 1);
+    e.local_rank = parse_int("SLURM_LOCALID", need("SLURM_LOCALID", "SLURM_STEP_NUM_TASKS is set"), 0, e.world - 1);
   }
   if (e.world > 1) {
     const std::string why = fmt::format("{} ranks ({}): where rank 0 serves the rendezvous", e.world, e.launcher);

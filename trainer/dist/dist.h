@@ -9,8 +9,9 @@
 //
 // The launchers' environments (what `torchrun --no-python` and SLURM's srun set):
 //   torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
-//   SLURM:    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with MASTER_ADDR and MASTER_PORT exported by the job
-//             script (e.g. MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1))
+//   SLURM:    srun's SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, with MASTER_ADDR and MASTER_PORT exported
+//             by the job script (e.g. MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1));
+//             a process the batch script starts without srun (no job step) runs alone
 // torchrun's variables win where both are set; without either, the process runs alone (world 1).
 #pragma once
 
