@@ -310,6 +310,12 @@ nlohmann::json bench_step(const StepOptions& so, const dist::Env& env) {
   int64_t lora_params = 0;
   for (auto& [n, p] : params) lora_params += p.numel();
   train::AdamW opt(params, train::AdamWOptions{1e-4, 0.9, 0.999, 1e-8, 0.0});
+  std::unique_ptr<dist::GradSync> grad_sync;  // the gradients summed over the ranks, as `qlora train` sums them
+  if (group) {
+    std::vector<at::Tensor> tensors;
+    for (auto& [name, p] : params) tensors.push_back(p);
+    grad_sync = std::make_unique<dist::GradSync>(*group, std::move(tensors), dist::bucket_bytes());
+  }
   model->set_gradient_checkpointing(so.checkpointing, so.checkpoint_layers);
   model->train();
   // The default generators, which LoRA dropout draws its masks from, seeded as `qlora train` seeds them: the same
@@ -422,18 +428,12 @@ nlohmann::json bench_step(const StepOptions& so, const dist::Env& env) {
     auto [sum, n] = train::causal_lm_loss_sum(*model, hidden, ids.masked_fill(is_padding, -100));
     q.marks->mark();
     const double t2_host = now_ms();
+    if (grad_sync) grad_sync->arm(sum);  // as Trainer::queue_step: the sums start while the backward runs
     (sum / static_cast<double>(n * world)).backward();  // the mean over every rank's tokens
-    at::Tensor loss_sum = sum.detach().reshape({1});
-    if (group) {  // as Trainer::reduce_over_ranks: one collective for the gradients and the loss
-      std::vector<at::Tensor> sums;
-      for (auto& [name, p] : params) sums.push_back(p.grad());
-      sums.push_back(loss_sum);
-      dist::all_reduce_sum(*group, sums);
-    }
-    q.bwd_host = now_ms() - t2_host;  // the CPU has issued the backward (and the ranks' sum)
+    const at::Tensor mean_sum = grad_sync ? grad_sync->finish(sum) / world : sum.detach();  // a rank's, on average
+    q.bwd_host = now_ms() - t2_host;  // the CPU has issued the backward (and the ranks' sums)
     if (meanwhile) meanwhile();
     q.marks->mark();
-    const at::Tensor mean_sum = group ? loss_sum.reshape({}) / world : loss_sum.reshape({});  // a rank's, on average
     const at::Tensor status = train::queue_update(opt, params, /*max_grad_norm=*/1.0, /*lr=*/1e-4, mean_sum);
     q.marks->mark();
     q.status = train::HostCopy(status);

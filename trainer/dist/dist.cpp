@@ -1,5 +1,10 @@
 #include "trainer/dist/dist.h"
 
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -177,6 +182,112 @@ void broadcast(Group& g, const std::vector<at::Tensor>& tensors, int64_t root) {
   at::Tensor flat = flatten(tensors);
   g.broadcast(flat, root);
   unflatten(flat, tensors);
+}
+
+int64_t bucket_bytes() {
+  const char* kb = std::getenv("QLORA_DIST_BUCKET_KB");
+  if (!kb || !*kb) return int64_t{25} << 20;
+  return parse_int("QLORA_DIST_BUCKET_KB", kb, 1, int64_t{1} << 30) << 10;
+}
+
+struct GradSync::Hook final : torch::autograd::PostAccumulateGradHook {
+  Hook(GradSync* sync, size_t param) : sync(sync), param(param) {}
+  void operator()(const torch::autograd::Variable& /*tensor*/) override { sync->ready(param); }
+  GradSync* sync;
+  size_t param;
+};
+
+GradSync::GradSync(Group& g, std::vector<at::Tensor> params, int64_t bucket_bytes)
+    : group_(g), params_(std::move(params)) {
+  TORCH_CHECK(!params_.empty(), "GradSync: no tensors");
+  bucket_of_.resize(params_.size());
+  int64_t bytes = bucket_bytes;  // the first tensor opens a bucket
+  for (size_t k = params_.size(); k-- > 0;) {
+    if (bytes >= bucket_bytes) buckets_.emplace_back(), bytes = 0;
+    buckets_.back().push_back(k);
+    bucket_of_[k] = buckets_.size() - 1;
+    bytes += params_[k].numel() * static_cast<int64_t>(sizeof(float));
+  }
+  for (size_t k = 0; k < params_.size(); ++k)
+    torch::autograd::impl::set_post_acc_grad_hooks(params_[k], std::make_unique<Hook>(this, k));
+}
+
+GradSync::~GradSync() {
+  for (auto& p : params_) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+}
+
+void GradSync::arm(const at::Tensor& extra) {
+  TORCH_CHECK(!armed_, "GradSync: armed twice without finish()");
+  armed_ = true;
+  extra_ = extra.detach().to(params_[0].device(), at::kFloat).reshape({1});
+  is_ready_.assign(params_.size(), 0);
+  pending_.clear();
+  for (const auto& b : buckets_) pending_.push_back(b.size());
+  flat_.assign(buckets_.size(), at::Tensor());
+  waits_.assign(buckets_.size(), {});
+  next_ = 0;
+  const at::Device d = params_[0].device();
+  stream_.reset();
+  if (!d.is_cpu()) stream_ = c10::impl::VirtualGuardImpl(d.type()).getStream(d);
+}
+
+void GradSync::ready(size_t k) {
+  if (!armed_) return;  // an accumulation before the step's last backward
+  TORCH_CHECK(!is_ready_[k], "GradSync: tensor ", k, " had its gradient accumulated twice in one armed backward ",
+              "(a reused weight or a reentrant recomputation): its sum would have started on a partial gradient");
+  is_ready_[k] = 1;
+  if (--pending_[bucket_of_[k]] > 0) return;
+  while (next_ < buckets_.size() && pending_[next_] == 0) start(next_++);
+}
+
+void GradSync::start(size_t b) {
+  std::optional<c10::StreamGuard> on_step;
+  if (stream_) {
+    // The hook runs on the stream that accumulated the gradient (the autograd engine's choice): the step's
+    // stream waits for that accumulation, and the bucket is formed and handed to the sum there.
+    const c10::impl::VirtualGuardImpl impl(stream_->device_type());
+    const c10::Stream now = impl.getStream(stream_->device());
+    if (now != *stream_) {
+      c10::Event accumulated(stream_->device_type());
+      accumulated.record(now);
+      accumulated.block(*stream_);
+    }
+    on_step.emplace(*stream_);
+  }
+  std::vector<at::Tensor> parts;
+  for (size_t k : buckets_[b]) {
+    const at::Tensor& g = params_[k].grad();
+    parts.push_back(g.defined() ? g.detach().reshape(-1).to(at::kFloat)
+                                : at::zeros({params_[k].numel()}, params_[k].options().dtype(at::kFloat)));
+  }
+  if (b + 1 == buckets_.size()) parts.push_back(extra_);
+  flat_[b] = at::cat(parts);
+  waits_[b] = group_.start_all_reduce_sum(flat_[b]);
+}
+
+at::Tensor GradSync::finish(const at::Tensor& unarmed_extra) {
+  if (!armed_) arm(unarmed_extra);  // no backward on this rank: its zeros, in the same order as the others'
+  while (next_ < buckets_.size()) start(next_++);
+  armed_ = false;
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> dst, src;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    waits_[b]();
+    int64_t at_ = 0;
+    for (size_t k : buckets_[b]) {
+      at::Tensor& g = params_[k].mutable_grad();
+      if (!g.defined()) g = at::empty_like(params_[k]);
+      dst.push_back(g);
+      src.push_back(flat_[b].narrow(0, at_, g.numel()).view(g.sizes()));
+      at_ += g.numel();
+    }
+  }
+  at::_foreach_copy_(dst, src);
+  const at::Tensor& last = flat_.back();
+  at::Tensor extra = last.narrow(0, last.numel() - 1, 1).reshape({});
+  flat_.clear();
+  waits_.clear();
+  return extra;
 }
 
 }  // namespace qlora::dist

@@ -16,11 +16,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/Stream.h>
 
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -57,6 +59,12 @@ class Group {
   // Sums the contiguous `t` over all ranks in place (queued on the current stream on CUDA); every rank ends
   // with the same values.
   virtual void all_reduce_sum(at::Tensor& t) = 0;
+  // The same, started: the returned call makes the current stream (the host, on the CPU) wait for the sum.
+  // Ranks must start their sums in the same order (NCCL pairs them by order).
+  virtual std::function<void()> start_all_reduce_sum(at::Tensor& t) {
+    all_reduce_sum(t);
+    return [] {};
+  }
   // Rank `root`'s `t` into every rank's `t`.
   virtual void broadcast(at::Tensor& t, int64_t root) = 0;
   // Returns once every rank has called it.
@@ -77,6 +85,51 @@ std::unique_ptr<Group> join(const Env& env, at::Device device, const JoinOptions
 // Sums the tensors over the group through one flat float32 buffer: one collective for many small tensors
 // (a model's adapters). Undefined entries must not occur; all share one device.
 void all_reduce_sum(Group& g, const std::vector<at::Tensor>& tensors);
+
+// GradSync's bucket size: 25 MiB (DDP's), or QLORA_DIST_BUCKET_KB KiB from the environment (smaller buckets start
+// sooner and cost more launches; the tests use tiny ones to have many). Throws qlora::Error on a malformed value.
+int64_t bucket_bytes();
+
+// The gradients of `params` summed over the group while the backward still runs, as PyTorch's DDP does. The
+// tensors go into buckets of about `bucket_bytes` of float32 in reverse order (a model's last layers, whose
+// gradients are final first, in the first bucket). In a backward after arm(), a bucket's sum starts once every
+// tensor of it has its gradient accumulated (a hook on each tensor), buckets in a fixed order on every rank;
+// finish() starts those left (a tensor without a gradient adds zeros), makes the current stream wait for all
+// of them and writes the sums back into the gradients. Each tensor's gradient must be accumulated at most once
+// in the armed backward (what a reentrant checkpoint or a reused weight would break is checked). The CUDA
+// stream current at arm() is where the buckets are formed and the sums waited for: the step's.
+class GradSync {
+ public:
+  GradSync(Group& g, std::vector<at::Tensor> params, int64_t bucket_bytes);
+  ~GradSync();
+  GradSync(const GradSync&) = delete;
+  GradSync& operator=(const GradSync&) = delete;
+
+  // The next backward is the step's last on this rank. `extra` (float32, one element, e.g. the loss sum) is
+  // summed with the last bucket.
+  void arm(const at::Tensor& extra);
+  // Returns `extra` summed over the ranks; `unarmed_extra` stands for it when no backward was armed.
+  at::Tensor finish(const at::Tensor& unarmed_extra);
+  int64_t buckets() const { return static_cast<int64_t>(buckets_.size()); }
+
+ private:
+  struct Hook;
+  void ready(size_t param);  // from a tensor's hook
+  void start(size_t bucket);
+
+  Group& group_;
+  std::vector<at::Tensor> params_;
+  std::vector<std::vector<size_t>> buckets_;  // indices into params_
+  std::vector<size_t> bucket_of_;
+  std::vector<char> is_ready_;
+  std::vector<size_t> pending_;  // per bucket, tensors not yet ready
+  std::vector<at::Tensor> flat_;
+  std::vector<std::function<void()>> waits_;
+  size_t next_ = 0;  // the next bucket to start
+  bool armed_ = false;
+  at::Tensor extra_;
+  std::optional<c10::Stream> stream_;
+};
 // Rank root's values of the tensors into every rank's, through one flat buffer likewise.
 void broadcast(Group& g, const std::vector<at::Tensor>& tensors, int64_t root);
 

@@ -1,5 +1,8 @@
 // The CUDA group: c10d's ProcessGroupNCCL for the sums and broadcasts (queued on the current stream: the host
 // does not wait), the store for the barrier. Built only where nccl.h was found (trainer/dist/CMakeLists.txt).
+#ifndef USE_C10D_NCCL  // what ProcessGroupNCCL.hpp needs; Torch's CMake config defines it for a CUDA build
+#define USE_C10D_NCCL
+#endif
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 
@@ -33,6 +36,13 @@ class NcclGroup final : public Group {
     check(t);
     std::vector<at::Tensor> v{t};
     pg_->allreduce(v)->wait();  // the current stream waits for the sum, the host does not
+  }
+
+  std::function<void()> start_all_reduce_sum(at::Tensor& t) override {
+    check(t);
+    std::vector<at::Tensor> v{t};
+    c10::intrusive_ptr<c10d::Work> work = pg_->allreduce(v);
+    return [work] { work->wait(); };
   }
 
   void broadcast(at::Tensor& t, int64_t root) override {

@@ -221,6 +221,11 @@ Trainer::Trainer(const Config& cfg, model::LlamaForCausalLM model, NamedTensors 
       batcher_(train, batcher_options(cfg, pad_value)),
       opt_(trainable_, adamw_options(cfg.train)) {
   QLORA_REQUIRE(!trainable_.empty(), "nothing to train: no trainable parameters (check lora.target_modules)");
+  if (group_) {
+    std::vector<at::Tensor> params;
+    for (auto& [name, p] : trainable_) params.push_back(p);
+    sync_ = std::make_unique<dist::GradSync>(*group_, std::move(params), dist::bucket_bytes());
+  }
   state_.total_steps = total_steps(cfg.train, batcher_.batches_per_epoch(), world());
   warmup_ = warmup_steps(cfg.train, state_.total_steps);
   model_->set_gradient_checkpointing(cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_layers);
@@ -257,6 +262,11 @@ Trainer::QueuedStep Trainer::queue_step(const std::function<void()>& meanwhile) 
   // non-finite loss or gradient norm skips the update there (the optimizer's `skip`). The host learns the
   // step's loss and norm from one copy queued at the end (finish_step).
   at::Tensor loss_sum;  // float32 scalar on the device
+  // This rank's last micro-batch with a label: its backward finishes the gradients, whose sums over the ranks
+  // start as it runs.
+  const data::Batch* last = nullptr;
+  for (const auto& b : micro)
+    if (b.tokens > 0) last = &b;
   for (auto& b : micro) {
     // The batch stays on the CPU: hidden_states copies it over and reads the mask's and the positions'
     // layout from the CPU copies, so no micro-batch waits for the previous one's backward.
@@ -264,10 +274,15 @@ Trainer::QueuedStep Trainer::queue_step(const std::function<void()>& meanwhile) 
     auto [sum, n] = causal_lm_loss_sum(*model_, hidden, b.labels);
     if (n == 0) continue;
     loss_sum = loss_sum.defined() ? loss_sum + sum.detach() : sum.detach();
+    if (sync_ && &b == last) sync_->arm(loss_sum);
     (sum / static_cast<double>(q.count)).backward();
   }
-  // Every rank knows the step's count: all of them reduce, or none (no label in the whole step).
-  if (group_ && q.count > 0) loss_sum = reduce_over_ranks(loss_sum);
+  // Every rank knows the step's count: all of them sum, or none (no label in the whole step). A rank whose
+  // share had no label adds zeros.
+  if (sync_ && q.count > 0) {
+    const at::Device device = trainable_[0].second.device();
+    loss_sum = sync_->finish(loss_sum.defined() ? loss_sum : at::zeros({}, at::TensorOptions(device).dtype(at::kFloat)));
+  }
   if (meanwhile) meanwhile();  // the GPU has this step's forward and backward to run meanwhile
   if (state_.step + 1 == kill_at_step()) std::raise(SIGKILL);
   q.status = HostCopy(queue_update(opt_, trainable_, cfg_.train.max_grad_norm, q.lr, loss_sum));
@@ -277,22 +292,6 @@ Trainer::QueuedStep Trainer::queue_step(const std::function<void()>& meanwhile) 
   q.tokens_seen = state_.tokens_seen;
   q.epoch = state_.cursor.epoch;
   return q;
-}
-
-at::Tensor Trainer::reduce_over_ranks(const at::Tensor& loss_sum) {
-  at::NoGradGuard no_grad;
-  std::vector<at::Tensor> sums;
-  for (auto& [name, p] : trainable_) {
-    // A rank whose share had no label token has no gradient: it adds zeros.
-    if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-    sums.push_back(p.grad());
-  }
-  const at::Device device = trainable_[0].second.device();
-  at::Tensor loss = loss_sum.defined() ? loss_sum.to(device, at::kFloat).reshape({1})
-                                       : at::zeros({1}, at::TensorOptions(device).dtype(at::kFloat));
-  sums.push_back(loss);
-  dist::all_reduce_sum(*group_, sums);  // one collective for all of them
-  return loss.reshape({});
 }
 
 double Trainer::finish_step(QueuedStep& q) {

@@ -89,7 +89,8 @@ class Trainer {
   // With a `group` of several ranks (trainer/dist/dist.h) every rank runs this loop over the same data order:
   // a step takes grad_accum x world micro-batches, rank r trains on micro-batches r, r + world, ..., and the
   // ranks' gradient and loss sums are added before the update, so every rank takes the step one process
-  // with grad_accum x world micro-batches would take (up to the order of the float sums). Evaluation splits
+  // with grad_accum x world micro-batches would take (up to the order of the float sums); the sums start while
+  // the step's last backward still runs (dist::GradSync). Evaluation splits
   // the eval batches likewise. Each step's generators are then seeded from (train.seed, step, rank): every
   // rank draws its own LoRA dropout masks, and a resumed run draws what the uninterrupted one did.
   Trainer(const Config& cfg, model::LlamaForCausalLM model, NamedTensors trainable, const data::Dataset& train,
@@ -133,8 +134,6 @@ class Trainer {
   QueuedStep queue_step(const std::function<void()>& meanwhile = {});
   // Waits for q's values, counts a skipped step; returns what train_step returns.
   double finish_step(QueuedStep& q);
-  // The step's gradients and loss sum added over the ranks (in place); returns the summed loss.
-  at::Tensor reduce_over_ranks(const at::Tensor& loss_sum);
 
   const Config& cfg_;
   model::LlamaForCausalLM model_;
@@ -143,6 +142,7 @@ class Trainer {
   const data::Dataset* eval_;
   int32_t pad_value_;
   dist::Group* group_;
+  std::unique_ptr<dist::GradSync> sync_;  // with a group: the gradients summed over the ranks
   data::Batcher batcher_;
   AdamW opt_;
   TrainerState state_;
