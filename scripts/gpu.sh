@@ -421,8 +421,9 @@ if [ "$MODE" = dist ]; then
   # `--` ends torchrun's options: its parser takes any prefix of them (the bench's --r would be one).
   gpus=$(nvidia-smi -L | wc -l)
   echo "== data-parallel step, $SHAPE, seq 2048, batch 1 a GPU, r 16: 1 GPU and $gpus"
-  # The gradients' sums start while the backward runs (25 MiB buckets); "one bucket" (QLORA_DIST_BUCKET_KB=2^20)
-  # starts a single sum once the backward is done: what overlapping them gains.
+  # On one host the gradients are summed in one piece once the backward is done (dist::bucket_bytes); "buckets"
+  # (QLORA_DIST_BUCKET_KB=25600, the default across hosts) starts 25 MiB sums while it runs: what that overlap
+  # gains or costs here.
   ranks() {  # ranks NAME ARGS...
     local name=$1; shift
     "$PY" -m torch.distributed.run --nproc-per-node "$gpus" --no-python --master-addr 127.0.0.1 \
@@ -434,26 +435,26 @@ if [ "$MODE" = dist ]; then
       CUDA_VISIBLE_DEVICES=0 "$Q" bench --shape "$SHAPE" --r 16 --checkpointing "$ckpt" \
         --json "$OUT/ours_r16_${ckpt}_gpus1.$i.json" 2>&1 | tail -1 || status=1
       ranks "ours_r16_${ckpt}_gpus$gpus.$i" --r 16 --checkpointing "$ckpt"
-      QLORA_DIST_BUCKET_KB=1048576 ranks "ours_r16_${ckpt}_gpus${gpus}_onebucket.$i" --r 16 --checkpointing "$ckpt"
+      QLORA_DIST_BUCKET_KB=25600 ranks "ours_r16_${ckpt}_gpus${gpus}_buckets.$i" --r 16 --checkpointing "$ckpt"
     done
-    for n in 1 "$gpus" "${gpus}_onebucket"; do keep_fastest "$OUT/ours_r16_${ckpt}_gpus$n"; done
+    for n in 1 "$gpus" "${gpus}_buckets"; do keep_fastest "$OUT/ours_r16_${ckpt}_gpus$n"; done
   done
   "$PY" - "$OUT" "$gpus" <<'PYEOF' | tee "$OUT/table.txt"
 import json, os, sys
 d, n = sys.argv[1], int(sys.argv[2])
 load = lambda f: json.load(open(os.path.join(d, f))) if os.path.exists(os.path.join(d, f)) else None
 print(f"{'r 16, seq 2048':24s} {'1 GPU tok/s':>11s} {f'{n} GPUs tok/s':>13s} {'per GPU':>8s} {'scaling':>8s} "
-      f"{'one bucket':>10s} {'peak GiB (1 / each)':>20s}")
+      f"{'buckets':>10s} {'peak GiB (1 / each)':>20s}")
 for ckpt, label in (("on", "checkpointing"), ("off", "no checkpointing")):
     a, b = load(f"ours_r16_{ckpt}_gpus1.json"), load(f"ours_r16_{ckpt}_gpus{n}.json")
-    c = load(f"ours_r16_{ckpt}_gpus{n}_onebucket.json")
+    c = load(f"ours_r16_{ckpt}_gpus{n}_buckets.json")
     if a and b:
         one = f"{c['tokens_per_s'] / (n * a['tokens_per_s']):10.3f}" if c else f"{'':10s}"
         print(f"{label:24s} {a['tokens_per_s']:11.0f} {b['tokens_per_s']:13.0f} {b['tokens_per_s_per_gpu']:8.0f} "
               f"{b['tokens_per_s'] / (n * a['tokens_per_s']):8.3f} {one} "
               f"{a['peak_bytes'] / 2**30:9.2f} / {b['peak_bytes'] / 2**30:.2f}")
-print("scaling: the GPUs' tokens/s together over", n, "x one GPU's, in the same call; one bucket: the same with the")
-print("gradients summed in one piece after the backward instead of in 25 MiB buckets while it runs")
+print("scaling: the GPUs' tokens/s together over", n, "x one GPU's, in the same call; buckets: the same with the")
+print("gradients summed in 25 MiB buckets while the backward runs instead of in one piece after it")
 PYEOF
   pack_results table.txt
   exit $status

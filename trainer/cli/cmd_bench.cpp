@@ -314,7 +314,7 @@ nlohmann::json bench_step(const StepOptions& so, const dist::Env& env) {
   if (group) {
     std::vector<at::Tensor> tensors;
     for (auto& [name, p] : params) tensors.push_back(p);
-    grad_sync = std::make_unique<dist::GradSync>(*group, std::move(tensors), dist::bucket_bytes());
+    grad_sync = std::make_unique<dist::GradSync>(*group, std::move(tensors), dist::bucket_bytes(*group));
   }
   model->set_gradient_checkpointing(so.checkpointing, so.checkpoint_layers);
   model->train();

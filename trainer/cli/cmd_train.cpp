@@ -48,9 +48,9 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
                   model::dtype_name(ctx.dtype), run_dir.string()));
   if (group) {
     const auto& t = cfg.train;
-    log(fmt::format("data parallel: {} ranks ({}, {}); a step is {} micro-batches of {} a rank, {} sequences in all",
-                    group->world(), env.launcher, group->backend(), t.grad_accum, t.micro_batch_size,
-                    t.grad_accum * t.micro_batch_size * group->world()));
+    log(fmt::format("data parallel: {} ranks ({}, {}) on {} host(s); a step is {} micro-batches of {} a rank, {} "
+                    "sequences in all", group->world(), env.launcher, group->backend(), group->nodes(), t.grad_accum,
+                    t.micro_batch_size, t.grad_accum * t.micro_batch_size * group->world()));
   }
   at::manual_seed(static_cast<uint64_t>(cfg.train.seed));
 

@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "trainer/core/error.h"
 #include "trainer/dist/store_rounds.h"
@@ -32,7 +33,9 @@ int64_t parse_int(const char* var, const char* text, int64_t lo, int64_t hi) {
 class StoreGroup final : public Group {
  public:
   StoreGroup(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t world)
-      : Group(rank, world), rounds_(std::move(store), rank, world) {}
+      : Group(rank, world), rounds_(std::move(store), rank, world) {
+    nodes_ = rounds_.count_hosts();
+  }
   std::string backend() const override { return "store (CPU)"; }
 
   void all_reduce_sum(at::Tensor& t) override {
@@ -184,10 +187,10 @@ void broadcast(Group& g, const std::vector<at::Tensor>& tensors, int64_t root) {
   unflatten(flat, tensors);
 }
 
-int64_t bucket_bytes() {
+int64_t bucket_bytes(const Group& g) {
   const char* kb = std::getenv("QLORA_DIST_BUCKET_KB");
-  if (!kb || !*kb) return int64_t{25} << 20;
-  return parse_int("QLORA_DIST_BUCKET_KB", kb, 1, int64_t{1} << 30) << 10;
+  if (kb && *kb) return parse_int("QLORA_DIST_BUCKET_KB", kb, 1, int64_t{1} << 30) << 10;
+  return g.nodes() > 1 ? int64_t{25} << 20 : std::numeric_limits<int64_t>::max();
 }
 
 struct GradSync::Hook final : torch::autograd::PostAccumulateGradHook {

@@ -54,6 +54,7 @@ class Group {
 
   int64_t rank() const { return rank_; }
   int64_t world() const { return world_; }
+  int64_t nodes() const { return nodes_; }  // hosts the ranks run on (their host names, told at the start)
   virtual std::string backend() const = 0;
 
   // Sums the contiguous `t` over all ranks in place (queued on the current stream on CUDA); every rank ends
@@ -69,6 +70,9 @@ class Group {
   virtual void broadcast(at::Tensor& t, int64_t root) = 0;
   // Returns once every rank has called it.
   virtual void barrier() = 0;
+
+ protected:
+  int64_t nodes_ = 1;  // set by the backends' constructors, through their store
 
  private:
   int64_t rank_, world_;
@@ -86,9 +90,13 @@ std::unique_ptr<Group> join(const Env& env, at::Device device, const JoinOptions
 // (a model's adapters). Undefined entries must not occur; all share one device.
 void all_reduce_sum(Group& g, const std::vector<at::Tensor>& tensors);
 
-// GradSync's bucket size: 25 MiB (DDP's), or QLORA_DIST_BUCKET_KB KiB from the environment (smaller buckets start
-// sooner and cost more launches; the tests use tiny ones to have many). Throws qlora::Error on a malformed value.
-int64_t bucket_bytes();
+// GradSync's bucket size for `g`: QLORA_DIST_BUCKET_KB KiB from the environment (the tests use tiny buckets to
+// have many), else 25 MiB (DDP's) where the ranks span several hosts, and one bucket for all on one host: there
+// (two H200s over NVLink, the 7B step) the sums started during the backward cost more than they hid (0.957x /
+// 0.964x of twice one GPU's speed against 0.965x / 0.971x with one sum after it; docs/performance.md), the step
+// being bound by the card's power and memory, which the sums' kernels share. Throws qlora::Error on a
+// malformed value.
+int64_t bucket_bytes(const Group& g);
 
 // The gradients of `params` summed over the group while the backward still runs, as PyTorch's DDP does. The
 // tensors go into buckets of about `bucket_bytes` of float32 in reverse order (a model's last layers, whose

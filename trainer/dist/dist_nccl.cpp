@@ -18,6 +18,7 @@ class NcclGroup final : public Group {
   NcclGroup(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t world, at::Device device,
             std::chrono::milliseconds timeout)
       : Group(rank, world), device_(device), rounds_(store, rank, world) {
+    nodes_ = rounds_.count_hosts();
     auto opts = c10d::ProcessGroupNCCL::Options::create();
     opts->timeout = timeout;
     // Its keys apart from the barrier's.

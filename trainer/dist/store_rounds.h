@@ -7,7 +7,10 @@
 
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <unistd.h>
+
 #include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -21,6 +24,16 @@ class StoreRounds {
   // Posts `value` for this round, waits for every rank's post, and returns every rank's value in rank
   // order (want_all), or only rank `from`'s as the one element (otherwise; the others' posts only mark
   // their arrival).
+  // How many distinct hosts the ranks run on (one round: every rank's host name).
+  int64_t count_hosts() {
+    char name[256] = {};
+    ::gethostname(name, sizeof(name) - 1);
+    const std::string mine(name);
+    std::set<std::vector<uint8_t>> hosts;
+    for (auto& h : exchange(std::vector<uint8_t>(mine.begin(), mine.end()), /*want_all=*/true)) hosts.insert(h);
+    return static_cast<int64_t>(hosts.size());
+  }
+
   std::vector<std::vector<uint8_t>> exchange(const std::vector<uint8_t>& value, bool want_all, int64_t from = 0) {
     const int64_t s = round_++;
     store_->set(key(s, rank_), value);

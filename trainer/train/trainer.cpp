@@ -224,7 +224,7 @@ Trainer::Trainer(const Config& cfg, model::LlamaForCausalLM model, NamedTensors 
   if (group_) {
     std::vector<at::Tensor> params;
     for (auto& [name, p] : trainable_) params.push_back(p);
-    sync_ = std::make_unique<dist::GradSync>(*group_, std::move(params), dist::bucket_bytes());
+    sync_ = std::make_unique<dist::GradSync>(*group_, std::move(params), dist::bucket_bytes(*group_));
   }
   state_.total_steps = total_steps(cfg.train, batcher_.batches_per_epoch(), world());
   warmup_ = warmup_steps(cfg.train, state_.total_steps);
