@@ -92,10 +92,10 @@ void all_reduce_sum(Group& g, const std::vector<at::Tensor>& tensors);
 
 // GradSync's bucket size for `g`: QLORA_DIST_BUCKET_KB KiB from the environment (the tests use tiny buckets to
 // have many), else 25 MiB (DDP's) where the ranks span several hosts, and one bucket for all on one host: there
-// (two H200s over NVLink, the 7B step) the sums started during the backward cost more than they hid (0.957x /
-// 0.964x of twice one GPU's speed against 0.965x / 0.971x with one sum after it; docs/performance.md), the step
-// being bound by the card's power and memory, which the sums' kernels share. Throws qlora::Error on a
-// malformed value.
+// (two H200s over NVLink, the 7B step) the sums started during the backward cost more than they hid (0.966x /
+// 0.967x of twice one GPU's speed against 0.980x / 0.975x with one sum after it, and likewise in a second call;
+// docs/performance.md), the step being bound by the card's power and memory, which the sums' kernels share.
+// Throws qlora::Error on a malformed value.
 int64_t bucket_bytes(const Group& g);
 
 // The gradients of `params` summed over the group while the backward still runs, as PyTorch's DDP does. The
