@@ -29,8 +29,9 @@ class StoreRounds {
     char name[256] = {};
     ::gethostname(name, sizeof(name) - 1);
     const std::string mine(name);
-    std::set<std::vector<uint8_t>> hosts;
-    for (auto& h : exchange(std::vector<uint8_t>(mine.begin(), mine.end()), /*want_all=*/true)) hosts.insert(h);
+    std::set<std::string> hosts;
+    for (const auto& h : exchange(std::vector<uint8_t>(mine.begin(), mine.end()), /*want_all=*/true))
+      hosts.insert(std::string(reinterpret_cast<const char*>(h.data()), h.size()));
     return static_cast<int64_t>(hosts.size());
   }
 
