@@ -28,7 +28,8 @@
 #            and power sampled for each
 #     dist   build + GPU tests (two GPUs against one among them) + our step (r 16, with and without
 #            checkpointing) on one GPU against the same step on every GPU of the machine, data-parallel through
-#            NCCL (torchrun --no-python): tokens/s together and the scaling (for nvidia-h100-x2 / h200-x2)
+#            NCCL (torchrun --no-python): tokens/s together and the scaling, and the same with the sums in 25 MiB
+#            buckets during the backward (for nvidia-h100-x2 / h200-x2)
 #   SHAPE=llama2-13b|llama3-8b runs quick, compare, full, profile and ab at that shape (qlora bench --shape; default
 #   llama2-7b).
 #   NO_TESTS=1 skips the GPU tests (a follow-up call whose build and tests already ran).
@@ -449,9 +450,9 @@ for ckpt, label in (("on", "checkpointing"), ("off", "no checkpointing")):
     a, b = load(f"ours_r16_{ckpt}_gpus1.json"), load(f"ours_r16_{ckpt}_gpus{n}.json")
     c = load(f"ours_r16_{ckpt}_gpus{n}_buckets.json")
     if a and b:
-        one = f"{c['tokens_per_s'] / (n * a['tokens_per_s']):10.3f}" if c else f"{'':10s}"
+        buckets = f"{c['tokens_per_s'] / (n * a['tokens_per_s']):10.3f}" if c else f"{'':10s}"
         print(f"{label:24s} {a['tokens_per_s']:11.0f} {b['tokens_per_s']:13.0f} {b['tokens_per_s_per_gpu']:8.0f} "
-              f"{b['tokens_per_s'] / (n * a['tokens_per_s']):8.3f} {one} "
+              f"{b['tokens_per_s'] / (n * a['tokens_per_s']):8.3f} {buckets} "
               f"{a['peak_bytes'] / 2**30:9.2f} / {b['peak_bytes'] / 2**30:.2f}")
 print("scaling: the GPUs' tokens/s together over", n, "x one GPU's, in the same call; buckets: the same with the")
 print("gradients summed in 25 MiB buckets while the backward runs instead of in one piece after it")

@@ -88,11 +88,11 @@ class Trainer {
   // `trainable` are the parameters the optimizer updates (LoRA adapters, or every weight for method full).
   // With a `group` of several ranks (trainer/dist/dist.h) every rank runs this loop over the same data order:
   // a step takes grad_accum x world micro-batches, rank r trains on micro-batches r, r + world, ..., and the
-  // ranks' gradient and loss sums are added before the update, so every rank takes the step one process
-  // with grad_accum x world micro-batches would take (up to the order of the float sums); the sums start while
-  // the step's last backward still runs (dist::GradSync). Evaluation splits
-  // the eval batches likewise. Each step's generators are then seeded from (train.seed, step, rank): every
-  // rank draws its own LoRA dropout masks, and a resumed run draws what the uninterrupted one did.
+  // ranks' gradient and loss sums are added before the update (dist::GradSync, from the step's last backward),
+  // so every rank takes the step one process with grad_accum x world micro-batches would take (up to the order
+  // of the float sums). Evaluation splits the eval batches likewise. Each step's generators are then seeded
+  // from (train.seed, step, rank): every rank draws its own LoRA dropout masks, and a resumed run draws what
+  // the uninterrupted one did.
   Trainer(const Config& cfg, model::LlamaForCausalLM model, NamedTensors trainable, const data::Dataset& train,
           const data::Dataset* eval, int32_t pad_value, dist::Group* group = nullptr);
 
