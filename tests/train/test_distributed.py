@@ -158,7 +158,8 @@ def main():
         check("data parallel: 2 ranks (torchrun" in err, "rank 0 says it trains data-parallel")
         check(err.count("adapter: ") == 1, "only rank 0 reports the export")
         same_run("2 ranks x grad_accum 1 against 1 process x grad_accum 2", one, two, exact_eval=False)
-        # Buckets of 4 KiB: the adapters' gradients in 14 sums, started in order as the backward finishes them.
+        # Buckets of 4 KiB: the adapters' 48 KB of gradients in about a dozen sums, started in order as the
+        # backward finishes them.
         small = os.path.join(work, "two_small_buckets")
         rc, err = torchrun(work, small, "train.grad_accum=1", env_extra={"QLORA_DIST_BUCKET_KB": "4"})
         check(rc == 0, "two ranks train with 4 KiB gradient buckets", err[-3000:])
@@ -171,8 +172,9 @@ def main():
         rc, err = single(work, one_accum, "train.micro_batch_size=2", "train.grad_accum=4")
         check(rc == 0, "one process trains with grad_accum 4", err[-2000:])
         ta, tb = metrics(one_accum)[0], metrics(accum)[0]
-        worst = max(abs(ta[s][0] - tb[s][0]) / abs(ta[s][0]) for s in ta)
-        check(sorted(ta) == sorted(tb) and worst < 1e-5,
+        same_steps = sorted(ta) == sorted(tb)
+        worst = max(abs(ta[s][0] - tb[s][0]) / abs(ta[s][0]) for s in ta) if same_steps else float("inf")
+        check(same_steps and worst < 1e-5,
               f"2 ranks x grad_accum 2 follow 1 process x grad_accum 4 (the same micro-batches, the sums in "
               f"another order: worst loss gap {worst:.1e})")
         check(sorted(os.listdir(one)) == sorted(os.listdir(two)) and
