@@ -36,6 +36,7 @@ class StoreGroup final : public Group {
       : Group(rank, world), rounds_(std::move(store), rank, world) {
     nodes_ = rounds_.count_hosts();
   }
+  ~StoreGroup() override { rounds_.depart(std::chrono::seconds(60)); }
   std::string backend() const override { return "store (CPU)"; }
 
   void all_reduce_sum(at::Tensor& t) override {

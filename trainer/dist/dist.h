@@ -119,6 +119,8 @@ class GradSync {
   // Returns `extra` summed over the ranks; `unarmed_extra` stands for it when no backward was armed.
   at::Tensor finish(const at::Tensor& unarmed_extra);
   int64_t buckets() const { return static_cast<int64_t>(buckets_.size()); }
+  // Buckets whose sums have started since arm() (before finish(): those the backward started).
+  int64_t started() const { return static_cast<int64_t>(next_); }
 
  private:
   struct Hook;

@@ -30,6 +30,7 @@ class NcclGroup final : public Group {
       pg_->shutdown();
     } catch (...) {  // a destructor does not throw; the process is ending anyway
     }
+    rounds_.depart(std::chrono::seconds(60));
   }
   std::string backend() const override { return "nccl"; }
 

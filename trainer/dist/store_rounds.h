@@ -1,5 +1,6 @@
 // Rounds of posts through a c10d::Store, the primitive under the CPU group's collectives and every group's
-// barrier. Round s: each rank posts one value under its own key, then waits until every rank has posted
+// barrier, and the groups' orderly departure (rank 0's process serves the store: it must outlive the others'
+// last requests). Round s: each rank posts one value under its own key, then waits until every rank has posted
 // round s. Once a rank has seen round s complete, every rank has finished round s - 1 (a rank posts s only
 // after finishing s - 1), so each rank deletes its own key of round s - 1 then: the store holds at most two
 // rounds of values.
@@ -9,6 +10,7 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <set>
 #include <string>
@@ -33,6 +35,22 @@ class StoreRounds {
     for (const auto& h : exchange(std::vector<uint8_t>(mine.begin(), mine.end()), /*want_all=*/true))
       hosts.insert(std::string(reinterpret_cast<const char*>(h.data()), h.size()));
     return static_cast<int64_t>(hosts.size());
+  }
+
+  // At a group's end: the other ranks post their departure as their last request; rank 0 waits for them (up
+  // to `timeout`: a rank that died does not hold it long) before its store, which serves theirs, goes away.
+  // Never throws (it runs in destructors).
+  void depart(std::chrono::milliseconds timeout) noexcept {
+    try {
+      if (rank_ != 0) {
+        store_->set("qlora/gone/" + std::to_string(rank_), std::vector<uint8_t>{});
+        return;
+      }
+      std::vector<std::string> keys;
+      for (int64_t r = 1; r < world_; ++r) keys.push_back("qlora/gone/" + std::to_string(r));
+      store_->wait(keys, timeout);
+    } catch (...) {  // the store is gone or a rank is: nothing left to protect
+    }
   }
 
   std::vector<std::vector<uint8_t>> exchange(const std::vector<uint8_t>& value, bool want_all, int64_t from = 0) {
