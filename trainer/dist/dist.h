@@ -89,6 +89,8 @@ std::unique_ptr<Group> join(const Env& env, at::Device device, const JoinOptions
 // Sums the tensors over the group through one flat float32 buffer: one collective for many small tensors
 // (a model's adapters). Undefined entries must not occur; all share one device.
 void all_reduce_sum(Group& g, const std::vector<at::Tensor>& tensors);
+// Rank root's values of the tensors into every rank's, through one flat buffer likewise.
+void broadcast(Group& g, const std::vector<at::Tensor>& tensors, int64_t root);
 
 // GradSync's bucket size for `g`: QLORA_DIST_BUCKET_KB KiB from the environment (the tests use tiny buckets to
 // have many), else 25 MiB (DDP's) where the ranks span several hosts, and one bucket for all on one host: there
@@ -98,7 +100,8 @@ void all_reduce_sum(Group& g, const std::vector<at::Tensor>& tensors);
 // Throws qlora::Error on a malformed value.
 int64_t bucket_bytes(const Group& g);
 
-// The gradients of `params` summed over the group while the backward still runs, as PyTorch's DDP does. The
+// The gradients of `params` summed over the group, starting while the backward still runs, as PyTorch's DDP
+// does (with one bucket, as bucket_bytes gives on one host, the sum starts with the backward's last gradient). The
 // tensors go into buckets of about `bucket_bytes` of float32 in reverse order (a model's last layers, whose
 // gradients are final first, in the first bucket). In a backward after arm(), a bucket's sum starts once every
 // tensor of it has its gradient accumulated (a hook on each tensor), buckets in a fixed order on every rank;
@@ -140,7 +143,5 @@ class GradSync {
   at::Tensor extra_;
   std::optional<c10::Stream> stream_;
 };
-// Rank root's values of the tensors into every rank's, through one flat buffer likewise.
-void broadcast(Group& g, const std::vector<at::Tensor>& tensors, int64_t root);
 
 }  // namespace qlora::dist

@@ -23,9 +23,6 @@ class StoreRounds {
   StoreRounds(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t world)
       : store_(std::move(store)), rank_(rank), world_(world) {}
 
-  // Posts `value` for this round, waits for every rank's post, and returns every rank's value in rank
-  // order (want_all), or only rank `from`'s as the one element (otherwise; the others' posts only mark
-  // their arrival).
   // How many distinct hosts the ranks run on (one round: every rank's host name).
   int64_t count_hosts() {
     char name[256] = {};
@@ -53,6 +50,9 @@ class StoreRounds {
     }
   }
 
+  // Posts `value` for this round, waits for every rank's post, and returns every rank's value in rank
+  // order (want_all), or only rank `from`'s as the one element (otherwise; the others' posts only mark
+  // their arrival).
   std::vector<std::vector<uint8_t>> exchange(const std::vector<uint8_t>& value, bool want_all, int64_t from = 0) {
     const int64_t s = round_++;
     store_->set(key(s, rank_), value);
@@ -70,8 +70,9 @@ class StoreRounds {
   }
 
  private:
-  static std::string key(int64_t round, int64_t rank) { return "qlora/" + std::to_string(round) + "/" +
-                                                                 std::to_string(rank); }
+  static std::string key(int64_t round, int64_t rank) {
+    return "qlora/" + std::to_string(round) + "/" + std::to_string(rank);
+  }
 
   c10::intrusive_ptr<c10d::Store> store_;
   int64_t rank_, world_;
