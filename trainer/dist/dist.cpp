@@ -261,11 +261,10 @@ void GradSync::start(size_t b) {
   std::vector<at::Tensor> parts;
   for (size_t k : buckets_[b]) {
     const at::Tensor& g = params_[k].grad();
-    parts.push_back(g.defined() ? g.detach().reshape(-1).to(at::kFloat)
-                                : at::zeros({params_[k].numel()}, params_[k].options().dtype(at::kFloat)));
+    parts.push_back(g.defined() ? g : at::zeros_like(params_[k], params_[k].options().dtype(at::kFloat)));
   }
   if (b + 1 == buckets_.size()) parts.push_back(extra_);
-  flat_[b] = at::cat(parts);
+  flat_[b] = flatten(parts);
   waits_[b] = group_.start_all_reduce_sum(flat_[b]);
 }
 
@@ -273,20 +272,16 @@ at::Tensor GradSync::finish(const at::Tensor& unarmed_extra) {
   if (!armed_) arm(unarmed_extra);  // no backward on this rank: its zeros, in the same order as the others'
   while (next_ < buckets_.size()) start(next_++);
   armed_ = false;
-  at::NoGradGuard no_grad;
-  std::vector<at::Tensor> dst, src;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     waits_[b]();
-    int64_t at_ = 0;
+    std::vector<at::Tensor> grads;
     for (size_t k : buckets_[b]) {
       at::Tensor& g = params_[k].mutable_grad();
       if (!g.defined()) g = at::empty_like(params_[k]);
-      dst.push_back(g);
-      src.push_back(flat_[b].narrow(0, at_, g.numel()).view(g.sizes()));
-      at_ += g.numel();
+      grads.push_back(g);
     }
+    unflatten(flat_[b], grads);  // the gradients' part: the last bucket's extra stays at its end
   }
-  at::_foreach_copy_(dst, src);
   const at::Tensor& last = flat_.back();
   at::Tensor extra = last.narrow(0, last.numel() - 1, 1).reshape({});
   flat_.clear();
