@@ -8,11 +8,13 @@ tests/ on PYTHONPATH (tests/CMakeLists.txt, QLORA_TEST_ENV).
   our_name(peft_name)        PEFT's parameter name -> ours (trainer/lora/peft.h)
   scratch_dir(prefix)        a fresh temp directory, removed when the script exits (as test_util's temp_dir)
   tiny_cuda_bench(work, name, *args)  `qlora bench` on the tiny shape on CUDA: its JSON figures
+  free_port()                a TCP port free on the loopback interface now (a rendezvous for test ranks)
 """
 import atexit
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,13 @@ def our_name(peft_name):
     #   -> "model.layers.0.self_attn.q_proj.lora_A.weight"
     assert peft_name.startswith("base_model.model."), peft_name
     return peft_name[len("base_model.model."):].replace(".default.", ".")
+
+
+def free_port():
+    """A TCP port the loopback interface has free now (the tests' MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def scratch_dir(prefix):

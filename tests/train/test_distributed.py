@@ -20,15 +20,13 @@ Exits non-zero on the first failure.
 """
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 
 from safetensors.torch import load_file
 
 from checks import Checks
+from fixture_util import free_port, scratch_dir
 
 CLI = os.environ["QLORA_CLI"]
 DATA = os.environ["QLORA_TEST_DATA"]
@@ -59,12 +57,6 @@ def check(cond, what, detail=""):
 CLEAN_ENV = {k: v for k, v in os.environ.items()
              if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "QLORA_TEST_KILL_AT_STEP")
              and not k.startswith("SLURM_")}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(work, out):
@@ -147,94 +139,91 @@ def same_run(what, a, b, exact_eval=True):
 
 
 def main():
-    work = tempfile.mkdtemp(prefix="qlora_dist_")
-    try:
-        # 1. One process with grad_accum 2 against two ranks with grad_accum 1 (torchrun).
-        one, two = os.path.join(work, "one"), os.path.join(work, "two")
-        rc, err = single(work, one)
-        check(rc == 0, "one process trains", err[-2000:])
-        rc, err = torchrun(work, two, "train.grad_accum=1")
-        check(rc == 0, "two ranks under torchrun --no-python train", err[-3000:])
-        check("data parallel: 2 ranks (torchrun" in err, "rank 0 says it trains data-parallel")
-        check(err.count("adapter: ") == 1, "only rank 0 reports the export")
-        same_run("2 ranks x grad_accum 1 against 1 process x grad_accum 2", one, two, exact_eval=False)
-        # Buckets of 4 KiB: the adapters' 48 KB of gradients in about a dozen sums, started in order as the
-        # backward finishes them.
-        small = os.path.join(work, "two_small_buckets")
-        rc, err = torchrun(work, small, "train.grad_accum=1", env_extra={"QLORA_DIST_BUCKET_KB": "4"})
-        check(rc == 0, "two ranks train with 4 KiB gradient buckets", err[-3000:])
-        same_run("4 KiB buckets against one process", one, small, exact_eval=False)
-        # grad_accum 2 a rank: the sums start in the second micro-batch's backward only.
-        accum = os.path.join(work, "two_accum")
-        rc, err = torchrun(work, accum, "train.micro_batch_size=2", env_extra={"QLORA_DIST_BUCKET_KB": "4"})
-        check(rc == 0, "two ranks train with grad_accum 2", err[-3000:])
-        one_accum = os.path.join(work, "one_accum")
-        rc, err = single(work, one_accum, "train.micro_batch_size=2", "train.grad_accum=4")
-        check(rc == 0, "one process trains with grad_accum 4", err[-2000:])
-        ta, tb = metrics(one_accum)[0], metrics(accum)[0]
-        same_steps = sorted(ta) == sorted(tb)
-        worst = max(abs(ta[s][0] - tb[s][0]) / abs(ta[s][0]) for s in ta) if same_steps else float("inf")
-        check(same_steps and worst < 1e-5,
-              f"2 ranks x grad_accum 2 follow 1 process x grad_accum 4 (the same micro-batches, the sums in "
-              f"another order: worst loss gap {worst:.1e})")
-        check(sorted(os.listdir(one)) == sorted(os.listdir(two)) and
-              sorted(os.listdir(os.path.join(one, "checkpoints"))) ==
-              sorted(os.listdir(os.path.join(two, "checkpoints"))),
-              "the two-rank run wrote the same files as one process (rank 0 alone writes)")
-        check(metrics(one)[2] == metrics(two)[2], "metrics.jsonl has one line per entry, not one per rank")
+    work = scratch_dir("qlora_dist_")
+    # 1. One process with grad_accum 2 against two ranks with grad_accum 1 (torchrun).
+    one, two = os.path.join(work, "one"), os.path.join(work, "two")
+    rc, err = single(work, one)
+    check(rc == 0, "one process trains", err[-2000:])
+    rc, err = torchrun(work, two, "train.grad_accum=1")
+    check(rc == 0, "two ranks under torchrun --no-python train", err[-3000:])
+    check("data parallel: 2 ranks (torchrun" in err, "rank 0 says it trains data-parallel")
+    check(err.count("adapter: ") == 1, "only rank 0 reports the export")
+    same_run("2 ranks x grad_accum 1 against 1 process x grad_accum 2", one, two, exact_eval=False)
+    # Buckets of 4 KiB: the adapters' 48 KB of gradients in about a dozen sums, started in order as the
+    # backward finishes them.
+    small = os.path.join(work, "two_small_buckets")
+    rc, err = torchrun(work, small, "train.grad_accum=1", env_extra={"QLORA_DIST_BUCKET_KB": "4"})
+    check(rc == 0, "two ranks train with 4 KiB gradient buckets", err[-3000:])
+    same_run("4 KiB buckets against one process", one, small, exact_eval=False)
+    # grad_accum 2 a rank: the sums start in the second micro-batch's backward only.
+    accum = os.path.join(work, "two_accum")
+    rc, err = torchrun(work, accum, "train.micro_batch_size=2", env_extra={"QLORA_DIST_BUCKET_KB": "4"})
+    check(rc == 0, "two ranks train with grad_accum 2", err[-3000:])
+    one_accum = os.path.join(work, "one_accum")
+    rc, err = single(work, one_accum, "train.micro_batch_size=2", "train.grad_accum=4")
+    check(rc == 0, "one process trains with grad_accum 4", err[-2000:])
+    ta, tb = metrics(one_accum)[0], metrics(accum)[0]
+    same_steps = sorted(ta) == sorted(tb)
+    worst = max(abs(ta[s][0] - tb[s][0]) / abs(ta[s][0]) for s in ta) if same_steps else float("inf")
+    check(same_steps and worst < 1e-5,
+          f"2 ranks x grad_accum 2 follow 1 process x grad_accum 4 (the same micro-batches, the sums in "
+          f"another order: worst loss gap {worst:.1e})")
+    check(sorted(os.listdir(one)) == sorted(os.listdir(two)) and
+          sorted(os.listdir(os.path.join(one, "checkpoints"))) ==
+          sorted(os.listdir(os.path.join(two, "checkpoints"))),
+          "the two-rank run wrote the same files as one process (rank 0 alone writes)")
+    check(metrics(one)[2] == metrics(two)[2], "metrics.jsonl has one line per entry, not one per rank")
 
-        # 2. The same ranks as SLURM tasks.
-        slurm_out = os.path.join(work, "slurm")
-        rc, err = slurm(work, slurm_out, "train.grad_accum=1")
-        check(rc == 0, "two SLURM tasks train", err[-3000:])
-        check("data parallel: 2 ranks (slurm" in err, "rank 0 says it was launched by SLURM")
-        same_run("SLURM tasks against torchrun", two, slurm_out)
+    # 2. The same ranks as SLURM tasks.
+    slurm_out = os.path.join(work, "slurm")
+    rc, err = slurm(work, slurm_out, "train.grad_accum=1")
+    check(rc == 0, "two SLURM tasks train", err[-3000:])
+    check("data parallel: 2 ranks (slurm" in err, "rank 0 says it was launched by SLURM")
+    same_run("SLURM tasks against torchrun", two, slurm_out)
 
-        # 3. LoRA dropout, killed mid-step and resumed, against uninterrupted (two ranks each).
-        drop = ("train.grad_accum=1", "lora.dropout=0.1", "model.gradient_checkpointing=selective")
-        full, cut = os.path.join(work, "dropout_full"), os.path.join(work, "dropout_cut")
-        rc, err = torchrun(work, full, *drop)
-        check(rc == 0, "two ranks train with LoRA dropout", err[-3000:])
-        check(not tensors_equal(load_file(os.path.join(full, "adapter", "adapter_model.safetensors")),
-                                load_file(os.path.join(two, "adapter", "adapter_model.safetensors"))),
-              "LoRA dropout changes the two-rank run (the masks are drawn)")
-        rc, err = torchrun(work, cut, *drop, env_extra={"QLORA_TEST_KILL_AT_STEP": str(KILL_AT)})
-        check(rc != 0 and not os.path.exists(os.path.join(cut, "adapter")),
-              f"two ranks killed in step {KILL_AT} stop without an adapter", f"rc {rc}")
-        rc, err = torchrun(work, cut, *drop, "checkpoint.resume=auto")
-        check(rc == 0 and f"resumed from {os.path.join(cut, 'checkpoints', 'step-00000003')}" in err,
-              "two ranks resume from the step-3 checkpoint", err[-3000:])
-        same_run("two ranks with dropout, killed and resumed, against uninterrupted", full, cut)
+    # 3. LoRA dropout, killed mid-step and resumed, against uninterrupted (two ranks each).
+    drop = ("train.grad_accum=1", "lora.dropout=0.1", "model.gradient_checkpointing=selective")
+    full, cut = os.path.join(work, "dropout_full"), os.path.join(work, "dropout_cut")
+    rc, err = torchrun(work, full, *drop)
+    check(rc == 0, "two ranks train with LoRA dropout", err[-3000:])
+    check(not tensors_equal(load_file(os.path.join(full, "adapter", "adapter_model.safetensors")),
+                            load_file(os.path.join(two, "adapter", "adapter_model.safetensors"))),
+          "LoRA dropout changes the two-rank run (the masks are drawn)")
+    rc, err = torchrun(work, cut, *drop, env_extra={"QLORA_TEST_KILL_AT_STEP": str(KILL_AT)})
+    check(rc != 0 and not os.path.exists(os.path.join(cut, "adapter")),
+          f"two ranks killed in step {KILL_AT} stop without an adapter", f"rc {rc}")
+    rc, err = torchrun(work, cut, *drop, "checkpoint.resume=auto")
+    check(rc == 0 and f"resumed from {os.path.join(cut, 'checkpoints', 'step-00000003')}" in err,
+          "two ranks resume from the step-3 checkpoint", err[-3000:])
+    same_run("two ranks with dropout, killed and resumed, against uninterrupted", full, cut)
 
-        # 4. Another number of ranks is refused, unless forced.
-        before = sorted(os.listdir(os.path.join(cut, "checkpoints")))
-        rc, err = single(work, cut, *drop, "checkpoint.resume=auto")
-        check(rc != 0 and "made by 2 data-parallel rank(s), this run has 1" in err,
-              "one process refuses the two-rank checkpoint, naming both counts", err[-1500:])
-        check(sorted(os.listdir(os.path.join(cut, "checkpoints"))) == before, "the refusal leaves the checkpoints")
-        rc, err = single(work, cut, *drop, "checkpoint.resume=auto", "checkpoint.force_resume=true",
-                         f"train.max_steps={STEPS + 1}")
-        check(rc == 0 and "resumed from" in err, "checkpoint.force_resume=true resumes it in one process", err[-1500:])
+    # 4. Another number of ranks is refused, unless forced.
+    before = sorted(os.listdir(os.path.join(cut, "checkpoints")))
+    rc, err = single(work, cut, *drop, "checkpoint.resume=auto")
+    check(rc != 0 and "made by 2 data-parallel rank(s), this run has 1" in err,
+          "one process refuses the two-rank checkpoint, naming both counts", err[-1500:])
+    check(sorted(os.listdir(os.path.join(cut, "checkpoints"))) == before, "the refusal leaves the checkpoints")
+    rc, err = single(work, cut, *drop, "checkpoint.resume=auto", "checkpoint.force_resume=true",
+                     f"train.max_steps={STEPS + 1}")
+    check(rc == 0 and "resumed from" in err, "checkpoint.force_resume=true resumes it in one process", err[-1500:])
 
-        # 5. Launcher environments that do not add up.
-        bad = os.path.join(work, "bad")
-        for env, names in [({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "MASTER_ADDR"),
-                           ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                             "MASTER_PORT": "29500"}, "RANK=\"2\""),
-                           ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-                             "MASTER_PORT": "http"}, "MASTER_PORT"),
-                           ({"WORLD_SIZE": "2"}, "RANK is not set"),
-                           ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_LOCALID")]:
-            rc, err = single(work, bad, env_extra=env)
-            check(rc != 0 and names in err and not os.path.exists(bad),
-                  f"{sorted(env)} is refused naming {names}, before anything is written", err[-800:])
-        # A batch script's own shell (SLURM_PROCID 0 of the allocation's 4 tasks, no job step) runs alone.
-        alone = os.path.join(work, "batch_shell")
-        rc, err = single(work, alone, env_extra={"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"})
-        check(rc == 0 and "data parallel" not in err and os.path.exists(os.path.join(alone, "adapter")),
-              "a process a SLURM batch script starts without srun trains alone", err[-1500:])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    # 5. Launcher environments that do not add up.
+    bad = os.path.join(work, "bad")
+    for env, names in [({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "MASTER_ADDR"),
+                       ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": "29500"}, "RANK=\"2\""),
+                       ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": "http"}, "MASTER_PORT"),
+                       ({"WORLD_SIZE": "2"}, "RANK is not set"),
+                       ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_LOCALID")]:
+        rc, err = single(work, bad, env_extra=env)
+        check(rc != 0 and names in err and not os.path.exists(bad),
+              f"{sorted(env)} is refused naming {names}, before anything is written", err[-800:])
+    # A batch script's own shell (SLURM_PROCID 0 of the allocation's 4 tasks, no job step) runs alone.
+    alone = os.path.join(work, "batch_shell")
+    rc, err = single(work, alone, env_extra={"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"})
+    check(rc == 0 and "data parallel" not in err and os.path.exists(os.path.join(alone, "adapter")),
+          "a process a SLURM batch script starts without srun trains alone", err[-1500:])
     return checks.report()
 
 

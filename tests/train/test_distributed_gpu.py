@@ -14,7 +14,6 @@ Exits 77 (ctest: skipped) with fewer than two GPUs.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -26,7 +25,7 @@ if torch.cuda.device_count() < 2:
     sys.exit(77)
 
 from checks import Checks  # noqa: E402
-from fixture_util import scratch_dir  # noqa: E402
+from fixture_util import free_port, scratch_dir  # noqa: E402
 
 CLI = os.environ["QLORA_CLI"]
 DATA = os.environ["QLORA_TEST_DATA"]
@@ -42,12 +41,6 @@ checkpoint: {{every: 0, resume: none}}
 output: {{dir: {out}, export_adapter: true}}
 """
 checks = Checks()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(work, name, ranks, bucket_kb=None, **kw):
